@@ -1,0 +1,1 @@
+"""normcore: normalization kernels."""
