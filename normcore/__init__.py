@@ -1,1 +1,22 @@
-"""normcore: normalization kernels."""
+"""normcore: BatchNorm, LayerNorm, InstanceNorm and GroupNorm as fused Numba kernels.
+
+Drop-ins (``batch_norm``, ``layer_norm``, ``instance_norm``, ``group_norm``) return y;
+``*_forward`` returns ``NormForward(y, mean, rstd, running_mean, running_var)`` and
+``*_backward`` returns ``NormBackward(dx, dweight, dbias)``; ``moments`` gives a one-pass
+mean and variance over any axes. See each function's docstring for the math.
+"""
+from ._moments import moments
+from ._norms import (NormBackward, NormForward, batch_norm, batch_norm_backward,
+                     batch_norm_forward, group_norm, group_norm_backward, group_norm_forward,
+                     instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
+                     layer_norm_backward, layer_norm_forward)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NormForward", "NormBackward", "moments",
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "group_norm", "group_norm_forward", "group_norm_backward",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward",
+]

@@ -1,0 +1,514 @@
+"""Numba CPU kernels for normalization over the canonical view (O, A, C, B).
+
+Every norm is "statistics per (o, c) over the axes a and b" of a C-contiguous array viewed as
+(O, A, C, B) (see DESIGN.md). Kernels take that array flattened to 1-D (so every slice is a
+contiguous run that LLVM vectorizes) plus the four extents, and fill caller-allocated outputs.
+They know nothing of axes, dtype policy or array libraries.
+
+Math (n = A * B elements per statistic, w / bias indexed by the parameter cell c * Q + b // P,
+Q = B // P)::
+
+    mean  = sum(x) / n                          one pass: blocked, shifted two-pass + Chan merge
+    var   = sum((x - mean)**2) / n              biased
+    rstd  = 1 / sqrt(var + eps)
+    xhat  = (x - mean) * rstd
+    y     = xhat * w + bias
+
+    backward, per statistic:
+    g1    = sum(dy * w)          g2 = sum(dy * w * xhat)
+    c2    = g1 / n               c1 = g2 / n
+    dx    = rstd * (dy * w - c2 - xhat * c1)     (c1 = c2 = 0 with frozen statistics)
+    per parameter cell: dbias = sum(dy), dweight = sum(dy * xhat)
+
+Statistics accumulate in float64 whatever the input dtype; normalization is computed in float64
+and rounded once on store (the kernels are memory bound: measured at the same GB/s as a float32
+formula on this machine, and exact for inputs with |mean| >> std).
+"""
+import os
+
+import numba
+import numpy as np
+from numba import prange
+
+# Elements per in-cache block of the shifted two-pass (16 KiB of float64 scratch-free reads).
+BLOCK = 2048
+# Rows of a column block are chosen so that one block spans about this many elements.
+COLUMN_BLOCK = 8192
+
+# 'reassoc' lets LLVM vectorize the reductions; no 'nnan'/'ninf' because a NaN must stay a NaN
+# in its own statistic.
+_REDUCE = {"reassoc", "contract", "nsz", "arcp"}
+# Elementwise loops vectorize without reassociation; keeping it off preserves (x - mean) exactly.
+_ELEMENTWISE = {"contract"}
+
+
+def _cache_enabled():
+    return os.environ.get("NORMCORE_DISABLE_CACHE", "") in ("", "0")
+
+
+def _jit(*, parallel=False, fastmath=_REDUCE):
+    """njit with on-disk caching when some cache directory is writable, plain njit otherwise."""
+
+    def decorate(func):
+        if _cache_enabled():
+            try:
+                return numba.njit(cache=True, parallel=parallel, fastmath=fastmath, nogil=True,
+                                  error_model="numpy")(func)
+            except RuntimeError:  # "cannot cache function ...: no locator available"
+                pass
+        return numba.njit(cache=False, parallel=parallel, fastmath=fastmath, nogil=True,
+                                  error_model="numpy")(func)
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics helpers (serial, called from the parallel kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit()
+def chan_merge(n, mean, m2, nb, meanb, m2b):
+    """Merge the moments (n, mean, m2) of two disjoint sets (Chan et al.)."""
+    if nb == 0:
+        return n, mean, m2
+    nn = n + nb
+    delta = meanb - mean
+    mean = mean + delta * (nb / nn)
+    m2 = m2 + m2b + delta * delta * (n * nb / nn)
+    return nn, mean, m2
+
+
+@_jit()
+def block_moments(xb):
+    """Exact two-pass moments of a block that fits in L1, shifted by its first element.
+
+    The shift keeps the sums small when |mean| >> std and makes a constant block give
+    mean == that constant and m2 == 0 exactly.
+    """
+    shift = np.float64(xb[0])
+    s = 0.0
+    for i in range(xb.size):
+        s += np.float64(xb[i]) - shift
+    dmean = s / xb.size
+    q = 0.0
+    for i in range(xb.size):
+        d = (np.float64(xb[i]) - shift) - dmean
+        q += d * d
+    return shift + dmean, q
+
+
+@_jit()
+def run_moments(xs):
+    """(n, mean, m2) of a contiguous run, one pass over memory."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for b0 in range(0, xs.size, BLOCK):
+        xb = xs[b0:b0 + BLOCK]
+        bmean, bm2 = block_moments(xb)
+        n, mean, m2 = chan_merge(n, mean, m2, xb.size, bmean, bm2)
+    return n, mean, m2
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def normalize_run(xs, ys, mean, rstd, w, bias, c, b0, B, P):
+    """y = (x - mean) * rstd * w + bias on the piece [b0, b0 + len) of channel c's run."""
+    e = xs.size
+    if P == 1:
+        wv = w[c * B + b0:c * B + b0 + e]
+        bv = bias[c * B + b0:c * B + b0 + e]
+        for i in range(e):
+            ys[i] = (np.float64(xs[i]) - mean) * (rstd * wv[i]) + bv[i]
+        return
+    Q = B // P
+    s = b0
+    while s < b0 + e:
+        q = s // P
+        t = min(b0 + e, (q + 1) * P)
+        scale = rstd * w[c * Q + q]
+        shift = bias[c * Q + q]
+        xq = xs[s - b0:t - b0]
+        yq = ys[s - b0:t - b0]
+        for i in range(xq.size):
+            yq[i] = (np.float64(xq[i]) - mean) * scale + shift
+        s = t
+
+
+@_jit()
+def backward_sums_run(dys, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
+    """Add sum(dy) and sum(dy * xhat) of the piece [b0, b0 + len) of channel c's run to the
+    parameter cells in dbias / dweight; return its (g1, g2) = (sum(dy * w), sum(dy * w * xhat))."""
+    e = xs.size
+    g1 = 0.0
+    g2 = 0.0
+    if P == 1:
+        lo = c * B + b0
+        wv = w[lo:lo + e]
+        dbv = dbias[lo:lo + e]
+        dwv = dweight[lo:lo + e]
+        for i in range(e):
+            d = np.float64(dys[i])
+            xhat = (np.float64(xs[i]) - mean) * rstd
+            g1 += d * wv[i]
+            g2 += d * wv[i] * xhat
+            dbv[i] += d
+            dwv[i] += d * xhat
+        return g1, g2
+    Q = B // P
+    s = b0
+    while s < b0 + e:
+        q = s // P
+        t = min(b0 + e, (q + 1) * P)
+        dq = dys[s - b0:t - b0]
+        xq = xs[s - b0:t - b0]
+        sdy = 0.0
+        sdyx = 0.0
+        for i in range(xq.size):
+            d = np.float64(dq[i])
+            sdy += d
+            sdyx += d * (np.float64(xq[i]) - mean)
+        sdyx *= rstd
+        cell = c * Q + q
+        dbias[cell] += sdy
+        dweight[cell] += sdyx
+        g1 += w[cell] * sdy
+        g2 += w[cell] * sdyx
+        s = t
+    return g1, g2
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def dx_run(dys, xs, dxs, mean, rstd, w, c1, c2, c, b0, B, P):
+    """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run."""
+    e = xs.size
+    if P == 1:
+        wv = w[c * B + b0:c * B + b0 + e]
+        for i in range(e):
+            xhat = (np.float64(xs[i]) - mean) * rstd
+            dxs[i] = rstd * (np.float64(dys[i]) * wv[i] - c2 - xhat * c1)
+        return
+    Q = B // P
+    s = b0
+    while s < b0 + e:
+        q = s // P
+        t = min(b0 + e, (q + 1) * P)
+        wq = w[c * Q + q]
+        dq = dys[s - b0:t - b0]
+        xq = xs[s - b0:t - b0]
+        dxq = dxs[s - b0:t - b0]
+        for i in range(xq.size):
+            xhat = (np.float64(xq[i]) - mean) * rstd
+            dxq[i] = rstd * (np.float64(dq[i]) * wq - c2 - xhat * c1)
+        s = t
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: A == 1, one statistic per contiguous row of length B (LayerNorm, InstanceNorm and
+# GroupNorm channels-first). The row stays in cache, so the forward reads x from memory once.
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit(parallel=True)
+def rows_moments(x, R, B, mean_out, var_out):
+    """mean and biased var (float64, (R,)) of R contiguous rows of length B."""
+    for r in prange(R):
+        n, mean, m2 = run_moments(x[r * B:(r + 1) * B])
+        mean_out[r] = mean
+        var_out[r] = m2 / n
+
+
+@_jit(parallel=True)
+def rows_forward(x, R, C, B, P, w, bias, eps, y, mean_out, rstd_out, var_out):
+    """Fused statistics + normalize + affine for R = O * C rows of length B.
+
+    x, y: (R * B,) flat rows; row r belongs to channel c = r % C.
+    w, bias: (C * B // P,) float64 parameter cells.
+    mean_out, rstd_out: (R,) saved statistics; var_out: (R,) float64 biased variance for the
+    running statistics, or an empty array when the caller needs none.
+    """
+    for r in prange(R):
+        c = r % C
+        xs = x[r * B:(r + 1) * B]
+        n, mean, m2 = run_moments(xs)
+        var = m2 / n
+        rstd = 1.0 / np.sqrt(var + eps)
+        mean_out[r] = mean
+        rstd_out[r] = rstd
+        if var_out.size:
+            var_out[r] = var
+        normalize_run(xs, y[r * B:(r + 1) * B], mean, rstd, w, bias, c, 0, B, P)
+
+
+@_jit(parallel=True)
+def rows_backward(dy, x, R, C, B, P, mean, rstd, w, frozen, nblk, dbias_part, dweight_part, dx):
+    """Fused backward for R rows: per-row sums, then dx while the row is in cache.
+
+    mean, rstd: (R,) saved statistics (float64). dbias_part, dweight_part: (nblk, C * B // P)
+    zeroed partial sums, one row per block of rows, summed by the caller.
+    """
+    for k in prange(nblk):
+        dbias = dbias_part[k]
+        dweight = dweight_part[k]
+        for r in range(k * R // nblk, (k + 1) * R // nblk):
+            c = r % C
+            xs = x[r * B:(r + 1) * B]
+            dys = dy[r * B:(r + 1) * B]
+            g1, g2 = backward_sums_run(dys, xs, mean[r], rstd[r], w, dbias, dweight, c, 0, B, P)
+            c1 = 0.0 if frozen else g2 / B
+            c2 = 0.0 if frozen else g1 / B
+            dx_run(dys, xs, dx[r * B:(r + 1) * B], mean[r], rstd[r], w, c1, c2, c, 0, B, P)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat: any (O, A, C, B) with long runs B. Work item (o, k) streams the contiguous chunk k of
+# sample o's A * C * B elements, cut into runs of one channel each.
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit(parallel=True)
+def flat_moments(x, O, A, C, B, K, count, mean, m2):
+    """Partial moments per (o, k, c) over chunk k of sample o. count/mean/m2: (O, K, C)."""
+    CB = C * B
+    L = A * CB
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        for c in range(C):
+            count[o, k, c] = 0.0
+            mean[o, k, c] = 0.0
+            m2[o, k, c] = 0.0
+        pos = k * L // K
+        hi = (k + 1) * L // K
+        while pos < hi:
+            a = pos // CB
+            c = (pos - a * CB) // B
+            b = pos - a * CB - c * B
+            e = min(hi - pos, B - b)
+            base = o * L + pos
+            n, mu, q = run_moments(x[base:base + e])
+            count[o, k, c], mean[o, k, c], m2[o, k, c] = chan_merge(
+                count[o, k, c], mean[o, k, c], m2[o, k, c], n, mu, q)
+            pos += e
+
+
+@_jit(parallel=True)
+def flat_normalize(x, O, A, C, B, P, K, mean, rstd, w, bias, y):
+    """y = (x - mean) * rstd * w + bias; mean, rstd: (O * C,) float64."""
+    CB = C * B
+    L = A * CB
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        pos = k * L // K
+        hi = (k + 1) * L // K
+        while pos < hi:
+            a = pos // CB
+            c = (pos - a * CB) // B
+            b = pos - a * CB - c * B
+            e = min(hi - pos, B - b)
+            base = o * L + pos
+            normalize_run(x[base:base + e], y[base:base + e], mean[o * C + c], rstd[o * C + c],
+                          w, bias, c, b, B, P)
+            pos += e
+
+
+@_jit(parallel=True)
+def flat_backward_sums(dy, x, O, A, C, B, P, K, mean, rstd, w, dbias_part, dweight_part):
+    """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P)."""
+    CB = C * B
+    L = A * CB
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        dbias = dbias_part[o, k]
+        dweight = dweight_part[o, k]
+        dbias[:] = 0.0
+        dweight[:] = 0.0
+        pos = k * L // K
+        hi = (k + 1) * L // K
+        while pos < hi:
+            a = pos // CB
+            c = (pos - a * CB) // B
+            b = pos - a * CB - c * B
+            e = min(hi - pos, B - b)
+            base = o * L + pos
+            backward_sums_run(dy[base:base + e], x[base:base + e], mean[o * C + c],
+                              rstd[o * C + c], w, dbias, dweight, c, b, B, P)
+            pos += e
+
+
+@_jit(parallel=True)
+def flat_backward_dx(dy, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx):
+    """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64."""
+    CB = C * B
+    L = A * CB
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        pos = k * L // K
+        hi = (k + 1) * L // K
+        while pos < hi:
+            a = pos // CB
+            c = (pos - a * CB) // B
+            b = pos - a * CB - c * B
+            e = min(hi - pos, B - b)
+            base = o * L + pos
+            oc = o * C + c
+            dx_run(dy[base:base + e], x[base:base + e], dx[base:base + e], mean[oc], rstd[oc],
+                   w, c1[oc], c2[oc], c, b, B, P)
+            pos += e
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns: short runs (channels-last, 2-D BatchNorm, GroupNorm channels-last). The view is
+# (O, A, J) with J = C * B columns; work item (o, k) takes a chunk of the A rows and keeps
+# per-column accumulators, so the inner loop runs along contiguous columns.
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit(parallel=True)
+def column_moments(x, O, A, J, K, count, mean, m2):
+    """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J)."""
+    rows_per_block = max(1, COLUMN_BLOCK // max(J, 1))
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        shift = np.empty(J)
+        s = np.empty(J)
+        q = np.empty(J)
+        cnt = 0.0
+        mu = mean[o, k]
+        acc = m2[o, k]
+        mu[:] = 0.0
+        acc[:] = 0.0
+        r_hi = (k + 1) * A // K
+        for r0 in range(k * A // K, r_hi, rows_per_block):
+            r1 = min(r0 + rows_per_block, r_hi)
+            first = x[(o * A + r0) * J:(o * A + r0 + 1) * J]
+            for j in range(J):
+                shift[j] = first[j]
+                s[j] = 0.0
+                q[j] = 0.0
+            for r in range(r0, r1):
+                row = x[(o * A + r) * J:(o * A + r + 1) * J]
+                for j in range(J):
+                    s[j] += np.float64(row[j]) - shift[j]
+            nb = r1 - r0
+            for j in range(J):
+                s[j] /= nb
+            for r in range(r0, r1):
+                row = x[(o * A + r) * J:(o * A + r + 1) * J]
+                for j in range(J):
+                    d = (np.float64(row[j]) - shift[j]) - s[j]
+                    q[j] += d * d
+            nn = cnt + nb
+            for j in range(J):
+                delta = shift[j] + s[j] - mu[j]
+                mu[j] += delta * (nb / nn)
+                acc[j] += q[j] + delta * delta * (cnt * nb / nn)
+            cnt = nn
+        count[o, k, :] = cnt
+
+
+@_jit(parallel=True, fastmath=_ELEMENTWISE)
+def column_normalize(x, O, A, J, K, mean, scale, shift, y):
+    """y = (x - mean) * scale + shift with per-(o, j) mean, scale, shift: (O, J) float64."""
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        mu = mean[o]
+        sc = scale[o]
+        sh = shift[o]
+        for r in range(k * A // K, (k + 1) * A // K):
+            base = (o * A + r) * J
+            row = x[base:base + J]
+            out = y[base:base + J]
+            for j in range(J):
+                out[j] = (np.float64(row[j]) - mu[j]) * sc[j] + sh[j]
+
+
+@_jit(parallel=True)
+def column_backward_sums(dy, x, O, A, J, K, mean, rstd, sdy, sdyxhat):
+    """Partial sum(dy) and sum(dy * xhat) per (o, k, j): (O, K, J); mean, rstd: (O, J)."""
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        mu = mean[o]
+        rs = rstd[o]
+        s1 = sdy[o, k]
+        s2 = sdyxhat[o, k]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(k * A // K, (k + 1) * A // K):
+            base = (o * A + r) * J
+            row = x[base:base + J]
+            drow = dy[base:base + J]
+            for j in range(J):
+                d = np.float64(drow[j])
+                s1[j] += d
+                s2[j] += d * (np.float64(row[j]) - mu[j])
+        for j in range(J):
+            s2[j] *= rs[j]
+
+
+@_jit(parallel=True, fastmath=_ELEMENTWISE)
+def column_backward_dx(dy, x, O, A, J, K, mean, a, b, c, dx):
+    """dx = a * dy - b * (x - mean) - c with per-(o, j) coefficients (O, J) float64:
+    a = rstd * w, b = rstd**2 * c1, c = rstd * c2."""
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        mu = mean[o]
+        ca = a[o]
+        cb = b[o]
+        cc = c[o]
+        for r in range(k * A // K, (k + 1) * A // K):
+            base = (o * A + r) * J
+            row = x[base:base + J]
+            drow = dy[base:base + J]
+            out = dx[base:base + J]
+            for j in range(J):
+                out[j] = ca[j] * np.float64(drow[j]) - cb[j] * (np.float64(row[j]) - mu[j]) - cc[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge of partial moments
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit(parallel=True)
+def merge_moments(count, mean, m2, B, mean_out, var_out):
+    """Merge partials (O, K, C * B) over k and over the B columns of each statistic c into
+    mean_out / var_out (O, C) float64; var is biased (m2 / n), NaN for an empty set."""
+    O, K, J = count.shape
+    C = J // B
+    for o in prange(O):
+        for c in range(C):
+            n = 0.0
+            mu = 0.0
+            q = 0.0
+            for k in range(K):
+                for b in range(B):
+                    j = c * B + b
+                    n, mu, q = chan_merge(n, mu, q, count[o, k, j], mean[o, k, j], m2[o, k, j])
+            mean_out[o, c] = mu if n > 0 else np.nan
+            var_out[o, c] = q / n if n > 0 else np.nan
+
+
+# One registry of the compiled kernels: the front end looks kernels up here, and a test checks
+# that every entry compiles for every supported dtype.
+KERNELS = {
+    "rows_moments": rows_moments,
+    "rows_forward": rows_forward,
+    "rows_backward": rows_backward,
+    "flat_moments": flat_moments,
+    "flat_normalize": flat_normalize,
+    "flat_backward_sums": flat_backward_sums,
+    "flat_backward_dx": flat_backward_dx,
+    "column_moments": column_moments,
+    "column_normalize": column_normalize,
+    "column_backward_sums": column_backward_sums,
+    "column_backward_dx": column_backward_dx,
+    "merge_moments": merge_moments,
+}

@@ -1,0 +1,361 @@
+"""BatchNorm, LayerNorm, InstanceNorm and GroupNorm: drop-ins and forward/backward pairs.
+
+For one statistic (the elements sharing (o, c) in the canonical view, n of them)::
+
+    mean  = sum(x) / n            var = sum((x - mean)**2) / n        (biased)
+    rstd  = 1 / sqrt(var + eps)   xhat = (x - mean) * rstd
+    y     = xhat * weight + bias
+
+    dbias   = sum(dy)             dweight = sum(dy * xhat)    (over all but the parameter axes)
+    dx      = rstd * (dy * weight - mean(dy * weight) - xhat * mean(dy * weight * xhat))
+    dx      = rstd * dy * weight                    (frozen statistics: eval-mode BN / IN)
+
+Running statistics (training BN, and IN when given): new = (1 - momentum) * old +
+momentum * batch, with the batch variance made unbiased by n / (n - 1).
+"""
+from collections import namedtuple
+
+import numba
+import numpy as np
+
+from . import _cpu
+from ._dtypes import stats_dtype
+from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
+from ._validate import (check_eps, check_input, check_like_x, check_momentum,
+                        check_out, check_param, check_running, is_cupy)
+
+NormForward = namedtuple("NormForward", "y mean rstd running_mean running_var")
+NormForward.__doc__ = """Result of a *_forward call: the output y, the saved statistics mean and
+rstd (float32, float64 for float64 input), and the running statistics (None when not given)."""
+NormBackward = namedtuple("NormBackward", "dx dweight dbias")
+NormBackward.__doc__ = """Result of a *_backward call: gradients of x, weight and bias."""
+
+
+def _threads():
+    return numba.get_num_threads()
+
+
+def _input(name, x):
+    if is_cupy(x):
+        raise TypeError(f"{name}: CuPy arrays need normcore's CUDA kernels, which this version "
+                        f"does not have yet; pass a NumPy array")
+    return check_input(name, x)
+
+
+def _flat(x):
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+def _output(out, x):
+    """(result array, flat contiguous buffer the kernels write into)."""
+    if out is None:
+        res = np.empty(x.shape, x.dtype)
+        return res, res.reshape(-1)
+    if out.flags.c_contiguous:
+        return out, out.reshape(-1)
+    return out, np.empty(x.size, x.dtype)
+
+
+def _finish(res, buf):
+    """Copy the kernels' buffer into a non-contiguous `out`; return the result."""
+    if not res.flags.c_contiguous:
+        np.copyto(res, buf.reshape(res.shape))
+    return res
+
+
+def _affine(plan, x, weight, bias, context):
+    cells = plan.C * plan.Q
+    w = check_param("weight", weight, plan.param_shape, x, context)
+    b = check_param("bias", bias, plan.param_shape, x, context)
+    return (np.ones(cells) if w is None else w), (np.zeros(cells) if b is None else b)
+
+
+def _context(x, **kw):
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return f"x of shape {x.shape}" + (f" with {args}" if args else "")
+
+
+def _forward(plan, x, w, b, eps, out, frozen_stats=None, want_var=False):
+    """Shared forward: frozen_stats = (mean64, rstd64) per statistic, or None for batch stats.
+    Returns (y, mean, rstd, var64) with saved stats in the stats dtype, shaped per plan."""
+    sdt = stats_dtype(x.dtype)
+    y, ybuf = _output(out, x)
+    R = plan.O * plan.C
+    if frozen_stats is not None:
+        mean64, rstd64 = frozen_stats
+        if x.size:
+            _cpu.normalize(plan, _flat(x), ybuf, mean64, rstd64, w, b)
+        mean, rstd, var64 = mean64.astype(sdt), rstd64.astype(sdt), None
+    elif x.size:
+        mean, rstd, var64 = _cpu.forward_train(plan, _flat(x), ybuf, w, b, eps, sdt, want_var)
+    else:  # statistics of empty sets
+        mean = np.full(R, np.nan, sdt)
+        rstd = np.full(R, np.nan, sdt)
+        var64 = np.full(R, np.nan)
+    return (_finish(y, ybuf), mean.reshape(plan.stats_shape), rstd.reshape(plan.stats_shape),
+            var64)
+
+
+def _backward(plan, dy, x, mean, rstd, weight, frozen, dx_out, context):
+    check_like_x("dy", dy, x)
+    check_out("dx_out", dx_out, x)
+    mean64 = check_param("mean", mean, plan.stats_shape, x, context)
+    rstd64 = check_param("rstd", rstd, plan.stats_shape, x, context)
+    w = check_param("weight", weight, plan.param_shape, x, context)
+    cells = plan.C * plan.Q
+    if w is None:
+        w = np.ones(cells)
+    dx, dxbuf = _output(dx_out, x)
+    if x.size:
+        dweight, dbias = _cpu.backward(plan, _flat(dy), _flat(x), dxbuf, mean64, rstd64, w,
+                                       frozen)
+    else:
+        dweight, dbias = np.zeros(cells), np.zeros(cells)
+    gdt = weight.dtype if weight is not None else x.dtype
+    return NormBackward(_finish(dx, dxbuf), dweight.astype(gdt).reshape(plan.param_shape),
+                        dbias.astype(gdt).reshape(plan.param_shape))
+
+
+def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum):
+    """In place, after every check has passed (a call that raises modifies nothing)."""
+    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
+    running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                        + momentum * batch_var_unbiased)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
+                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+    """BatchNorm forward with saved statistics (``torch.ops.aten.native_batch_norm``).
+
+    Statistics per channel (``x.shape[axis]``) over every other axis::
+
+        mean = mean(x), var = mean((x - mean)**2), rstd = 1 / sqrt(var + eps)
+        y = (x - mean) * rstd * weight + bias
+
+    Training (``training=True``) uses the batch statistics and, when ``running_mean`` /
+    ``running_var`` are given, updates them in place: ``new = (1 - momentum) * old +
+    momentum * batch`` with the unbiased batch variance. Eval (``training=False``) normalizes
+    with the running statistics. ``axis=1`` is channels-first (N, C, *S), ``axis=-1``
+    channels-last. Returns ``NormForward(y, mean, rstd, running_mean, running_var)``; mean and
+    rstd have shape (C,).
+
+    >>> f = batch_norm_forward(x, w, b, running_mean=rm, running_var=rv)
+    """
+    x = _input("x", x)
+    plan = plan_batch_norm(x.shape, axis, _threads())
+    context = _context(x, axis=axis)
+    w, b = _affine(plan, x, weight, bias, context)
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
+    rm, rv = check_running(running_mean, running_var, plan.stats_shape, x, context,
+                           required=not training, writable=bool(training))
+    check_out("out", out, x)
+    if training:
+        if plan.n <= 1:
+            raise ValueError(f"x: expected more than 1 value per channel when training, got "
+                             f"{plan.n} for {context}")
+        y, mean, rstd, var64 = _forward(plan, x, w, b, eps, out, want_var=rm is not None)
+        if rm is not None:
+            n = plan.n
+            _update_running(running_mean, running_var, mean.astype(np.float64),
+                            var64 * (n / (n - 1)), momentum)
+    else:
+        y, mean, rstd, _ = _forward(plan, x, w, b, eps, out,
+                                    frozen_stats=(rm, 1.0 / np.sqrt(rv + eps)))
+    return NormForward(y, mean, rstd, running_mean, running_var)
+
+
+def batch_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
+               training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+    """BatchNorm: ``batch_norm_forward(...).y``; see :func:`batch_norm_forward`.
+
+    >>> y = batch_norm(x, w, b, running_mean=rm, running_var=rv, training=True)
+    """
+    return batch_norm_forward(x, weight, bias, running_mean=running_mean,
+                              running_var=running_var, training=training, momentum=momentum,
+                              eps=eps, axis=axis, out=out).y
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1,
+                        dx_out=None):
+    """BatchNorm backward (``native_batch_norm_backward``) from the saved mean and rstd.
+
+    With ``training=True`` the statistics depend on x::
+
+        dx = rstd * (dy * w - mean(dy * w) - xhat * mean(dy * w * xhat))
+
+    with ``training=False`` they are constants: ``dx = rstd * dy * w``. ``dweight =
+    sum(dy * xhat)``, ``dbias = sum(dy)`` per channel. Returns ``NormBackward(dx, dweight,
+    dbias)``.
+
+    >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
+    """
+    x = _input("x", x)
+    plan = plan_batch_norm(x.shape, axis, _threads())
+    return _backward(plan, dy, x, mean, rstd, weight, not training, dx_out,
+                     _context(x, axis=axis))
+
+
+# ---------------------------------------------------------------------------------------------
+# InstanceNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
+                          use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+    """InstanceNorm forward with saved statistics.
+
+    Statistics per (sample, channel) over the spatial axes; ``y = (x - mean) * rstd * weight
+    + bias`` with weight/bias per channel. With ``use_input_stats=True`` and running statistics
+    given, these are updated in place with the batch average of the per-instance mean and
+    unbiased variance (PyTorch's behaviour); ``use_input_stats=False`` normalizes with the
+    running statistics. mean and rstd have shape (N, C).
+
+    >>> f = instance_norm_forward(x, w, b)
+    """
+    x = _input("x", x)
+    plan = plan_instance_norm(x.shape, axis, _threads())
+    context = _context(x, axis=axis)
+    w, b = _affine(plan, x, weight, bias, context)
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
+    rm, rv = check_running(running_mean, running_var, plan.param_shape, x, context,
+                           required=not use_input_stats, writable=bool(use_input_stats))
+    check_out("out", out, x)
+    if use_input_stats:
+        if plan.n <= 1:
+            raise ValueError(f"x: expected more than 1 spatial element per channel when using "
+                             f"input statistics, got {plan.n} for {context}")
+        y, mean, rstd, var64 = _forward(plan, x, w, b, eps, out, want_var=rm is not None)
+        if rm is not None:
+            n = plan.n
+            _update_running(running_mean, running_var,
+                            mean.astype(np.float64).mean(0),
+                            (var64.reshape(plan.stats_shape) * (n / (n - 1))).mean(0), momentum)
+    else:
+        N = plan.O
+        frozen = (np.tile(rm, N), np.tile(1.0 / np.sqrt(rv + eps), N))
+        y, mean, rstd, _ = _forward(plan, x, w, b, eps, out, frozen_stats=frozen)
+    return NormForward(y, mean, rstd, running_mean, running_var)
+
+
+def instance_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+    """InstanceNorm: ``instance_norm_forward(...).y``; see :func:`instance_norm_forward`.
+
+    >>> y = instance_norm(x, w, b)
+    """
+    return instance_norm_forward(x, weight, bias, running_mean=running_mean,
+                                 running_var=running_var, use_input_stats=use_input_stats,
+                                 momentum=momentum, eps=eps, axis=axis, out=out).y
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, axis=1,
+                           dx_out=None):
+    """InstanceNorm backward; statistics are constants when ``use_input_stats=False``.
+
+    >>> dx, dweight, dbias = instance_norm_backward(dy, x, f.mean, f.rstd, w)
+    """
+    x = _input("x", x)
+    plan = plan_instance_norm(x.shape, axis, _threads())
+    return _backward(plan, dy, x, mean, rstd, weight, not use_input_stats, dx_out,
+                     _context(x, axis=axis))
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):
+    """GroupNorm forward with saved statistics.
+
+    The C channels split into ``num_groups`` groups of C / G consecutive channels; statistics
+    per (sample, group) over the group's channels and the spatial axes; weight/bias per channel.
+    mean and rstd have shape (N, G).
+
+    >>> f = group_norm_forward(x, 32, w, b)
+    """
+    x = _input("x", x)
+    plan = plan_group_norm(x.shape, num_groups, axis, _threads())
+    context = _context(x, num_groups=num_groups, axis=axis)
+    w, b = _affine(plan, x, weight, bias, context)
+    eps = check_eps(eps)
+    check_out("out", out, x)
+    y, mean, rstd, _ = _forward(plan, x, w, b, eps, out)
+    return NormForward(y, mean, rstd, None, None)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):
+    """GroupNorm: ``group_norm_forward(...).y``; see :func:`group_norm_forward`.
+
+    >>> y = group_norm(x, 32, w, b)
+    """
+    return group_norm_forward(x, num_groups, weight, bias, eps=eps, axis=axis, out=out).y
+
+
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, dx_out=None):
+    """GroupNorm backward.
+
+    >>> dx, dweight, dbias = group_norm_backward(dy, x, f.mean, f.rstd, 32, w)
+    """
+    x = _input("x", x)
+    plan = plan_group_norm(x.shape, num_groups, axis, _threads())
+    return _backward(plan, dy, x, mean, rstd, weight, False, dx_out,
+                     _context(x, num_groups=num_groups, axis=axis))
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None):
+    """LayerNorm forward with saved statistics (``native_layer_norm``).
+
+    Statistics per leading index over the trailing axes ``axis`` (an int or a tuple such as
+    ``(-2, -1)``); weight/bias have the normalized shape. mean and rstd have x's shape with
+    the normalized axes removed.
+
+    >>> f = layer_norm_forward(x, w, b)
+    """
+    x = _input("x", x)
+    plan = plan_layer_norm(x.shape, axis, _threads())
+    context = _context(x, axis=axis)
+    w, b = _affine(plan, x, weight, bias, context)
+    eps = check_eps(eps)
+    check_out("out", out, x)
+    y, mean, rstd, _ = _forward(plan, x, w, b, eps, out)
+    return NormForward(y, mean, rstd, None, None)
+
+
+def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None):
+    """LayerNorm: ``layer_norm_forward(...).y``; see :func:`layer_norm_forward`.
+
+    >>> y = layer_norm(x, w, b)
+    """
+    return layer_norm_forward(x, weight, bias, axis=axis, eps=eps, out=out).y
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, dx_out=None):
+    """LayerNorm backward (``native_layer_norm_backward``).
+
+    >>> dx, dweight, dbias = layer_norm_backward(dy, x, f.mean, f.rstd, w)
+    """
+    x = _input("x", x)
+    plan = plan_layer_norm(x.shape, axis, _threads())
+    return _backward(plan, dy, x, mean, rstd, weight, False, dx_out, _context(x, axis=axis))
+
+
+__all__ = [
+    "NormForward", "NormBackward",
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "group_norm", "group_norm_forward", "group_norm_backward",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward",
+]

@@ -1,0 +1,193 @@
+"""Pure-Python planning: map a call's shape and axes to the canonical view (O, A, C, B).
+
+Statistics are per (o, c) over (a, b) of the C-contiguous input reshaped to (O, A, C, B); the
+affine parameter of element (o, a, c, b) is cell c * Q + b // P with Q = B // P. Plans are
+cached on (shape, axes, thread count) and hold only ints, so they are testable without arrays.
+"""
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+# A row longer than this (elements) no longer fits in L2 for the fused row kernels.
+ROW_MAX = 1 << 16
+# Runs shorter than this go to the column kernels (per-run overhead would dominate).
+RUN_MIN = 64
+# Smallest chunk (elements) worth a parallel work item.
+MIN_ITEM = 1 << 15
+# Work items per thread, for load balance.
+ITEMS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    O: int
+    A: int
+    C: int
+    B: int
+    P: int                 # parameter period along b (P divides B)
+    path: str              # statistics / forward path: "rows" | "flat" | "columns"
+    backward_path: str     # "rows" | "flat" | "columns"
+    K: int                 # work items per o for the flat / column kernels
+    nblk: int              # row blocks for rows_backward
+    stats_shape: tuple     # shape of the saved mean / rstd
+    param_shape: tuple     # shape of weight / bias
+
+    @property
+    def Q(self):
+        return self.B // self.P if self.P else 0
+
+    @property
+    def n(self):
+        """Elements per statistic."""
+        return self.A * self.B
+
+    @property
+    def size(self):
+        return self.O * self.A * self.C * self.B
+
+
+@lru_cache(maxsize=1024)
+def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
+    """Choose kernels and work split for the view (O, A, C, B)."""
+    if C == 1 and P == B:
+        # one statistic and one parameter cell per o: the (a, b) axes are one long run
+        A, B, P = 1, A * B, max(A * B, 1)
+    rows = O * C
+    items = ITEMS_PER_THREAD * threads
+    per_o = A * C * B
+    few_long_rows = rows < items and B > 4096
+    if A == 1 and not few_long_rows:
+        path = "rows"
+    elif B >= RUN_MIN or A == 1:
+        path = "flat"
+    else:
+        path = "columns"
+    # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
+    # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
+    if A == 1 and (not few_long_rows or P == 1):
+        backward_path = "rows"
+    else:
+        backward_path = "flat" if path == "rows" else path
+    if path == "columns" or backward_path == "columns":
+        K = max(1, min(math.ceil(items / max(O, 1)), A, per_o // MIN_ITEM or 1))
+    else:
+        K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
+    nblk = max(1, min(rows, items))
+    return Plan(O, A, C, B, P, path, backward_path, K, nblk, stats_shape, param_shape)
+
+
+def _prod(dims):
+    return math.prod(dims)
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    """An int axis in range for `ndim` dims, as a non-negative int (ValueError otherwise)."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__} {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: expected an axis in [{-ndim}, {ndim}) for a {ndim}-d input, "
+                         f"got {axis}")
+    return axis % ndim
+
+
+def _channel_axis(shape, axis, what):
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"x: {what} needs at least 2 dims (batch and channel), got shape "
+                         f"{shape}")
+    ax = normalize_axis(axis, ndim)
+    if ax == 0:
+        raise ValueError(f"axis: the channel axis cannot be the batch axis 0 (shape {shape}), "
+                         f"got {axis}")
+    return ax
+
+
+@lru_cache(maxsize=512)
+def plan_batch_norm(shape, axis, threads):
+    ax = _channel_axis(shape, axis, "batch_norm")
+    C = shape[ax]
+    B = _prod(shape[ax + 1:])
+    return canonical(1, _prod(shape[:ax]), C, B, max(B, 1), (C,), (C,), threads)
+
+
+@lru_cache(maxsize=512)
+def plan_instance_norm(shape, axis, threads):
+    ax = _channel_axis(shape, axis, "instance_norm")
+    N, C = shape[0], shape[ax]
+    B = _prod(shape[ax + 1:])
+    return canonical(N, _prod(shape[1:ax]), C, B, max(B, 1), (N, C), (C,), threads)
+
+
+@lru_cache(maxsize=512)
+def plan_group_norm(shape, num_groups, axis, threads):
+    ax = _channel_axis(shape, axis, "group_norm")
+    N, C = shape[0], shape[ax]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups: expected an int, got {type(num_groups).__name__}")
+    if num_groups <= 0 or C % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {C} channels "
+                         f"(x shape {shape}, axis {axis}), got {num_groups}")
+    P = _prod(shape[ax + 1:])
+    B = (C // num_groups) * P
+    return canonical(N, _prod(shape[1:ax]), num_groups, B, max(P, 1), (N, num_groups), (C,),
+                     threads)
+
+
+def normalize_trailing_axes(axis, ndim):
+    """LayerNorm axes: an int or tuple of ints naming the last k axes; returns k."""
+    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
+    if not isinstance(axes, tuple) or not axes:
+        raise TypeError(f"axis: expected an int or a non-empty tuple of ints, got {axis!r}")
+    norm = sorted({normalize_axis(a, ndim) for a in axes})
+    if len(norm) != len(axes) or norm != list(range(ndim - len(norm), ndim)):
+        raise ValueError(f"axis: expected the trailing axes of a {ndim}-d input (such as -1 or "
+                         f"(-2, -1)), got {axis!r}")
+    return len(norm)
+
+
+@lru_cache(maxsize=512)
+def plan_layer_norm(shape, axis, threads):
+    k = normalize_trailing_axes(axis, len(shape))
+    lead, normalized = shape[:len(shape) - k], shape[len(shape) - k:]
+    return canonical(_prod(lead), 1, 1, _prod(normalized), 1, lead, normalized, threads)
+
+
+@lru_cache(maxsize=512)
+def plan_moments(shape, axis, threads):
+    """Statistics over the axes `axis` (None: all), kept axes in order.
+
+    Viewed without copying when the kept axes form at most a leading block and one more
+    contiguous block; returns (plan, None) then, else (plan, permutation to apply first).
+    """
+    ndim = len(shape)
+    if axis is None:
+        reduced = set(range(ndim))
+    else:
+        axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
+        if not isinstance(axes, tuple):
+            raise TypeError(f"axis: expected None, an int or a tuple of ints, got {axis!r}")
+        reduced = {normalize_axis(a, ndim) for a in axes}
+        if len(reduced) != len(axes):
+            raise ValueError(f"axis: expected distinct axes, got {axis!r}")
+    kept = [d for d in range(ndim) if d not in reduced]
+    stats_shape = tuple(shape[d] for d in kept)
+    # split the axes into runs: leading kept (O), reduced (A), kept (C), reduced (B)
+    i = 0
+    while i < ndim and i in kept:
+        i += 1
+    o_axes = list(range(i))
+    rest = [d for d in kept if d >= i]
+    perm = None
+    if rest and rest != list(range(rest[0], rest[-1] + 1)):
+        perm = tuple(kept + sorted(reduced))
+        shape = tuple(shape[d] for d in perm)
+        o_axes, rest = list(range(len(kept))), []
+    if rest:
+        c0, c1 = rest[0], rest[-1] + 1
+    else:
+        c0 = c1 = ndim
+    O = _prod(shape[d] for d in o_axes)
+    A = _prod(shape[len(o_axes):c0])
+    C = _prod(shape[c0:c1])
+    B = _prod(shape[c1:])
+    return canonical(O, A, C, B, max(B, 1), stats_shape, (), threads), perm
