@@ -1,0 +1,80 @@
+"""Plans are pure Python; every registered kernel is exercised for float32 and float64."""
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm,
+                            plan_layer_norm, plan_moments)
+from normcore.kernels import cpu
+
+T = 2  # thread count the plans below are made for
+
+
+@pytest.mark.parametrize("planner, args, view", [
+    (plan_batch_norm, ((32, 64, 56, 56), 1), (1, 32, 64, 3136, 3136)),
+    (plan_batch_norm, ((32, 56, 56, 64), -1), (1, 32 * 56 * 56, 64, 1, 1)),
+    (plan_batch_norm, ((8, 5, 64, 7), 2), (1, 40, 64, 7, 7)),
+    (plan_batch_norm, ((256, 1), 1), (1, 1, 1, 256, 256)),     # C == 1: one long run
+    (plan_instance_norm, ((32, 64, 56, 56), 1), (32, 1, 64, 3136, 3136)),
+    (plan_instance_norm, ((32, 56, 56, 64), -1), (32, 56 * 56, 64, 1, 1)),
+    (plan_group_norm, ((32, 64, 56, 56), 32, 1), (32, 1, 32, 2 * 3136, 3136)),
+    (plan_group_norm, ((32, 56, 56, 64), 32, -1), (32, 56 * 56, 32, 2, 1)),
+    (plan_layer_norm, ((8, 16, 1024), -1), (128, 1, 1, 1024, 1)),
+    (plan_layer_norm, ((8, 16, 32), (-2, -1)), (8, 1, 1, 512, 1)),
+])
+def test_canonical_views(planner, args, view):
+    plan = planner(*args, T)
+    assert (plan.O, plan.A, plan.C, plan.B, plan.P) == view
+    assert plan.B % plan.P == 0
+    assert plan.O * plan.A * plan.C * plan.B == int(np.prod(args[0]))
+
+
+@pytest.mark.parametrize("planner, args, path, backward_path", [
+    (plan_batch_norm, ((32, 64, 56, 56), 1), "flat", "flat"),
+    (plan_batch_norm, ((32, 56, 56, 64), -1), "columns", "columns"),
+    (plan_layer_norm, ((8192, 1024), -1), "rows", "rows"),
+    (plan_layer_norm, ((2, 1 << 20), -1), "flat", "rows"),        # few long rows
+    (plan_instance_norm, ((2, 3, 1 << 20), 1), "flat", "flat"),
+])
+def test_paths(planner, args, path, backward_path):
+    plan = planner(*args, T)
+    assert (plan.path, plan.backward_path) == (path, backward_path)
+    assert plan.K >= 1 and plan.nblk >= 1
+
+
+def test_plan_moments_views_without_copy_when_possible():
+    plan, perm = plan_moments((3, 4, 5, 6), (1, 3), T)     # kept (0, 2): O, A, C, B
+    assert perm is None and (plan.O, plan.A, plan.C, plan.B) == (3, 4, 5, 6)
+    plan, perm = plan_moments((3, 4, 5, 6), (0, 2), T)     # kept (1, 3): A, C, B, C -> copy
+    assert perm == (1, 3, 0, 2) and plan.stats_shape == (4, 6)
+
+
+def test_plans_are_cached():
+    assert plan_batch_norm((4, 8, 3), 1, T) is plan_batch_norm((4, 8, 3), 1, T)
+
+
+def _exercise_every_path(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 8, 96), dtype=np.float64).astype(dtype)
+    dy = np.ones_like(x)
+    for fwd, bwd, args in [
+        (nc.batch_norm_forward, nc.batch_norm_backward, {}),            # flat
+        (nc.instance_norm_forward, nc.instance_norm_backward, {}),      # rows
+    ]:
+        f = fwd(x, **args)
+        bwd(dy, x, f.mean, f.rstd)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                    # columns
+    f = nc.batch_norm_forward(xl, axis=-1)
+    nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
+    nc.moments(x, axis=-1)                                              # rows_moments
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_registered_kernel_runs(dtype):
+    _exercise_every_path(dtype)
+    name = np.dtype(dtype).name
+    for kernel_name, kernel in cpu.KERNELS.items():
+        signatures = [str(sig) for sig in kernel.signatures]
+        assert signatures, f"{kernel_name} never compiled"
+        if kernel_name != "merge_moments":   # merge works on float64 partials only
+            assert any(name in sig for sig in signatures), (kernel_name, signatures)
