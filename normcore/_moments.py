@@ -2,12 +2,10 @@
 import numbers
 
 import numba
-import numpy as np
 
-from . import _cpu
 from ._dtypes import stats_dtype
 from ._plan import plan_moments
-from ._norms import _input
+from ._validate import check_input
 
 
 def moments(x, axis=None, *, correction=0):
@@ -20,7 +18,8 @@ def moments(x, axis=None, *, correction=0):
 
     >>> mean, var = moments(x, axis=(0, 2, 3))
     """
-    x = _input("x", x)
+    be = check_input("x", x)
+    xp = be.xp
     if isinstance(correction, bool) or not isinstance(correction, numbers.Real) \
             or not correction >= 0:
         raise ValueError(f"correction: expected a number >= 0, got {correction!r}")
@@ -29,10 +28,9 @@ def moments(x, axis=None, *, correction=0):
     n = plan.n
     if x.size == 0:
         shape = plan.stats_shape
-        return np.full(shape, np.nan, sdt), np.full(shape, np.nan, sdt)
+        return xp.full(shape, xp.nan, sdt), xp.full(shape, xp.nan, sdt)
     xs = x.transpose(perm) if perm is not None else x
-    mean, var = _cpu.moments(plan, np.ascontiguousarray(xs).reshape(-1))
+    mean, var = be.ops.moments(plan, xp.ascontiguousarray(xs).reshape(-1))
     if correction:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            var = var * (n / (n - correction)) if n > correction else np.full_like(var, np.nan)
+        var = var * (n / (n - correction)) if n > correction else xp.full_like(var, xp.nan)
     return (mean.astype(sdt).reshape(plan.stats_shape), var.astype(sdt).reshape(plan.stats_shape))

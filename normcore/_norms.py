@@ -16,13 +16,11 @@ momentum * batch, with the batch variance made unbiased by n / (n - 1).
 from collections import namedtuple
 
 import numba
-import numpy as np
 
-from . import _cpu
 from ._dtypes import stats_dtype
 from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
-from ._validate import (check_eps, check_input, check_like_x, check_momentum,
-                        check_out, check_param, check_running, is_cupy)
+from ._validate import (check_eps, check_input, check_like_x, check_momentum, check_out,
+                        check_param, check_running)
 
 NormForward = namedtuple("NormForward", "y mean rstd running_mean running_var")
 NormForward.__doc__ = """Result of a *_forward call: the output y, the saved statistics mean and
@@ -35,39 +33,32 @@ def _threads():
     return numba.get_num_threads()
 
 
-def _input(name, x):
-    if is_cupy(x):
-        raise TypeError(f"{name}: CuPy arrays need normcore's CUDA kernels, which this version "
-                        f"does not have yet; pass a NumPy array")
-    return check_input(name, x)
+def _flat(be, x):
+    return be.xp.ascontiguousarray(x).reshape(-1)
 
 
-def _flat(x):
-    return np.ascontiguousarray(x).reshape(-1)
-
-
-def _output(out, x):
+def _output(be, out, x):
     """(result array, flat contiguous buffer the kernels write into)."""
     if out is None:
-        res = np.empty(x.shape, x.dtype)
+        res = be.xp.empty(x.shape, x.dtype)
         return res, res.reshape(-1)
     if out.flags.c_contiguous:
         return out, out.reshape(-1)
-    return out, np.empty(x.size, x.dtype)
+    return out, be.xp.empty(x.size, x.dtype)
 
 
-def _finish(res, buf):
+def _finish(be, res, buf):
     """Copy the kernels' buffer into a non-contiguous `out`; return the result."""
     if not res.flags.c_contiguous:
-        np.copyto(res, buf.reshape(res.shape))
+        be.xp.copyto(res, buf.reshape(res.shape))
     return res
 
 
-def _affine(plan, x, weight, bias, context):
+def _affine(plan, be, x, weight, bias, context):
     cells = plan.C * plan.Q
-    w = check_param("weight", weight, plan.param_shape, x, context)
-    b = check_param("bias", bias, plan.param_shape, x, context)
-    return (np.ones(cells) if w is None else w), (np.zeros(cells) if b is None else b)
+    w = check_param("weight", weight, plan.param_shape, be, x, context)
+    b = check_param("bias", bias, plan.param_shape, be, x, context)
+    return (be.xp.ones(cells) if w is None else w), (be.xp.zeros(cells) if b is None else b)
 
 
 def _context(x, **kw):
@@ -75,52 +66,55 @@ def _context(x, **kw):
     return f"x of shape {x.shape}" + (f" with {args}" if args else "")
 
 
-def _forward(plan, x, w, b, eps, out, frozen_stats=None, want_var=False):
+def _forward(plan, be, x, w, b, eps, out, frozen_stats=None, want_var=False):
     """Shared forward: frozen_stats = (mean64, rstd64) per statistic, or None for batch stats.
     Returns (y, mean, rstd, var64) with saved stats in the stats dtype, shaped per plan."""
+    xp = be.xp
     sdt = stats_dtype(x.dtype)
-    y, ybuf = _output(out, x)
+    y, ybuf = _output(be, out, x)
     R = plan.O * plan.C
     if frozen_stats is not None:
         mean64, rstd64 = frozen_stats
         if x.size:
-            _cpu.normalize(plan, _flat(x), ybuf, mean64, rstd64, w, b)
+            be.ops.normalize(plan, _flat(be, x), ybuf, mean64, rstd64, w, b)
         mean, rstd, var64 = mean64.astype(sdt), rstd64.astype(sdt), None
     elif x.size:
-        mean, rstd, var64 = _cpu.forward_train(plan, _flat(x), ybuf, w, b, eps, sdt, want_var)
+        mean, rstd, var64 = be.ops.forward_train(plan, _flat(be, x), ybuf, w, b, eps, sdt,
+                                                 want_var)
     else:  # statistics of empty sets
-        mean = np.full(R, np.nan, sdt)
-        rstd = np.full(R, np.nan, sdt)
-        var64 = np.full(R, np.nan)
-    return (_finish(y, ybuf), mean.reshape(plan.stats_shape), rstd.reshape(plan.stats_shape),
-            var64)
+        mean = xp.full(R, xp.nan, sdt)
+        rstd = xp.full(R, xp.nan, sdt)
+        var64 = xp.full(R, xp.nan)
+    return (_finish(be, y, ybuf), mean.reshape(plan.stats_shape),
+            rstd.reshape(plan.stats_shape), var64)
 
 
-def _backward(plan, dy, x, mean, rstd, weight, frozen, dx_out, context):
-    check_like_x("dy", dy, x)
-    check_out("dx_out", dx_out, x)
-    mean64 = check_param("mean", mean, plan.stats_shape, x, context)
-    rstd64 = check_param("rstd", rstd, plan.stats_shape, x, context)
-    w = check_param("weight", weight, plan.param_shape, x, context)
+def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context):
+    check_like_x("dy", dy, be, x)
+    check_out("dx_out", dx_out, be, x)
+    mean64 = check_param("mean", mean, plan.stats_shape, be, x, context)
+    rstd64 = check_param("rstd", rstd, plan.stats_shape, be, x, context)
+    w = check_param("weight", weight, plan.param_shape, be, x, context)
     cells = plan.C * plan.Q
     if w is None:
-        w = np.ones(cells)
-    dx, dxbuf = _output(dx_out, x)
+        w = be.xp.ones(cells)
+    dx, dxbuf = _output(be, dx_out, x)
     if x.size:
-        dweight, dbias = _cpu.backward(plan, _flat(dy), _flat(x), dxbuf, mean64, rstd64, w,
-                                       frozen)
+        dweight, dbias = be.ops.backward(plan, _flat(be, dy), _flat(be, x), dxbuf, mean64,
+                                         rstd64, w, frozen)
     else:
-        dweight, dbias = np.zeros(cells), np.zeros(cells)
+        dweight, dbias = be.xp.zeros(cells), be.xp.zeros(cells)
     gdt = weight.dtype if weight is not None else x.dtype
-    return NormBackward(_finish(dx, dxbuf), dweight.astype(gdt).reshape(plan.param_shape),
+    return NormBackward(_finish(be, dx, dxbuf), dweight.astype(gdt).reshape(plan.param_shape),
                         dbias.astype(gdt).reshape(plan.param_shape))
 
 
 def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum):
     """In place, after every check has passed (a call that raises modifies nothing)."""
-    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
-    running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
-                        + momentum * batch_var_unbiased)
+    new_mean = (1.0 - momentum) * running_mean.astype(batch_mean.dtype) + momentum * batch_mean
+    new_var = (1.0 - momentum) * running_var.astype(batch_mean.dtype) + momentum * batch_var_unbiased
+    running_mean[...] = new_mean
+    running_var[...] = new_var
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,27 +140,27 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
     >>> f = batch_norm_forward(x, w, b, running_mean=rm, running_var=rv)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads())
     context = _context(x, axis=axis)
-    w, b = _affine(plan, x, weight, bias, context)
+    w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
-    rm, rv = check_running(running_mean, running_var, plan.stats_shape, x, context,
+    rm, rv = check_running(running_mean, running_var, plan.stats_shape, be, x, context,
                            required=not training, writable=bool(training))
-    check_out("out", out, x)
+    check_out("out", out, be, x)
     if training:
         if plan.n <= 1:
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, x, w, b, eps, out, want_var=rm is not None)
+        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None)
         if rm is not None:
             n = plan.n
-            _update_running(running_mean, running_var, mean.astype(np.float64),
+            _update_running(running_mean, running_var, mean.astype(be.xp.float64),
                             var64 * (n / (n - 1)), momentum)
     else:
-        y, mean, rstd, _ = _forward(plan, x, w, b, eps, out,
-                                    frozen_stats=(rm, 1.0 / np.sqrt(rv + eps)))
+        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out,
+                                    frozen_stats=(rm, 1.0 / be.xp.sqrt(rv + eps)))
     return NormForward(y, mean, rstd, running_mean, running_var)
 
 
@@ -195,9 +189,9 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
 
     >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads())
-    return _backward(plan, dy, x, mean, rstd, weight, not training, dx_out,
+    return _backward(plan, be, dy, x, mean, rstd, weight, not training, dx_out,
                      _context(x, axis=axis))
 
 
@@ -218,29 +212,29 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
 
     >>> f = instance_norm_forward(x, w, b)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
     context = _context(x, axis=axis)
-    w, b = _affine(plan, x, weight, bias, context)
+    w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
-    rm, rv = check_running(running_mean, running_var, plan.param_shape, x, context,
+    rm, rv = check_running(running_mean, running_var, plan.param_shape, be, x, context,
                            required=not use_input_stats, writable=bool(use_input_stats))
-    check_out("out", out, x)
+    check_out("out", out, be, x)
     if use_input_stats:
         if plan.n <= 1:
             raise ValueError(f"x: expected more than 1 spatial element per channel when using "
                              f"input statistics, got {plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, x, w, b, eps, out, want_var=rm is not None)
+        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None)
         if rm is not None:
             n = plan.n
             _update_running(running_mean, running_var,
-                            mean.astype(np.float64).mean(0),
+                            mean.astype(be.xp.float64).mean(0),
                             (var64.reshape(plan.stats_shape) * (n / (n - 1))).mean(0), momentum)
     else:
         N = plan.O
-        frozen = (np.tile(rm, N), np.tile(1.0 / np.sqrt(rv + eps), N))
-        y, mean, rstd, _ = _forward(plan, x, w, b, eps, out, frozen_stats=frozen)
+        frozen = (be.xp.tile(rm, N), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), N))
+        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen)
     return NormForward(y, mean, rstd, running_mean, running_var)
 
 
@@ -261,9 +255,9 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
 
     >>> dx, dweight, dbias = instance_norm_backward(dy, x, f.mean, f.rstd, w)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
-    return _backward(plan, dy, x, mean, rstd, weight, not use_input_stats, dx_out,
+    return _backward(plan, be, dy, x, mean, rstd, weight, not use_input_stats, dx_out,
                      _context(x, axis=axis))
 
 
@@ -281,13 +275,13 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=
 
     >>> f = group_norm_forward(x, 32, w, b)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads())
     context = _context(x, num_groups=num_groups, axis=axis)
-    w, b = _affine(plan, x, weight, bias, context)
+    w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
-    check_out("out", out, x)
-    y, mean, rstd, _ = _forward(plan, x, w, b, eps, out)
+    check_out("out", out, be, x)
+    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out)
     return NormForward(y, mean, rstd, None, None)
 
 
@@ -304,9 +298,9 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, d
 
     >>> dx, dweight, dbias = group_norm_backward(dy, x, f.mean, f.rstd, 32, w)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads())
-    return _backward(plan, dy, x, mean, rstd, weight, False, dx_out,
+    return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,
                      _context(x, num_groups=num_groups, axis=axis))
 
 
@@ -324,13 +318,13 @@ def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None
 
     >>> f = layer_norm_forward(x, w, b)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     context = _context(x, axis=axis)
-    w, b = _affine(plan, x, weight, bias, context)
+    w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
-    check_out("out", out, x)
-    y, mean, rstd, _ = _forward(plan, x, w, b, eps, out)
+    check_out("out", out, be, x)
+    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out)
     return NormForward(y, mean, rstd, None, None)
 
 
@@ -347,9 +341,9 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, dx_out=None)
 
     >>> dx, dweight, dbias = layer_norm_backward(dy, x, f.mean, f.rstd, w)
     """
-    x = _input("x", x)
+    be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
-    return _backward(plan, dy, x, mean, rstd, weight, False, dx_out, _context(x, axis=axis))
+    return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out, _context(x, axis=axis))
 
 
 __all__ = [

@@ -5,31 +5,25 @@ import numbers
 
 import numpy as np
 
-from ._dtypes import check_input_dtype, check_real_floating
+from ._backend import backend_for, describe
 
 
-def _describe(obj):
-    kind = type(obj)
-    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+def check_input(name, x):
+    """x: an array some backend serves, of a dtype it supports; returns that backend."""
+    be = backend_for(name, x)
+    if np.dtype(x.dtype) not in be.dtypes:
+        expected = " or ".join(d.name for d in be.dtypes)
+        raise TypeError(f"{name}: expected a {expected} array, got dtype {x.dtype}")
+    return be
 
 
-def is_cupy(obj):
-    """True for a CuPy array, without importing CuPy."""
-    return type(obj).__module__.split(".")[0] == "cupy"
-
-
-def check_array(name, arr, like=None):
-    """A NumPy array (TypeError otherwise); with `like`, of the same array type as `like`."""
-    if not isinstance(arr, np.ndarray):
-        if like is not None:
-            raise TypeError(f"{name}: expected a {_describe(like)} like x, got {_describe(arr)}")
-        raise TypeError(f"{name}: expected a NumPy array, got {_describe(arr)}")
-    return arr
-
-
-def check_input(name, arr):
-    check_array(name, arr)
-    check_input_dtype(name, arr.dtype)
+def check_array(name, arr, be, x):
+    """An array of x's type, on x's device."""
+    if not isinstance(arr, be.array_type):
+        raise TypeError(f"{name}: expected a {describe(x)} like x, got {describe(arr)}")
+    if be.name == "cuda" and arr.device != x.device:
+        raise ValueError(f"{name}: expected an array on x's device {x.device}, got one on "
+                         f"{arr.device}")
     return arr
 
 
@@ -47,21 +41,27 @@ def check_momentum(momentum):
     return float(momentum)
 
 
-def check_param(name, arr, shape, x, context):
-    """weight / bias / statistics: None or a floating NumPy array of `shape`; returns it as a
+def check_param(name, arr, shape, be, x, context):
+    """weight / bias / statistics: None or a floating array of `shape` like x; returns it as a
     contiguous float64 vector (or None)."""
     if arr is None:
         return None
-    check_array(name, arr, like=x)
-    check_real_floating(name, arr.dtype)
+    check_array(name, arr, be, x)
+    if np.dtype(arr.dtype).kind != "f":
+        raise TypeError(f"{name}: expected a real floating dtype, got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} for {context}, got "
                          f"{arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+    return be.xp.ascontiguousarray(arr, dtype=be.xp.float64).reshape(-1)
 
 
-def check_running(running_mean, running_var, shape, x, context, *, required, writable):
-    """Both or neither running statistic; shapes `shape`; writable when they will be updated."""
+def _writable(arr):
+    return getattr(arr.flags, "writeable", True)   # CuPy arrays have no read-only flag
+
+
+def check_running(running_mean, running_var, shape, be, x, context, *, required, writable):
+    """Both or neither running statistic; shapes `shape`; writable when they will be updated.
+    Returns them as float64 vectors (or None, None)."""
     if (running_mean is None) != (running_var is None):
         given, missing = (("running_mean", "running_var") if running_var is None
                           else ("running_var", "running_mean"))
@@ -71,32 +71,32 @@ def check_running(running_mean, running_var, shape, x, context, *, required, wri
             raise ValueError("running_mean: expected running statistics (running_mean and "
                              "running_var) in eval mode, got None")
         return None, None
-    mean = check_param("running_mean", running_mean, shape, x, context)
-    var = check_param("running_var", running_var, shape, x, context)
+    mean = check_param("running_mean", running_mean, shape, be, x, context)
+    var = check_param("running_var", running_var, shape, be, x, context)
     if writable:
         for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
-            if not arr.flags.writeable:
+            if not _writable(arr):
                 raise ValueError(f"{name}: expected a writable array (updated in place), got a "
                                  f"read-only one")
     return mean, var
 
 
-def check_out(name, out, x):
-    """None or a writable NumPy array with x's shape and dtype."""
+def check_out(name, out, be, x):
+    """None or a writable array like x with x's shape and dtype."""
     if out is None:
         return None
-    check_array(name, out, like=x)
+    check_array(name, out, be, x)
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"{name}: expected an array of shape {x.shape} and dtype {x.dtype}, "
                          f"got shape {out.shape} and dtype {out.dtype}")
-    if not out.flags.writeable:
+    if not _writable(out):
         raise ValueError(f"{name}: expected a writable array, got a read-only one")
     return out
 
 
-def check_like_x(name, arr, x):
+def check_like_x(name, arr, be, x):
     """dy: same array type, shape and dtype as x."""
-    check_array(name, arr, like=x)
+    check_array(name, arr, be, x)
     if arr.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {arr.dtype}")
     if arr.shape != x.shape:
