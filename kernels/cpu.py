@@ -67,7 +67,9 @@ def _jit(*, parallel=False, fastmath=_REDUCE):
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit()
+# Strict IEEE arithmetic: reassociating the merge costs the exactness of a constant input
+# (mean == the constant, m2 == 0) and it is scalar code anyway.
+@_jit(fastmath=False)
 def chan_merge(n, mean, m2, nb, meanb, m2b):
     """Merge the moments (n, mean, m2) of two disjoint sets (Chan et al.)."""
     if nb == 0:
@@ -402,12 +404,9 @@ def column_moments(x, O, A, J, K, count, mean, m2):
                 for j in range(J):
                     d = (np.float64(row[j]) - shift[j]) - s[j]
                     q[j] += d * d
-            nn = cnt + nb
             for j in range(J):
-                delta = shift[j] + s[j] - mu[j]
-                mu[j] += delta * (nb / nn)
-                acc[j] += q[j] + delta * delta * (cnt * nb / nn)
-            cnt = nn
+                _, mu[j], acc[j] = chan_merge(cnt, mu[j], acc[j], nb, shift[j] + s[j], q[j])
+            cnt += nb
         count[o, k, :] = cnt
 
 

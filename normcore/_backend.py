@@ -50,7 +50,7 @@ def _cuda_backend():
 
 def backend_for(name, x):
     """The backend for array `x` (TypeError for anything else)."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):   # a NumPy scalar is a 0-d array here
         return _cpu_backend()
     if is_cupy(x):
         return _cuda_backend()
