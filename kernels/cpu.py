@@ -20,15 +20,27 @@ Q = B // P)::
     dx    = rstd * (dy * w - c2 - xhat * c1)     (c1 = c2 = 0 with frozen statistics)
     per parameter cell: dbias = sum(dy), dweight = sum(dy * xhat)
 
+Fused epilogue and its backward (optional, per call): residual z and ReLU::
+
+    y = relu(xhat * w + bias + z)           dy_eff = dy * (y > 0)   (ReLU's gradient from y)
+    dz = dy_eff                             the formulas above use dy_eff for dy
+
+RMSNorm is the uncentred case: mean := 0 and var := mean(x**2), so c2 = 0.
+
 Statistics accumulate in float64 whatever the input dtype; normalization is computed in float64
 and rounded once on store (the kernels are memory bound: measured at the same GB/s as a float32
-formula on this machine, and exact for inputs with |mean| >> std).
+formula on this machine, and exact for inputs with |mean| >> std). float16 arrays arrive as
+their uint16 bit patterns (Numba's CPU target has no float16) and go through `load` / `store`.
+Optional arrays (z, saved y, dz) are passed as empty arrays when absent, so that their presence
+is a branch LLVM hoists out of the loop rather than another compiled signature.
 """
 import os
 
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
 
 # Elements per in-cache block of the shifted two-pass (16 KiB of float64 scratch-free reads).
 BLOCK = 2048
@@ -63,6 +75,61 @@ def _jit(*, parallel=False, fastmath=_REDUCE):
 
 
 # ---------------------------------------------------------------------------------------------
+# Element access: float16 as uint16 bits, converted with the CPU's half instructions
+# ---------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _half_bits_to_float32(typingctx, bits):
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float32_to_half_bits(typingctx, value):
+    # float64 -> half would need a runtime library call that Numba does not link; rounding
+    # through float32 is what PyTorch's float32-compute float16 kernels do as well.
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def load(element):
+    """An array element as float64 (jit only)."""
+    raise NotImplementedError
+
+
+def store(value, arr):
+    """float64 `value` as an element of `arr` (jit only)."""
+    raise NotImplementedError
+
+
+@overload(load, jit_options={"fastmath": True})
+def _load(element):
+    if element == types.uint16:
+        return lambda element: np.float64(_half_bits_to_float32(element))
+    if isinstance(element, types.Float):
+        return lambda element: np.float64(element)
+    return None
+
+
+@overload(store)
+def _store(value, arr):
+    if arr.dtype == types.uint16:
+        return lambda value, arr: _float32_to_half_bits(np.float32(value))
+    return lambda value, arr: value
+
+
+# ---------------------------------------------------------------------------------------------
 # Statistics helpers (serial, called from the parallel kernels)
 # ---------------------------------------------------------------------------------------------
 
@@ -88,14 +155,14 @@ def block_moments(xb):
     The shift keeps the sums small when |mean| >> std and makes a constant block give
     mean == that constant and m2 == 0 exactly.
     """
-    shift = np.float64(xb[0])
+    shift = load(xb[0])
     s = 0.0
     for i in range(xb.size):
-        s += np.float64(xb[i]) - shift
+        s += load(xb[i]) - shift
     dmean = s / xb.size
     q = 0.0
     for i in range(xb.size):
-        d = (np.float64(xb[i]) - shift) - dmean
+        d = (load(xb[i]) - shift) - dmean
         q += d * d
     return shift + dmean, q
 
@@ -114,14 +181,35 @@ def run_moments(xs):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def normalize_run(xs, ys, mean, rstd, w, bias, c, b0, B, P):
-    """y = (x - mean) * rstd * w + bias on the piece [b0, b0 + len) of channel c's run."""
+def epilogue(v, zs, i, relu):
+    """v + z[i], then ReLU (NaN stays NaN)."""
+    if zs.size:
+        v += load(zs[i])
+    if relu and v < 0.0:
+        v = 0.0
+    return v
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def effective_dy(dys, ys, i, relu):
+    """dy, masked by ReLU's gradient (y > 0) when the forward applied one."""
+    d = load(dys[i])
+    if relu and not load(ys[i]) > 0.0:
+        d = 0.0
+    return d
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P):
+    """y = relu((x - mean) * rstd * w + bias + z) on the piece [b0, b0 + len) of channel c's
+    run; zs is empty without a residual."""
     e = xs.size
     if P == 1:
         wv = w[c * B + b0:c * B + b0 + e]
         bv = bias[c * B + b0:c * B + b0 + e]
         for i in range(e):
-            ys[i] = (np.float64(xs[i]) - mean) * (rstd * wv[i]) + bv[i]
+            v = (load(xs[i]) - mean) * (rstd * wv[i]) + bv[i]
+            ys[i] = store(epilogue(v, zs, i, relu), ys)
         return
     Q = B // P
     s = b0
@@ -132,15 +220,17 @@ def normalize_run(xs, ys, mean, rstd, w, bias, c, b0, B, P):
         shift = bias[c * Q + q]
         xq = xs[s - b0:t - b0]
         yq = ys[s - b0:t - b0]
+        zq = zs[s - b0:t - b0] if zs.size else zs
         for i in range(xq.size):
-            yq[i] = (np.float64(xq[i]) - mean) * scale + shift
+            yq[i] = store(epilogue((load(xq[i]) - mean) * scale + shift, zq, i, relu), yq)
         s = t
 
 
 @_jit()
-def backward_sums_run(dys, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
+def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
     """Add sum(dy) and sum(dy * xhat) of the piece [b0, b0 + len) of channel c's run to the
-    parameter cells in dbias / dweight; return its (g1, g2) = (sum(dy * w), sum(dy * w * xhat))."""
+    parameter cells in dbias / dweight; return its (g1, g2) = (sum(dy * w), sum(dy * w * xhat)).
+    ys (the saved output) is read only with relu."""
     e = xs.size
     g1 = 0.0
     g2 = 0.0
@@ -150,8 +240,8 @@ def backward_sums_run(dys, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
         dbv = dbias[lo:lo + e]
         dwv = dweight[lo:lo + e]
         for i in range(e):
-            d = np.float64(dys[i])
-            xhat = (np.float64(xs[i]) - mean) * rstd
+            d = effective_dy(dys, ys, i, relu)
+            xhat = (load(xs[i]) - mean) * rstd
             g1 += d * wv[i]
             g2 += d * wv[i] * xhat
             dbv[i] += d
@@ -163,13 +253,14 @@ def backward_sums_run(dys, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
         q = s // P
         t = min(b0 + e, (q + 1) * P)
         dq = dys[s - b0:t - b0]
+        yq = ys[s - b0:t - b0] if relu else ys
         xq = xs[s - b0:t - b0]
         sdy = 0.0
         sdyx = 0.0
         for i in range(xq.size):
-            d = np.float64(dq[i])
+            d = effective_dy(dq, yq, i, relu)
             sdy += d
-            sdyx += d * (np.float64(xq[i]) - mean)
+            sdyx += d * (load(xq[i]) - mean)
         sdyx *= rstd
         cell = c * Q + q
         dbias[cell] += sdy
@@ -181,14 +272,18 @@ def backward_sums_run(dys, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_run(dys, xs, dxs, mean, rstd, w, c1, c2, c, b0, B, P):
-    """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run."""
+def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P):
+    """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run;
+    dz = dy (after ReLU's mask) when dzs is not empty."""
     e = xs.size
     if P == 1:
         wv = w[c * B + b0:c * B + b0 + e]
         for i in range(e):
-            xhat = (np.float64(xs[i]) - mean) * rstd
-            dxs[i] = rstd * (np.float64(dys[i]) * wv[i] - c2 - xhat * c1)
+            d = effective_dy(dys, ys, i, relu)
+            xhat = (load(xs[i]) - mean) * rstd
+            dxs[i] = store(rstd * (d * wv[i] - c2 - xhat * c1), dxs)
+            if dzs.size:
+                dzs[i] = store(d, dzs)
         return
     Q = B // P
     s = b0
@@ -197,11 +292,16 @@ def dx_run(dys, xs, dxs, mean, rstd, w, c1, c2, c, b0, B, P):
         t = min(b0 + e, (q + 1) * P)
         wq = w[c * Q + q]
         dq = dys[s - b0:t - b0]
+        yq = ys[s - b0:t - b0] if relu else ys
         xq = xs[s - b0:t - b0]
         dxq = dxs[s - b0:t - b0]
+        dzq = dzs[s - b0:t - b0] if dzs.size else dzs
         for i in range(xq.size):
-            xhat = (np.float64(xq[i]) - mean) * rstd
-            dxq[i] = rstd * (np.float64(dq[i]) * wq - c2 - xhat * c1)
+            d = effective_dy(dq, yq, i, relu)
+            xhat = (load(xq[i]) - mean) * rstd
+            dxq[i] = store(rstd * (d * wq - c2 - xhat * c1), dxq)
+            if dzq.size:
+                dzq[i] = store(d, dzq)
         s = t
 
 
@@ -221,12 +321,13 @@ def rows_moments(x, R, B, mean_out, var_out):
 
 
 @_jit(parallel=True)
-def rows_forward(x, R, C, B, P, w, bias, eps, y, mean_out, rstd_out, var_out):
-    """Fused statistics + normalize + affine for R = O * C rows of length B.
+def rows_forward(x, z, relu, centered, R, C, B, P, w, bias, eps, y, mean_out, rstd_out, var_out):
+    """Fused statistics + normalize + affine (+ residual, ReLU) for R = O * C rows of length B.
 
-    x, y: (R * B,) flat rows; row r belongs to channel c = r % C.
+    x, y (and z, or empty): (R * B,) flat rows; row r belongs to channel c = r % C.
+    centered=False gives RMSNorm: mean 0 and var = mean(x**2).
     w, bias: (C * B // P,) float64 parameter cells.
-    mean_out, rstd_out: (R,) saved statistics; var_out: (R,) float64 biased variance for the
+    mean_out, rstd_out: (R,) saved statistics; var_out: (R,) float64 variance for the
     running statistics, or an empty array when the caller needs none.
     """
     for r in prange(R):
@@ -234,32 +335,43 @@ def rows_forward(x, R, C, B, P, w, bias, eps, y, mean_out, rstd_out, var_out):
         xs = x[r * B:(r + 1) * B]
         n, mean, m2 = run_moments(xs)
         var = m2 / n
+        if not centered:
+            var += mean * mean
+            mean = 0.0
         rstd = 1.0 / np.sqrt(var + eps)
         mean_out[r] = mean
         rstd_out[r] = rstd
         if var_out.size:
             var_out[r] = var
-        normalize_run(xs, y[r * B:(r + 1) * B], mean, rstd, w, bias, c, 0, B, P)
+        zs = z[r * B:(r + 1) * B] if z.size else z
+        normalize_run(xs, zs, y[r * B:(r + 1) * B], relu, mean, rstd, w, bias, c, 0, B, P)
 
 
 @_jit(parallel=True)
-def rows_backward(dy, x, R, C, B, P, mean, rstd, w, frozen, nblk, dbias_part, dweight_part, dx):
-    """Fused backward for R rows: per-row sums, then dx while the row is in cache.
+def rows_backward(dy, y, relu, x, R, C, B, P, mean, rstd, w, frozen, centered, nblk,
+                  dbias_part, dweight_part, dx, dz):
+    """Fused backward for R rows: per-row sums, then dx (and dz) while the row is in cache.
 
     mean, rstd: (R,) saved statistics (float64). dbias_part, dweight_part: (nblk, C * B // P)
-    zeroed partial sums, one row per block of rows, summed by the caller.
+    zeroed partial sums, one row per block of rows, summed by the caller. y: the saved output
+    (read with relu only); dz: the residual's gradient, or empty.
     """
     for k in prange(nblk):
         dbias = dbias_part[k]
         dweight = dweight_part[k]
         for r in range(k * R // nblk, (k + 1) * R // nblk):
             c = r % C
-            xs = x[r * B:(r + 1) * B]
-            dys = dy[r * B:(r + 1) * B]
-            g1, g2 = backward_sums_run(dys, xs, mean[r], rstd[r], w, dbias, dweight, c, 0, B, P)
+            lo = r * B
+            hi = (r + 1) * B
+            xs = x[lo:hi]
+            dys = dy[lo:hi]
+            ys = y[lo:hi] if relu else y
+            g1, g2 = backward_sums_run(dys, ys, relu, xs, mean[r], rstd[r], w, dbias, dweight,
+                                       c, 0, B, P)
             c1 = 0.0 if frozen else g2 / B
-            c2 = 0.0 if frozen else g1 / B
-            dx_run(dys, xs, dx[r * B:(r + 1) * B], mean[r], rstd[r], w, c1, c2, c, 0, B, P)
+            c2 = 0.0 if frozen or not centered else g1 / B
+            dzs = dz[lo:hi] if dz.size else dz
+            dx_run(dys, ys, relu, xs, dx[lo:hi], dzs, mean[r], rstd[r], w, c1, c2, c, 0, B, P)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +407,9 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
 
 
 @_jit(parallel=True)
-def flat_normalize(x, O, A, C, B, P, K, mean, rstd, w, bias, y):
-    """y = (x - mean) * rstd * w + bias; mean, rstd: (O * C,) float64."""
+def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y):
+    """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
+    empty."""
     CB = C * B
     L = A * CB
     for item in prange(O * K):
@@ -310,13 +423,15 @@ def flat_normalize(x, O, A, C, B, P, K, mean, rstd, w, bias, y):
             b = pos - a * CB - c * B
             e = min(hi - pos, B - b)
             base = o * L + pos
-            normalize_run(x[base:base + e], y[base:base + e], mean[o * C + c], rstd[o * C + c],
-                          w, bias, c, b, B, P)
+            zs = z[base:base + e] if z.size else z
+            normalize_run(x[base:base + e], zs, y[base:base + e], relu, mean[o * C + c],
+                          rstd[o * C + c], w, bias, c, b, B, P)
             pos += e
 
 
 @_jit(parallel=True)
-def flat_backward_sums(dy, x, O, A, C, B, P, K, mean, rstd, w, dbias_part, dweight_part):
+def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_part,
+                       dweight_part):
     """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P)."""
     CB = C * B
     L = A * CB
@@ -335,13 +450,14 @@ def flat_backward_sums(dy, x, O, A, C, B, P, K, mean, rstd, w, dbias_part, dweig
             b = pos - a * CB - c * B
             e = min(hi - pos, B - b)
             base = o * L + pos
-            backward_sums_run(dy[base:base + e], x[base:base + e], mean[o * C + c],
+            ys = y[base:base + e] if relu else y
+            backward_sums_run(dy[base:base + e], ys, relu, x[base:base + e], mean[o * C + c],
                               rstd[o * C + c], w, dbias, dweight, c, b, B, P)
             pos += e
 
 
 @_jit(parallel=True)
-def flat_backward_dx(dy, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx):
+def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz):
     """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64."""
     CB = C * B
     L = A * CB
@@ -357,8 +473,10 @@ def flat_backward_dx(dy, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx):
             e = min(hi - pos, B - b)
             base = o * L + pos
             oc = o * C + c
-            dx_run(dy[base:base + e], x[base:base + e], dx[base:base + e], mean[oc], rstd[oc],
-                   w, c1[oc], c2[oc], c, b, B, P)
+            ys = y[base:base + e] if relu else y
+            dzs = dz[base:base + e] if dz.size else dz
+            dx_run(dy[base:base + e], ys, relu, x[base:base + e], dx[base:base + e], dzs,
+                   mean[oc], rstd[oc], w, c1[oc], c2[oc], c, b, B, P)
             pos += e
 
 
@@ -389,20 +507,20 @@ def column_moments(x, O, A, J, K, count, mean, m2):
             r1 = min(r0 + rows_per_block, r_hi)
             first = x[(o * A + r0) * J:(o * A + r0 + 1) * J]
             for j in range(J):
-                shift[j] = first[j]
+                shift[j] = load(first[j])
                 s[j] = 0.0
                 q[j] = 0.0
             for r in range(r0, r1):
                 row = x[(o * A + r) * J:(o * A + r + 1) * J]
                 for j in range(J):
-                    s[j] += np.float64(row[j]) - shift[j]
+                    s[j] += load(row[j]) - shift[j]
             nb = r1 - r0
             for j in range(J):
                 s[j] /= nb
             for r in range(r0, r1):
                 row = x[(o * A + r) * J:(o * A + r + 1) * J]
                 for j in range(J):
-                    d = (np.float64(row[j]) - shift[j]) - s[j]
+                    d = (load(row[j]) - shift[j]) - s[j]
                     q[j] += d * d
             for j in range(J):
                 _, mu[j], acc[j] = chan_merge(cnt, mu[j], acc[j], nb, shift[j] + s[j], q[j])
@@ -411,8 +529,9 @@ def column_moments(x, O, A, J, K, count, mean, m2):
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_normalize(x, O, A, J, K, mean, scale, shift, y):
-    """y = (x - mean) * scale + shift with per-(o, j) mean, scale, shift: (O, J) float64."""
+def column_normalize(x, z, relu, O, A, J, K, mean, scale, shift, y):
+    """y = relu((x - mean) * scale + shift + z) with per-(o, j) mean, scale, shift: (O, J)
+    float64; z may be empty."""
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -423,12 +542,14 @@ def column_normalize(x, O, A, J, K, mean, scale, shift, y):
             base = (o * A + r) * J
             row = x[base:base + J]
             out = y[base:base + J]
+            zrow = z[base:base + J] if z.size else z
             for j in range(J):
-                out[j] = (np.float64(row[j]) - mu[j]) * sc[j] + sh[j]
+                out[j] = store(epilogue((load(row[j]) - mu[j]) * sc[j] + sh[j], zrow, j, relu),
+                               out)
 
 
 @_jit(parallel=True)
-def column_backward_sums(dy, x, O, A, J, K, mean, rstd, sdy, sdyxhat):
+def column_backward_sums(dy, y, relu, x, O, A, J, K, mean, rstd, sdy, sdyxhat):
     """Partial sum(dy) and sum(dy * xhat) per (o, k, j): (O, K, J); mean, rstd: (O, J)."""
     for item in prange(O * K):
         o = item // K
@@ -443,18 +564,19 @@ def column_backward_sums(dy, x, O, A, J, K, mean, rstd, sdy, sdyxhat):
             base = (o * A + r) * J
             row = x[base:base + J]
             drow = dy[base:base + J]
+            yrow = y[base:base + J] if relu else y
             for j in range(J):
-                d = np.float64(drow[j])
+                d = effective_dy(drow, yrow, j, relu)
                 s1[j] += d
-                s2[j] += d * (np.float64(row[j]) - mu[j])
+                s2[j] += d * (load(row[j]) - mu[j])
         for j in range(J):
             s2[j] *= rs[j]
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_backward_dx(dy, x, O, A, J, K, mean, a, b, c, dx):
+def column_backward_dx(dy, y, relu, x, O, A, J, K, mean, a, b, c, dx, dz):
     """dx = a * dy - b * (x - mean) - c with per-(o, j) coefficients (O, J) float64:
-    a = rstd * w, b = rstd**2 * c1, c = rstd * c2."""
+    a = rstd * w, b = rstd**2 * c1, c = rstd * c2; dz = dy when dz is not empty."""
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -466,9 +588,15 @@ def column_backward_dx(dy, x, O, A, J, K, mean, a, b, c, dx):
             base = (o * A + r) * J
             row = x[base:base + J]
             drow = dy[base:base + J]
+            yrow = y[base:base + J] if relu else y
             out = dx[base:base + J]
             for j in range(J):
-                out[j] = ca[j] * np.float64(drow[j]) - cb[j] * (np.float64(row[j]) - mu[j]) - cc[j]
+                d = effective_dy(drow, yrow, j, relu)
+                out[j] = store(ca[j] * d - cb[j] * (load(row[j]) - mu[j]) - cc[j], out)
+            if dz.size:
+                dzrow = dz[base:base + J]
+                for j in range(J):
+                    dzrow[j] = store(effective_dy(drow, yrow, j, relu), dzrow)
 
 
 # ---------------------------------------------------------------------------------------------

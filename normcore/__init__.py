@@ -14,10 +14,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._moments import moments  # noqa: E402
 from ._norms import (NormBackward, NormForward, batch_norm,  # noqa: E402
-                     batch_norm_backward,
-                     batch_norm_forward, group_norm, group_norm_backward, group_norm_forward,
+                     batch_norm_backward, batch_norm_forward, batch_norm_scale_shift,
+                     fold_batch_norm, group_norm, group_norm_backward, group_norm_forward,
                      instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
-                     layer_norm_backward, layer_norm_forward)
+                     layer_norm_backward, layer_norm_forward, rms_norm, rms_norm_backward,
+                     rms_norm_forward)
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,6 @@ __all__ = [
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
     "group_norm", "group_norm_forward", "group_norm_backward",
     "layer_norm", "layer_norm_forward", "layer_norm_backward",
+    "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "batch_norm_scale_shift", "fold_batch_norm",
 ]

@@ -42,6 +42,16 @@ class _Guard:
 guard = _Guard
 
 
+def _bits(a):
+    """float16 arrays go to the kernels as their uint16 bit patterns."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _none_like(a):
+    """The empty array that tells a kernel an optional argument is absent."""
+    return a[:0]
+
+
 def _column_maps(plan):
     """Statistic index c and parameter cell of each column j = c * B + b of the column view."""
     j = np.arange(plan.C * plan.B)
@@ -52,6 +62,7 @@ def _column_maps(plan):
 def moments(plan, x):
     """Biased moments per statistic: (mean, var), float64 arrays of O * C values."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
+    x = _bits(x)
     with guard():
         if plan.path == "rows":
             mean = np.empty(O * C)
@@ -73,55 +84,73 @@ def moments(plan, x):
     return mean.reshape(-1), var.reshape(-1)
 
 
-def normalize(plan, x, y, mean, rstd, w, bias):
-    """y = (x - mean) * rstd * w + bias with given float64 statistics (O * C values)."""
+def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
+    """y = relu((x - mean) * rstd * w + bias + z) with given float64 statistics (O * C values);
+    z (the residual, flat like x) is optional."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
+    x, y = _bits(x), _bits(y)
+    z = _none_like(x) if z is None else _bits(z)
     with guard():
         if plan.path == "columns":
             c, cell = _column_maps(plan)
             mean2 = mean.reshape(O, C)[:, c]
             scale = rstd.reshape(O, C)[:, c] * w[cell]
             shift = np.broadcast_to(bias[cell], scale.shape)
-            K.column_normalize(x, O, A, C * B, plan.K, np.ascontiguousarray(mean2),
+            K.column_normalize(x, z, relu, O, A, C * B, plan.K, np.ascontiguousarray(mean2),
                                np.ascontiguousarray(scale), np.ascontiguousarray(shift), y)
         else:
-            K.flat_normalize(x, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y)
+            K.flat_normalize(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y)
 
 
-def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var):
-    """Batch statistics + normalization. Returns saved (mean, rstd) in `stats_dtype` (shape
-    O * C) and the float64 biased variance when `want_var` (else None)."""
+def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
+                  centered=True):
+    """Batch statistics + normalization (+ residual z, ReLU). Returns saved (mean, rstd) in
+    `stats_dtype` (O * C values) and the float64 variance when `want_var` (else None).
+    centered=False is RMSNorm: mean 0, var = mean(x**2)."""
     if plan.path == "rows":
         R = plan.O * plan.C
         mean = np.empty(R, stats_dtype)
         rstd = np.empty(R, stats_dtype)
         var = np.empty(R if want_var else 0)
+        xb = _bits(x)
+        zb = _none_like(xb) if z is None else _bits(z)
         with guard():
-            K.rows_forward(x, R, plan.C, plan.B, plan.P, w, bias, eps, y, mean, rstd, var)
+            K.rows_forward(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias, eps,
+                           _bits(y), mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
+    if not centered:
+        var64 = var64 + mean64 * mean64
+        mean64 = np.zeros_like(mean64)
     rstd64 = 1.0 / np.sqrt(var64 + eps)
-    normalize(plan, x, y, mean64, rstd64, w, bias)
+    normalize(plan, x, y, mean64, rstd64, w, bias, z=z, relu=relu)
     return mean64.astype(stats_dtype), rstd64.astype(stats_dtype), var64
 
 
-def backward(plan, dy, x, dx, mean, rstd, w, frozen):
-    """dx into `dx`; returns (dweight, dbias) as float64 vectors of C * Q cells.
+def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=None,
+             centered=True):
+    """dx into `dx` (and the residual's gradient into `dz` when given); returns (dweight,
+    dbias) as float64 vectors of C * Q cells.
 
-    mean, rstd: float64 statistics (O * C values). With `frozen`, statistics are constants.
+    mean, rstd: float64 statistics (O * C values); with `frozen` they are constants. With
+    relu, y is the forward's output and dy is masked by y > 0. centered=False is RMSNorm.
     """
     O, A, C, B, Q = plan.O, plan.A, plan.C, plan.B, plan.Q
+    dy, x, dx = _bits(dy), _bits(x), _bits(dx)
+    y = _bits(y) if relu else _none_like(dy)
+    dz = _none_like(dx) if dz is None else _bits(dz)
     with guard():
         if plan.backward_path == "rows":
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
-            K.rows_backward(dy, x, O * C, C, B, plan.P, mean, rstd, w, frozen, plan.nblk,
-                            dbias, dweight, dx)
+            K.rows_backward(dy, y, relu, x, O * C, C, B, plan.P, mean, rstd, w, frozen,
+                            centered, plan.nblk, dbias, dweight, dx, dz)
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            K.flat_backward_sums(dy, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, sdy, sdyxhat)
+            K.flat_backward_sums(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+                                 sdy, sdyxhat)
             sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
         else:
             J = C * B
@@ -130,22 +159,22 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen):
             rstd_j = np.ascontiguousarray(rstd.reshape(O, C)[:, c])
             shape = (O, plan.K, J)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            K.column_backward_sums(dy, x, O, A, J, plan.K, mean_j, rstd_j, sdy, sdyxhat)
+            K.column_backward_sums(dy, y, relu, x, O, A, J, plan.K, mean_j, rstd_j, sdy,
+                                   sdyxhat)
             # columns -> parameter cells: j = (c * Q + q) * P + p
             sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
             sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
         n = A * B
         wq = w.reshape(C, Q)
-        if frozen:
-            c1 = c2 = np.zeros(O * C)
-        else:
-            c2 = (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
-            c1 = (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
+        zeros = np.zeros(O * C)
+        c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
+        c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
-            K.flat_backward_dx(dy, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, c1, c2, dx)
+            K.flat_backward_dx(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, c1,
+                               c2, dx, dz)
         else:
             a = rstd_j * w[cell]
             b = rstd_j * rstd_j * np.ascontiguousarray(c1.reshape(O, C)[:, c])
             cc = rstd_j * np.ascontiguousarray(c2.reshape(O, C)[:, c])
-            K.column_backward_dx(dy, x, O, A, J, plan.K, mean_j, a, b, cc, dx)
+            K.column_backward_dx(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx, dz)
     return sdyxhat.sum(0), sdy.sum(0)

@@ -1,15 +1,17 @@
 """The one dtype policy of normcore.
 
-- Inputs x (and dy): float32 or float64 on the CPU; float16, float32 or float64 on CUDA.
+- Inputs x (and dy): float16, float32 or float64 (float16 loads and stores only: the CPU
+  kernels see its uint16 bit patterns and convert with the CPU's half instructions).
   Outputs y / dx have the input's dtype.
 - Statistics accumulate in float64 inside the CPU kernels (float32 at least on CUDA).
 - Saved statistics (mean, rstd) are float32, or float64 for float64 input.
 - weight / bias / running statistics: any real floating dtype; they are read as float64 and
-  dweight / dbias come back in the weight's dtype (the input's dtype when weight is None).
+  dweight / dbias come back in the weight's dtype (the saved statistics' dtype when weight
+  is None: a float16 sum over a batch overflows easily).
 """
 import numpy as np
 
-CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+CPU_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 CUDA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 

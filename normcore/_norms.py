@@ -12,10 +12,16 @@ For one statistic (the elements sharing (o, c) in the canonical view, n of them)
 
 Running statistics (training BN, and IN when given): new = (1 - momentum) * old +
 momentum * batch, with the batch variance made unbiased by n / (n - 1).
+
+Fused epilogue (every drop-in and *_forward): ``y = relu(xhat * weight + bias + residual)``
+with ``activation="relu"`` and ``residual=z``, in the same pass over memory. The matching
+*_backward takes ``activation`` and the forward's output ``y`` (ReLU's gradient is y > 0) and,
+with ``residual=True``, also returns the residual's gradient as ``grads.dresidual``.
 """
 from collections import namedtuple
 
 import numba
+import numpy as np
 
 from ._dtypes import stats_dtype
 from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
@@ -25,8 +31,24 @@ from ._validate import (check_eps, check_input, check_like_x, check_momentum, ch
 NormForward = namedtuple("NormForward", "y mean rstd running_mean running_var")
 NormForward.__doc__ = """Result of a *_forward call: the output y, the saved statistics mean and
 rstd (float32, float64 for float64 input), and the running statistics (None when not given)."""
-NormBackward = namedtuple("NormBackward", "dx dweight dbias")
-NormBackward.__doc__ = """Result of a *_backward call: gradients of x, weight and bias."""
+
+
+class NormBackward(namedtuple("NormBackward", "dx dweight dbias")):
+    """Result of a *_backward call: gradients of x, weight and bias. Unpacks as
+    ``dx, dweight, dbias``; ``dresidual`` is the residual's gradient when the backward was
+    asked for it (``residual=True``), else None."""
+
+    dresidual = None
+
+    def __new__(cls, dx, dweight, dbias, dresidual=None):
+        self = super().__new__(cls, dx, dweight, dbias)
+        if dresidual is not None:
+            self.dresidual = dresidual
+        return self
+
+    def __reduce__(self):
+        return (NormBackward, (*self, self.dresidual))
+
 
 
 def _threads():
@@ -66,21 +88,33 @@ def _context(x, **kw):
     return f"x of shape {x.shape}" + (f" with {args}" if args else "")
 
 
-def _forward(plan, be, x, w, b, eps, out, frozen_stats=None, want_var=False):
+def _epilogue(activation, residual, be, x):
+    """(relu, flat residual or None) from the activation / residual keywords."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    if residual is not None:
+        check_like_x("residual", residual, be, x)
+        residual = _flat(be, residual)
+    return activation == "relu", residual
+
+
+def _forward(plan, be, x, w, b, eps, out, frozen_stats=None, want_var=False,
+             epilogue=(False, None), centered=True):
     """Shared forward: frozen_stats = (mean64, rstd64) per statistic, or None for batch stats.
     Returns (y, mean, rstd, var64) with saved stats in the stats dtype, shaped per plan."""
     xp = be.xp
     sdt = stats_dtype(x.dtype)
+    relu, z = epilogue
     y, ybuf = _output(be, out, x)
     R = plan.O * plan.C
     if frozen_stats is not None:
         mean64, rstd64 = frozen_stats
         if x.size:
-            be.ops.normalize(plan, _flat(be, x), ybuf, mean64, rstd64, w, b)
+            be.ops.normalize(plan, _flat(be, x), ybuf, mean64, rstd64, w, b, z=z, relu=relu)
         mean, rstd, var64 = mean64.astype(sdt), rstd64.astype(sdt), None
     elif x.size:
         mean, rstd, var64 = be.ops.forward_train(plan, _flat(be, x), ybuf, w, b, eps, sdt,
-                                                 want_var)
+                                                 want_var, z=z, relu=relu, centered=centered)
     else:  # statistics of empty sets
         mean = xp.full(R, xp.nan, sdt)
         rstd = xp.full(R, xp.nan, sdt)
@@ -89,24 +123,39 @@ def _forward(plan, be, x, w, b, eps, out, frozen_stats=None, want_var=False):
             rstd.reshape(plan.stats_shape), var64)
 
 
-def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context):
+def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context, *,
+              activation=None, y=None, residual=False, centered=True):
     check_like_x("dy", dy, be, x)
     check_out("dx_out", dx_out, be, x)
-    mean64 = check_param("mean", mean, plan.stats_shape, be, x, context)
+    relu, _ = _epilogue(activation, None, be, x)
+    if relu:
+        if y is None:
+            raise ValueError("y: expected the forward's output (ReLU's gradient needs it) "
+                             "with activation='relu', got None")
+        check_like_x("y", y, be, x)
     rstd64 = check_param("rstd", rstd, plan.stats_shape, be, x, context)
+    mean64 = (check_param("mean", mean, plan.stats_shape, be, x, context) if centered
+              else be.xp.zeros(plan.O * plan.C))
     w = check_param("weight", weight, plan.param_shape, be, x, context)
     cells = plan.C * plan.Q
     if w is None:
         w = be.xp.ones(cells)
     dx, dxbuf = _output(be, dx_out, x)
+    dz = be.xp.empty(x.shape, x.dtype) if residual and relu else None
     if x.size:
-        dweight, dbias = be.ops.backward(plan, _flat(be, dy), _flat(be, x), dxbuf, mean64,
-                                         rstd64, w, frozen)
+        dweight, dbias = be.ops.backward(
+            plan, _flat(be, dy), _flat(be, x), dxbuf, mean64, rstd64, w, frozen,
+            y=_flat(be, y) if relu else None, relu=relu,
+            dz=None if dz is None else dz.reshape(-1), centered=centered)
     else:
         dweight, dbias = be.xp.zeros(cells), be.xp.zeros(cells)
-    gdt = weight.dtype if weight is not None else x.dtype
+        if dz is not None:
+            dz[...] = 0
+    if residual and not relu:
+        dz = dy          # the residual enters y linearly
+    gdt = weight.dtype if weight is not None else stats_dtype(x.dtype)
     return NormBackward(_finish(be, dx, dxbuf), dweight.astype(gdt).reshape(plan.param_shape),
-                        dbias.astype(gdt).reshape(plan.param_shape))
+                        dbias.astype(gdt).reshape(plan.param_shape), dz)
 
 
 def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum):
@@ -123,13 +172,14 @@ def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, m
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+                       training=True, momentum=0.1, eps=1e-5, axis=1, activation=None,
+                       residual=None, out=None):
     """BatchNorm forward with saved statistics (``torch.ops.aten.native_batch_norm``).
 
     Statistics per channel (``x.shape[axis]``) over every other axis::
 
         mean = mean(x), var = mean((x - mean)**2), rstd = 1 / sqrt(var + eps)
-        y = (x - mean) * rstd * weight + bias
+        y = (x - mean) * rstd * weight + bias        [+ residual] [relu]
 
     Training (``training=True``) uses the batch statistics and, when ``running_mean`` /
     ``running_var`` are given, updates them in place: ``new = (1 - momentum) * old +
@@ -148,35 +198,39 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     momentum = check_momentum(momentum)
     rm, rv = check_running(running_mean, running_var, plan.stats_shape, be, x, context,
                            required=not training, writable=bool(training))
+    epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
     if training:
         if plan.n <= 1:
             raise ValueError(f"x: expected more than 1 value per channel when training, got "
                              f"{plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None)
+        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
+                                        epilogue=epilogue)
         if rm is not None:
             n = plan.n
             _update_running(running_mean, running_var, mean.astype(be.xp.float64),
                             var64 * (n / (n - 1)), momentum)
     else:
-        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out,
+        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, epilogue=epilogue,
                                     frozen_stats=(rm, 1.0 / be.xp.sqrt(rv + eps)))
     return NormForward(y, mean, rstd, running_mean, running_var)
 
 
 def batch_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-               training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+               training=True, momentum=0.1, eps=1e-5, axis=1, activation=None, residual=None,
+               out=None):
     """BatchNorm: ``batch_norm_forward(...).y``; see :func:`batch_norm_forward`.
 
     >>> y = batch_norm(x, w, b, running_mean=rm, running_var=rv, training=True)
     """
     return batch_norm_forward(x, weight, bias, running_mean=running_mean,
                               running_var=running_var, training=training, momentum=momentum,
-                              eps=eps, axis=axis, out=out).y
+                              eps=eps, axis=axis, activation=activation, residual=residual,
+                              out=out).y
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1,
-                        dx_out=None):
+                        activation=None, y=None, residual=False, dx_out=None):
     """BatchNorm backward (``native_batch_norm_backward``) from the saved mean and rstd.
 
     With ``training=True`` the statistics depend on x::
@@ -184,15 +238,16 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
         dx = rstd * (dy * w - mean(dy * w) - xhat * mean(dy * w * xhat))
 
     with ``training=False`` they are constants: ``dx = rstd * dy * w``. ``dweight =
-    sum(dy * xhat)``, ``dbias = sum(dy)`` per channel. Returns ``NormBackward(dx, dweight,
-    dbias)``.
+    sum(dy * xhat)``, ``dbias = sum(dy)`` per channel. With ``activation="relu"`` pass the
+    forward's output ``y``: dy is first masked by ``y > 0``. ``residual=True`` also returns the
+    residual's gradient as ``.dresidual``. Returns ``NormBackward(dx, dweight, dbias)``.
 
     >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, not training, dx_out,
-                     _context(x, axis=axis))
+                     _context(x, axis=axis), activation=activation, y=y, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +256,8 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
 
 
 def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                          use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+                          use_input_stats=True, momentum=0.1, eps=1e-5, axis=1,
+                          activation=None, residual=None, out=None):
     """InstanceNorm forward with saved statistics.
 
     Statistics per (sample, channel) over the spatial axes; ``y = (x - mean) * rstd * weight
@@ -220,12 +276,14 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
     momentum = check_momentum(momentum)
     rm, rv = check_running(running_mean, running_var, plan.param_shape, be, x, context,
                            required=not use_input_stats, writable=bool(use_input_stats))
+    epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
     if use_input_stats:
         if plan.n <= 1:
             raise ValueError(f"x: expected more than 1 spatial element per channel when using "
                              f"input statistics, got {plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None)
+        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
+                                        epilogue=epilogue)
         if rm is not None:
             n = plan.n
             _update_running(running_mean, running_var,
@@ -234,31 +292,35 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
     else:
         N = plan.O
         frozen = (be.xp.tile(rm, N), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), N))
-        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen)
+        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen,
+                                    epilogue=epilogue)
     return NormForward(y, mean, rstd, running_mean, running_var)
 
 
 def instance_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, activation=None,
+                  residual=None, out=None):
     """InstanceNorm: ``instance_norm_forward(...).y``; see :func:`instance_norm_forward`.
 
     >>> y = instance_norm(x, w, b)
     """
     return instance_norm_forward(x, weight, bias, running_mean=running_mean,
                                  running_var=running_var, use_input_stats=use_input_stats,
-                                 momentum=momentum, eps=eps, axis=axis, out=out).y
+                                 momentum=momentum, eps=eps, axis=axis, activation=activation,
+                                 residual=residual, out=out).y
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=True, axis=1,
-                           dx_out=None):
+                           activation=None, y=None, residual=False, dx_out=None):
     """InstanceNorm backward; statistics are constants when ``use_input_stats=False``.
+    ``activation`` / ``y`` / ``residual`` as in :func:`batch_norm_backward`.
 
     >>> dx, dweight, dbias = instance_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, not use_input_stats, dx_out,
-                     _context(x, axis=axis))
+                     _context(x, axis=axis), activation=activation, y=y, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +328,8 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
 # ---------------------------------------------------------------------------------------------
 
 
-def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):
+def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1,
+                       activation=None, residual=None, out=None):
     """GroupNorm forward with saved statistics.
 
     The C channels split into ``num_groups`` groups of C / G consecutive channels; statistics
@@ -280,36 +343,43 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=
     context = _context(x, num_groups=num_groups, axis=axis)
     w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
+    epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
-    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out)
+    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, epilogue=epilogue)
     return NormForward(y, mean, rstd, None, None)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1, out=None):
+def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=1, activation=None,
+               residual=None, out=None):
     """GroupNorm: ``group_norm_forward(...).y``; see :func:`group_norm_forward`.
 
     >>> y = group_norm(x, 32, w, b)
     """
-    return group_norm_forward(x, num_groups, weight, bias, eps=eps, axis=axis, out=out).y
+    return group_norm_forward(x, num_groups, weight, bias, eps=eps, axis=axis,
+                              activation=activation, residual=residual, out=out).y
 
 
-def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, dx_out=None):
-    """GroupNorm backward.
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, activation=None,
+                        y=None, residual=False, dx_out=None):
+    """GroupNorm backward. ``activation`` / ``y`` / ``residual`` as in
+    :func:`batch_norm_backward`.
 
     >>> dx, dweight, dbias = group_norm_backward(dy, x, f.mean, f.rstd, 32, w)
     """
     be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,
-                     _context(x, num_groups=num_groups, axis=axis))
+                     _context(x, num_groups=num_groups, axis=axis), activation=activation,
+                     y=y, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------
-# LayerNorm
+# LayerNorm and RMSNorm
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None):
+def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, activation=None,
+                       residual=None, out=None):
     """LayerNorm forward with saved statistics (``native_layer_norm``).
 
     Statistics per leading index over the trailing axes ``axis`` (an int or a tuple such as
@@ -323,33 +393,139 @@ def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None
     context = _context(x, axis=axis)
     w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
+    epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
-    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out)
+    y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, epilogue=epilogue)
     return NormForward(y, mean, rstd, None, None)
 
 
-def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None):
+def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, activation=None, residual=None,
+               out=None):
     """LayerNorm: ``layer_norm_forward(...).y``; see :func:`layer_norm_forward`.
 
     >>> y = layer_norm(x, w, b)
     """
-    return layer_norm_forward(x, weight, bias, axis=axis, eps=eps, out=out).y
+    return layer_norm_forward(x, weight, bias, axis=axis, eps=eps, activation=activation,
+                              residual=residual, out=out).y
 
 
-def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, dx_out=None):
-    """LayerNorm backward (``native_layer_norm_backward``).
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, activation=None, y=None,
+                        residual=False, dx_out=None):
+    """LayerNorm backward (``native_layer_norm_backward``). ``activation`` / ``y`` /
+    ``residual`` as in :func:`batch_norm_backward`.
 
     >>> dx, dweight, dbias = layer_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
-    return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out, _context(x, axis=axis))
+    return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out, _context(x, axis=axis),
+                     activation=activation, y=y, residual=residual)
 
 
-__all__ = [
-    "NormForward", "NormBackward",
-    "batch_norm", "batch_norm_forward", "batch_norm_backward",
-    "instance_norm", "instance_norm_forward", "instance_norm_backward",
-    "group_norm", "group_norm_forward", "group_norm_backward",
-    "layer_norm", "layer_norm_forward", "layer_norm_backward",
-]
+def _rms_eps(eps, x):
+    return float(np.finfo(x.dtype).eps) if eps is None else check_eps(eps)
+
+
+def rms_norm_forward(x, weight=None, *, axis=-1, eps=None, activation=None, residual=None,
+                     out=None):
+    """RMSNorm forward (``torch.nn.functional.rms_norm``) over the trailing axes ``axis``::
+
+        rstd = 1 / sqrt(mean(x**2) + eps)      y = x * rstd * weight   [+ residual] [relu]
+
+    ``eps=None`` is ``finfo(x.dtype).eps``, as in PyTorch. Returns ``NormForward(y, None, rstd,
+    None, None)``: there is no mean.
+
+    >>> f = rms_norm_forward(x, w)
+    """
+    be = check_input("x", x)
+    plan = plan_layer_norm(x.shape, axis, _threads())
+    context = _context(x, axis=axis)
+    w, b = _affine(plan, be, x, weight, None, context)
+    eps = _rms_eps(eps, x)
+    epilogue = _epilogue(activation, residual, be, x)
+    check_out("out", out, be, x)
+    y, _, rstd, _ = _forward(plan, be, x, w, b, eps, out, epilogue=epilogue, centered=False)
+    return NormForward(y, None, rstd, None, None)
+
+
+def rms_norm(x, weight=None, *, axis=-1, eps=None, activation=None, residual=None, out=None):
+    """RMSNorm: ``rms_norm_forward(...).y``; see :func:`rms_norm_forward`.
+
+    >>> y = rms_norm(x, w)
+    """
+    return rms_norm_forward(x, weight, axis=axis, eps=eps, activation=activation,
+                            residual=residual, out=out).y
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, activation=None, y=None,
+                      residual=False, dx_out=None):
+    """RMSNorm backward with ``xhat = x * rstd``::
+
+        dx = rstd * (dy * w - xhat * mean(dy * w * xhat))      dweight = sum(dy * xhat)
+
+    Returns ``NormBackward(dx, dweight, None)`` (there is no bias).
+
+    >>> dx, dweight, _ = rms_norm_backward(dy, x, f.rstd, w)
+    """
+    be = check_input("x", x)
+    plan = plan_layer_norm(x.shape, axis, _threads())
+    g = _backward(plan, be, dy, x, None, rstd, weight, False, dx_out, _context(x, axis=axis),
+                  activation=activation, y=y, residual=residual, centered=False)
+    return NormBackward(g.dx, g.dweight, None, g.dresidual)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference folding (Ioffe & Szegedy 2015, Algorithm 2, last step)
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_norm_scale_shift(running_mean, running_var, weight=None, bias=None, *, eps=1e-5):
+    """Per-channel ``(scale, shift)`` of eval-mode BatchNorm as ``y = scale * x + shift``::
+
+        scale = weight / sqrt(running_var + eps)      shift = bias - running_mean * scale
+
+    >>> scale, shift = batch_norm_scale_shift(rm, rv, w, b)
+    """
+    be = check_input("running_mean", running_mean)
+    C = running_mean.shape
+    if running_mean.ndim != 1:
+        raise ValueError(f"running_mean: expected a 1-d array, got shape {C}")
+    context = f"running_mean of shape {C}"
+    rv = check_param("running_var", running_var, C, be, running_mean, context)
+    w = check_param("weight", weight, C, be, running_mean, context)
+    b = check_param("bias", bias, C, be, running_mean, context)
+    eps = check_eps(eps)
+    scale = 1.0 / be.xp.sqrt(rv + eps)
+    if w is not None:
+        scale = scale * w
+    shift = -running_mean.astype(be.xp.float64) * scale
+    if b is not None:
+        shift = shift + b
+    return scale.astype(running_mean.dtype), shift.astype(running_mean.dtype)
+
+
+def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, *,
+                    eps=1e-5):
+    """Fold eval-mode BatchNorm into the preceding linear / convolution layer.
+
+    ``weight`` has the output channels along axis 0 (Linear: (out, in); Conv: (out, in, *k)),
+    ``bias`` is (out,) or None. Returns ``(folded_weight, folded_bias)`` such that
+    ``layer(x; folded) == batch_norm(layer(x; weight, bias), training=False)``::
+
+        folded_weight = weight * scale[:, None, ...]     folded_bias = (bias - mean) * scale + bn_bias
+
+    >>> w2, b2 = fold_batch_norm(conv_w, conv_b, rm, rv, gamma, beta)
+    """
+    be = check_input("weight", weight)
+    if weight.ndim < 1:
+        raise ValueError(f"weight: expected output channels along axis 0, got shape "
+                         f"{weight.shape}")
+    scale, shift = batch_norm_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps=eps)
+    if running_mean.shape != weight.shape[:1]:
+        raise ValueError(f"running_mean: expected shape {weight.shape[:1]} (weight's output "
+                         f"channels), got {running_mean.shape}")
+    b = check_param("bias", bias, weight.shape[:1], be, weight, f"weight of shape {weight.shape}")
+    scale64 = scale.astype(be.xp.float64)
+    folded_weight = weight * scale64.reshape((-1,) + (1,) * (weight.ndim - 1))
+    folded_bias = shift.astype(be.xp.float64) if b is None else b * scale64 + shift
+    return folded_weight.astype(weight.dtype), folded_bias.astype(weight.dtype)

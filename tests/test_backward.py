@@ -1,0 +1,179 @@
+"""Backward passes: against the float64 oracle (which was validated against torch autograd),
+and against central finite differences of normcore's own forward in float64."""
+import numpy as np
+import oracle
+import pytest
+from helpers import (
+    FLOATS,
+    check_backward,
+    nc_backward,
+    nc_forward,
+    param_shape,
+    ref_backward,
+    with_layout,
+)
+
+import normcore as nc
+
+CASES = [  # (norm, shape, axis)
+    ("batch", (6, 4), 1), ("batch", (6, 4), -1), ("batch", (5, 4, 7), 1),
+    ("batch", (5, 7, 4), -1), ("batch", (3, 4, 5, 6), 1), ("batch", (3, 5, 6, 4), -1),
+    ("batch", (3, 5, 4, 6), 2), ("batch", (2, 4, 3, 2, 3), 1), ("batch", (2, 3, 2, 3, 4), -1),
+    ("instance", (5, 4, 7), 1), ("instance", (5, 7, 4), -1), ("instance", (3, 4, 5, 6), 1),
+    ("instance", (3, 5, 6, 4), -1), ("instance", (3, 5, 4, 6), 2),
+    ("instance", (2, 3, 2, 3, 4), -1),
+    ("group", (6, 4), 1), ("group", (5, 4, 7), 1), ("group", (5, 7, 4), -1),
+    ("group", (3, 4, 5, 6), 1), ("group", (3, 5, 6, 4), -1), ("group", (3, 5, 4, 6), 2),
+    ("group", (2, 4, 3, 2, 3), 1), ("group", (2, 3, 2, 3, 4), -1),
+    ("layer", (7,), -1), ("layer", (6, 5), -1), ("layer", (4, 3, 5), -1),
+    ("layer", (4, 3, 5), (-2, -1)), ("layer", (2, 3, 4, 5), (-3, -2, -1)),
+    ("layer", (2, 3, 4, 5), (-2, -1)),
+]
+IDS = [f"{c[0]}-{c[1]}-ax{c[2]}" for c in CASES]
+
+
+def _kw(norm, shape, axis):
+    kw = {"axis": axis}
+    if norm == "group":
+        kw["num_groups"] = 2
+    return kw
+
+
+def _inputs(rng, norm, shape, axis, dtype):
+    x = (0.5 + 2 * rng.standard_normal(shape)).astype(dtype)
+    pshape = param_shape(norm, shape, axis)
+    w = (1 + 0.5 * rng.standard_normal(pshape)).astype(dtype)
+    b = rng.standard_normal(pshape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, w, b, dy
+
+
+def _n(norm, shape, kw):
+    return oracle.reduction_length(norm, shape, kw["axis"], kw.get("num_groups"))
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("norm,shape,axis", CASES, ids=IDS)
+def test_backward_batch_stats_matches_oracle(norm, shape, axis, dtype, with_weight, rng):
+    x, w, b, dy = _inputs(rng, norm, shape, axis, dtype)
+    w = w if with_weight else None
+    kw = _kw(norm, shape, axis)
+    f = nc_forward(norm, x, w, b, **kw)
+    x0, dy0 = x.copy(), dy.copy()
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, **kw)
+    ref = ref_backward(norm, dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref, x, dy, f.rstd, w, param_shape(norm, shape, axis),
+                   n=_n(norm, shape, kw))
+    assert np.array_equal(x, x0) and np.array_equal(dy, dy0), "inputs were modified"
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("norm,shape,axis", [c for c in CASES if c[0] in ("batch", "instance")],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] in ("batch", "instance")])
+def test_backward_frozen_stats_matches_oracle(norm, shape, axis, dtype, with_weight, rng):
+    x, w, b, dy = _inputs(rng, norm, shape, axis, dtype)
+    w = w if with_weight else None
+    C = shape[axis]
+    rm = rng.standard_normal(C).astype(dtype)
+    rv = (0.5 + rng.random(C)).astype(dtype)
+    flag = "training" if norm == "batch" else "use_input_stats"
+    f = nc_forward(norm, x, w, b, running_mean=rm, running_var=rv, axis=axis, **{flag: False})
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, axis=axis, **{flag: False})
+    ref = ref_backward(norm, dy, x, f.mean, f.rstd, w, axis=axis, **{flag: False})
+    check_backward(got, ref, x, dy, f.rstd, w, (C,), n=1)
+    # frozen statistics: dx is exactly the elementwise dy * w * rstd (no batch coupling)
+    batch = nc_backward(norm, dy, x, f.mean, f.rstd, w, axis=axis)
+    assert not np.allclose(batch.dx, got.dx), "frozen and batch-stats gradients coincide"
+
+
+@pytest.mark.parametrize("dx_layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "layer"])
+def test_dx_out(norm, dx_layout, rng):
+    shape = (3, 4, 5)
+    axis = (-2, -1) if norm == "layer" else 1
+    kw = _kw(norm, shape, axis)
+    x, w, b, dy = _inputs(rng, norm, shape, axis, np.float64)
+    f = nc_forward(norm, x, w, b, **kw)
+    ref = ref_backward(norm, dy, x, f.mean, f.rstd, w, **kw)
+    dx_out = with_layout(np.full(shape, 5.0), dx_layout)
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, dx_out=dx_out, **kw)
+    assert got.dx is dx_out
+    check_backward(got, ref, x, dy, f.rstd, w, param_shape(norm, shape, axis),
+                   n=_n(norm, shape, kw))
+
+
+@pytest.mark.parametrize("layout", ["F", "transposed", "strided", "negative", "readonly"])
+@pytest.mark.parametrize("norm,shape,axis", [("batch", (3, 4, 5), 1), ("batch", (3, 5, 4), -1),
+                                             ("instance", (3, 4, 5), 1),
+                                             ("group", (3, 5, 4), -1),
+                                             ("layer", (3, 4, 5), (-2, -1))])
+def test_backward_layouts(norm, shape, axis, layout, rng):
+    kw = _kw(norm, shape, axis)
+    x0, w, b, dy0 = _inputs(rng, norm, shape, axis, np.float32)
+    f = nc_forward(norm, x0, w, b, **kw)
+    x, dy = with_layout(x0, layout, rng), with_layout(dy0, layout, rng)
+    mean, rstd = with_layout(f.mean, layout), with_layout(f.rstd, layout)
+    got = nc_backward(norm, dy, x, mean, rstd, with_layout(w, layout), **kw)
+    ref = ref_backward(norm, dy0, x0, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref, x0, dy0, f.rstd, w, param_shape(norm, shape, axis),
+                   n=_n(norm, shape, kw))
+
+
+def test_backward_weight_none_equals_weight_ones(rng):
+    x, _w, _b, dy = _inputs(rng, "group", (2, 6, 3), 1, np.float64)
+    f = nc.group_norm_forward(x, 3)
+    a = nc.group_norm_backward(dy, x, f.mean, f.rstd, 3, None)
+    c = nc.group_norm_backward(dy, x, f.mean, f.rstd, 3, np.ones(6))
+    for u, v in zip(a, c):
+        np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-13)
+
+
+# -------------------------------------------------------------------- finite differences
+FD_CASES = [
+    ("batch", (3, 2, 2), 1, True), ("batch", (4, 3), -1, True), ("batch", (2, 2, 3), -1, True),
+    ("batch", (3, 2, 2), 1, False), ("batch", (2, 3, 2), -1, False),
+    ("instance", (2, 2, 3), 1, True), ("instance", (2, 3, 2), -1, True),
+    ("instance", (2, 2, 3), 1, False),
+    ("group", (2, 4, 2), 1, True), ("group", (2, 2, 4), -1, True), ("group", (1, 4, 2, 2), 2, True),
+    ("layer", (3, 4), -1, True), ("layer", (2, 2, 3), (-2, -1), True), ("layer", (5,), -1, True),
+]
+
+
+def _loss(norm, x, w, b, r, kw):
+    return float(np.sum(nc_forward(norm, x, w, b, **kw).y * r))
+
+
+@pytest.mark.parametrize("norm,shape,axis,batch_stats", FD_CASES,
+                         ids=[f"{c[0]}-{c[1]}-ax{c[2]}-{'batch' if c[3] else 'frozen'}"
+                              for c in FD_CASES])
+def test_gradients_by_central_differences(norm, shape, axis, batch_stats, rng):
+    x, w, b, r = _inputs(rng, norm, shape, axis, np.float64)
+    kw = _kw(norm, shape, axis)
+    if not batch_stats:
+        C = shape[axis]
+        kw.update(running_mean=rng.standard_normal(C), running_var=0.5 + rng.random(C))
+        kw["training" if norm == "batch" else "use_input_stats"] = False
+    f = nc_forward(norm, x, w, b, **kw)
+    bkw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
+    g = nc_backward(norm, r, x, f.mean, f.rstd, w, **bkw)
+
+    h = 1e-5
+
+    def fd(arr):
+        grad = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + h
+            up = _loss(norm, x, w, b, r, kw)
+            arr[i] = old - h
+            down = _loss(norm, x, w, b, r, kw)
+            arr[i] = old
+            grad[i] = (up - down) / (2 * h)
+        return grad
+
+    # central differences: truncation O(h^2 |f'''|) ~ 1e-10, rounding ~ eps |L| / h ~ 1e-10
+    for name, arr, got in (("dx", x, g.dx), ("dweight", w, g.dweight), ("dbias", b, g.dbias)):
+        num = fd(arr)
+        np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7, err_msg=name)

@@ -1,0 +1,211 @@
+"""Hard numerics: large offsets (|mean| / std = 1e4) over 2**21 values, a statistics group of
+more than 2**22 values, all-equal inputs. Every tolerance is helpers.tolerance; the sanity
+tests below compute the naive float32 answers (E[x^2] - E[x]^2, a float32 running sum,
+sum(dy * x) - mean * sum(dy)) and show the same checks reject them, and that an honest
+float32 two-pass passes them."""
+import numpy as np
+import oracle
+import pytest
+from helpers import assert_close
+
+import normcore as nc
+
+pytestmark = pytest.mark.slow
+
+OFFSET, STD = 1e4, 1.0
+COND = OFFSET / STD
+BIG = 2**21
+
+
+def _offset_data(shape, seed, dtype=np.float32, offset=OFFSET, std=STD):
+    rng = np.random.default_rng(seed)
+    return (dtype(offset) + dtype(std) * rng.standard_normal(shape, dtype=np.float32)
+            .astype(dtype)).astype(dtype)
+
+
+def check_stats(mean, rstd, y, ref, *, n, dtype=np.float32, cond=COND):
+    """mean in units of the std (its size, 1e4, is no excuse for being 1e-2 std off),
+    rstd relative, y normwise; all from the one tolerance rule."""
+    mean, ref_mean = np.asarray(mean, np.float64), np.asarray(ref.mean)
+    std = 1 / np.asarray(ref.rstd)
+    assert_close((mean - ref_mean) / std, np.zeros(ref_mean.shape), dtype=dtype, n=n,
+                 cond=cond, scale=1.0, what="mean error / std")
+    assert_close(rstd, ref.rstd, dtype=dtype, n=n, cond=cond, what="rstd")
+    assert_close(y, ref.y, dtype=dtype, n=n, cond=cond, what="y")
+
+
+# ------------------------------------------------------------------ the naive answers
+def naive_sums(x, axis):
+    """E[x^2] - E[x]^2 with float32 running sums (np.cumsum is sequential)."""
+    n = x.shape[axis]
+    s = np.take(np.cumsum(x, axis=axis, dtype=np.float32), -1, axis=axis)
+    s2 = np.take(np.cumsum(x * x, axis=axis, dtype=np.float32), -1, axis=axis)
+    mean = s / np.float32(n)
+    return mean, s2 / np.float32(n) - mean * mean
+
+
+def naive_pairwise(x, axis):
+    """E[x^2] - E[x]^2 with NumPy's pairwise float32 sums (better summation, same formula)."""
+    mean = x.mean(axis=axis, dtype=np.float32)
+    return mean, (x * x).mean(axis=axis, dtype=np.float32) - mean * mean
+
+
+def running_sum_mean_twopass(x, axis):
+    """A float32 running sum for the mean, then an exact centred variance."""
+    n = x.shape[axis]
+    mean = np.take(np.cumsum(x, axis=axis, dtype=np.float32), -1, axis=axis) / np.float32(n)
+    var = ((x - np.expand_dims(mean, axis)).astype(np.float64) ** 2).mean(axis=axis)
+    return mean, var.astype(np.float32)
+
+
+def honest_twopass(x, axis):
+    """Pairwise float32 mean, then pairwise float32 centred variance."""
+    mean = x.mean(axis=axis, dtype=np.float32)
+    d = x - np.expand_dims(mean, axis)
+    return mean, (d * d).mean(axis=axis, dtype=np.float32)
+
+
+def _as_forward(x, mean, var, axis, eps=1e-5):
+    with np.errstate(invalid="ignore"):
+        rstd = np.float32(1) / np.sqrt(var + np.float32(eps))
+    y = (x - np.expand_dims(mean, axis)) * np.expand_dims(rstd, axis)
+    return mean, rstd, y
+
+
+@pytest.fixture(scope="module")
+def rows():
+    x = _offset_data((2, BIG), seed=11)
+    return x, oracle.layer_norm_forward(x)
+
+
+@pytest.mark.parametrize("method", [naive_sums, naive_pairwise, running_sum_mean_twopass])
+def test_sanity_naive_float32_fails_these_checks(rows, method):
+    x, ref = rows
+    mean, rstd, y = _as_forward(x, *method(x, -1), -1)
+    with pytest.raises(AssertionError):
+        check_stats(mean, rstd, y, ref, n=BIG)
+
+
+def test_sanity_honest_float32_passes_these_checks(rows):
+    x, ref = rows
+    check_stats(*_as_forward(x, *honest_twopass(x, -1), -1), ref, n=BIG)
+
+
+def test_sanity_centred_backward_passes_naive_fails(rows):
+    """sum(dy * xhat) over a row of 2**21: centred passes, sum(dy*x) - mean*sum(dy) fails,
+    with pairwise and with running float32 sums. Backward gets mean and rstd as inputs and
+    the oracle uses the same float32 values, so x - mean is exact (Sterbenz) and a centred
+    backward has no conditioning loss: cond = 1."""
+    x, ref = rows
+    dy = np.random.default_rng(3).standard_normal(x.shape, dtype=np.float32)
+    mean = ref.mean.astype(np.float32)[:, None]
+    rstd = ref.rstd.astype(np.float32)[:, None]
+    exact = np.sum(dy.astype(np.float64) * (x - mean.astype(np.float64))
+                   * rstd.astype(np.float64), axis=1)
+    centred = np.sum(dy * ((x - mean) * rstd), axis=1, dtype=np.float32)
+    naive = (np.sum(dy * x, axis=1, dtype=np.float32)
+             - mean[:, 0] * np.sum(dy, axis=1, dtype=np.float32)) * rstd[:, 0]
+    naive_seq = (np.cumsum(dy * x, axis=1, dtype=np.float32)[:, -1]
+                 - mean[:, 0] * np.cumsum(dy, axis=1, dtype=np.float32)[:, -1]) * rstd[:, 0]
+    kw = {"dtype": np.float32, "n": BIG, "cond": 1.0, "scale": np.sqrt(BIG)}
+    assert_close(centred, exact, **kw, what="centred")
+    for bad in (naive, naive_seq):
+        with pytest.raises(AssertionError):
+            assert_close(bad, exact, **kw, what="naive")
+
+
+# ------------------------------------------------------------- normcore, large offset
+def test_layer_norm_large_offset(rows):
+    x, ref = rows
+    f = nc.layer_norm_forward(x)
+    check_stats(f.mean, f.rstd, f.y, ref, n=BIG)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_batch_norm_large_offset(layout):
+    if layout == "channels_first":
+        x, axis = _offset_data((2**10, 2, 2**11), seed=5), 1
+    else:
+        x, axis = _offset_data((2**10, 2**11, 2), seed=6), -1
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    f = nc.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=1.0, axis=axis)
+    ref = oracle.batch_norm_forward(x, running_mean=np.zeros(2), running_var=np.ones(2),
+                                    momentum=1.0, axis=axis)
+    check_stats(f.mean, f.rstd, f.y, ref, n=BIG)
+    assert_close((rm - ref.running_mean) * ref.rstd, np.zeros(2), dtype=np.float32, n=BIG,
+                 cond=COND, scale=1.0, what="running_mean error / std")
+    assert_close(rv, ref.running_var, dtype=np.float32, n=BIG, cond=COND, what="running_var")
+
+
+def test_batch_norm_backward_large_offset():
+    x = _offset_data((2**10, 2, 2**11), seed=7)
+    dy = np.random.default_rng(8).standard_normal(x.shape, dtype=np.float32)
+    f = nc.batch_norm_forward(x)
+    g = nc.batch_norm_backward(dy, x, f.mean, f.rstd)
+    ref = oracle.batch_norm_backward(dy, x, f.mean, f.rstd)
+    # dweight, dbias: sums of 2**21 terms of size ~1 that grow like sqrt(n); the stats are
+    # inputs shared with the oracle, so cond = 1 (see the sanity test above)
+    kw = {"dtype": np.float32, "n": BIG, "cond": 1.0, "scale": np.sqrt(BIG)}
+    assert_close(g.dweight, ref.dweight, **kw, what="dweight")
+    assert_close(g.dbias, ref.dbias, **kw, what="dbias")
+    assert_close(g.dx, ref.dx, dtype=np.float32, n=BIG, cond=1.0, what="dx")
+
+
+def test_float64_large_offset():
+    """float64 with |mean| / std = 1e8: float64's E[x^2] - E[x]^2 is off by ~1 there."""
+    rng = np.random.default_rng(9)
+    x = 1e8 + rng.standard_normal((2**19, 2))
+    f = nc.batch_norm_forward(x, axis=-1)
+    ref = oracle.batch_norm_forward(x, axis=-1)
+    check_stats(f.mean, f.rstd, f.y, ref, n=2**19, dtype=np.float64, cond=1e8)
+    naive_mean = x.mean(axis=0)
+    naive_var = (x * x).mean(axis=0) - naive_mean**2
+    with pytest.raises(AssertionError):
+        check_stats(*_as_forward(x, naive_mean, naive_var, 0), ref, n=2**19,
+                    dtype=np.float64, cond=1e8)
+
+
+# ------------------------------------------------------ one group of more than 2**22
+def test_layer_norm_one_huge_row():
+    n = 2**22 + 3
+    x = _offset_data((1, n), seed=12)
+    f = nc.layer_norm_forward(x)
+    check_stats(f.mean, f.rstd, f.y, oracle.layer_norm_forward(x), n=n)
+
+
+def test_group_norm_one_huge_group():
+    n = 4 * (2**20 + 1)
+    x = _offset_data((1, 2**20 + 1, 4), seed=13)
+    w = np.array([1.0, 2.0, 0.5, -1.0], np.float32)
+    f = nc.group_norm_forward(x, 1, w, None, axis=-1)
+    check_stats(f.mean, f.rstd, f.y, oracle.group_norm_forward(x, 1, w, None, axis=-1), n=n)
+
+
+def test_instance_norm_one_huge_instance():
+    n = 2**22 + 5
+    x = _offset_data((1, 1, n), seed=14, offset=-3e3, std=0.5)
+    f = nc.instance_norm_forward(x)
+    check_stats(f.mean, f.rstd, f.y, oracle.instance_norm_forward(x), n=n, cond=6e3)
+
+
+# ------------------------------------------------------------------------- all equal
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", ["batch", "layer", "group"])
+def test_all_equal_large(norm, dtype):
+    consts = np.array([1e4 + 0.5, 0.1, -3.3e-3], dtype)
+    b = np.array([0.5, -2.0, 0.0], dtype)
+    if norm == "batch":          # 2**20 values per channel, channels last
+        x = np.ascontiguousarray(np.broadcast_to(consts, (2**20, 3)))
+        f = nc.batch_norm_forward(x, None, b, axis=-1)
+        expected = np.broadcast_to(b, x.shape)
+    elif norm == "layer":        # 3 rows of 2**20
+        x = np.ascontiguousarray(np.broadcast_to(consts[:, None], (3, 2**20)))
+        f = nc.layer_norm_forward(x, None, None)
+        expected = np.zeros(x.shape)
+    else:                        # one group per instance, (3, 2, 2**19)
+        x = np.ascontiguousarray(np.broadcast_to(consts[:, None, None], (3, 2, 2**19)))
+        f = nc.group_norm_forward(x, 1, None, b[:2])
+        expected = np.broadcast_to(b[:2, None], x.shape)
+    assert np.array_equal(f.y, expected)
+    assert_close(f.rstd, np.full(f.rstd.shape, 1 / np.sqrt(1e-5)), dtype=dtype, n=1)
+    assert np.isin(f.mean, consts).all(), "the mean of equal values is that value"
