@@ -257,3 +257,29 @@ def reduction_length(norm, shape, axis=1, num_groups=None):
     if norm == "instance":
         return spatial
     return spatial * shape[c] // num_groups
+
+
+# ------------------------------------------------------------------------------- RMSNorm
+def rms_norm_forward(x, weight=None, axis=-1, eps=None):
+    x = _f64(x)
+    red = _ln_axes(x.ndim, axis)
+    lead = tuple(s for i, s in enumerate(x.shape) if i not in red)
+    pshape = tuple(x.shape[i] for i in red)
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=red, keepdims=True) + eps)
+    y = _affine(x * rstd, weight, None, pshape)
+    return Forward(y, None, rstd.reshape(lead), None, None)
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, axis=-1):
+    """d/dx of y = x * rstd * w with rstd = (mean(x**2) + eps)**-1/2."""
+    dy, x = _f64(dy), _f64(x)
+    red = _ln_axes(x.ndim, axis)
+    lead_axes = tuple(i for i in range(x.ndim) if i not in red)
+    kshape = tuple(1 if i in red else s for i, s in enumerate(x.shape))
+    pshape = tuple(x.shape[i] for i in red)
+    rstd = _f64(rstd).reshape(kshape)
+    w = np.ones(pshape) if weight is None else _f64(weight).reshape(pshape)
+    xhat = x * rstd
+    g = dy * w
+    dx = rstd * (g - xhat * (g * xhat).mean(axis=red, keepdims=True))
+    return Backward(dx, (dy * xhat).sum(axis=lead_axes), None)
