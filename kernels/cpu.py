@@ -35,6 +35,7 @@ Optional arrays (z, saved y, dz) are passed as empty arrays when absent, so that
 is a branch LLVM hoists out of the loop rather than another compiled signature.
 """
 import os
+import types as pytypes
 
 import numba
 import numpy as np
@@ -58,18 +59,32 @@ def _cache_enabled():
     return os.environ.get("NORMCORE_DISABLE_CACHE", "") in ("", "0")
 
 
-def _jit(*, parallel=False, fastmath=_REDUCE):
+def _compile(func, parallel, fastmath):
     """njit with on-disk caching when some cache directory is writable, plain njit otherwise."""
+    options = dict(parallel=parallel, fastmath=fastmath, nogil=True, error_model="numpy")
+    if _cache_enabled():
+        try:
+            return numba.njit(cache=True, **options)(func)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            pass
+    return numba.njit(cache=False, **options)(func)
+
+
+def _jit(*, parallel=False, fastmath=_REDUCE):
+    """Compile `func`; a parallel kernel also gets `.serial`, the same loops on the calling
+    thread, for inputs too small to repay waking the thread pool (measured: 1.6 us against
+    12.6 us for a (4, 64) LayerNorm). The twin is a copy of the function under another name,
+    so that the two never share an on-disk cache entry."""
 
     def decorate(func):
-        if _cache_enabled():
-            try:
-                return numba.njit(cache=True, parallel=parallel, fastmath=fastmath, nogil=True,
-                                  error_model="numpy")(func)
-            except RuntimeError:  # "cannot cache function ...: no locator available"
-                pass
-        return numba.njit(cache=False, parallel=parallel, fastmath=fastmath, nogil=True,
-                                  error_model="numpy")(func)
+        kernel = _compile(func, parallel, fastmath)
+        if parallel:
+            twin = pytypes.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
+                                        func.__defaults__, func.__closure__)
+            twin.__qualname__ = func.__qualname__ + "_serial"
+            twin.__doc__ = func.__doc__
+            kernel.serial = _compile(twin, False, fastmath)
+        return kernel
 
     return decorate
 

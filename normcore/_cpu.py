@@ -26,6 +26,11 @@ def _serialize_needed():
     return _layer == "workqueue"
 
 
+def _k(plan, kernel):
+    """The kernel's serial twin for inputs too small to repay a parallel launch."""
+    return kernel.serial if plan.serial else kernel
+
+
 class _Guard:
     """Holds the workqueue lock when the threading layer needs it."""
 
@@ -67,20 +72,20 @@ def moments(plan, x):
         if plan.path == "rows":
             mean = np.empty(O * C)
             var = np.empty(O * C)
-            K.rows_moments(x, O * C, B, mean, var)
+            _k(plan, K.rows_moments)(x, O * C, B, mean, var)
             return mean, var
         mean = np.empty((O, C))
         var = np.empty((O, C))
         if plan.path == "flat":
             shape = (O, plan.K, C)
             count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-            K.flat_moments(x, O, A, C, B, plan.K, count, pmean, pm2)
-            K.merge_moments(count, pmean, pm2, 1, mean, var)
+            _k(plan, K.flat_moments)(x, O, A, C, B, plan.K, count, pmean, pm2)
+            _k(plan, K.merge_moments)(count, pmean, pm2, 1, mean, var)
         else:
             shape = (O, plan.K, C * B)
             count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-            K.column_moments(x, O, A, C * B, plan.K, count, pmean, pm2)
-            K.merge_moments(count, pmean, pm2, B, mean, var)
+            _k(plan, K.column_moments)(x, O, A, C * B, plan.K, count, pmean, pm2)
+            _k(plan, K.merge_moments)(count, pmean, pm2, B, mean, var)
     return mean.reshape(-1), var.reshape(-1)
 
 
@@ -96,10 +101,10 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
             mean2 = mean.reshape(O, C)[:, c]
             scale = rstd.reshape(O, C)[:, c] * w[cell]
             shift = np.broadcast_to(bias[cell], scale.shape)
-            K.column_normalize(x, z, relu, O, A, C * B, plan.K, np.ascontiguousarray(mean2),
+            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, np.ascontiguousarray(mean2),
                                np.ascontiguousarray(scale), np.ascontiguousarray(shift), y)
         else:
-            K.flat_normalize(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y)
+            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
@@ -115,7 +120,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
         with guard():
-            K.rows_forward(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias, eps,
+            _k(plan, K.rows_forward)(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias, eps,
                            _bits(y), mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
@@ -143,13 +148,13 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         if plan.backward_path == "rows":
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
-            K.rows_backward(dy, y, relu, x, O * C, C, B, plan.P, mean, rstd, w, frozen,
+            _k(plan, K.rows_backward)(dy, y, relu, x, O * C, C, B, plan.P, mean, rstd, w, frozen,
                             centered, plan.nblk, dbias, dweight, dx, dz)
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            K.flat_backward_sums(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+            _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
                                  sdy, sdyxhat)
             sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
         else:
@@ -159,7 +164,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             rstd_j = np.ascontiguousarray(rstd.reshape(O, C)[:, c])
             shape = (O, plan.K, J)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            K.column_backward_sums(dy, y, relu, x, O, A, J, plan.K, mean_j, rstd_j, sdy,
+            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, mean_j, rstd_j, sdy,
                                    sdyxhat)
             # columns -> parameter cells: j = (c * Q + q) * P + p
             sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
@@ -170,11 +175,11 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
-            K.flat_backward_dx(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, c1,
+            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, c1,
                                c2, dx, dz)
         else:
             a = rstd_j * w[cell]
             b = rstd_j * rstd_j * np.ascontiguousarray(c1.reshape(O, C)[:, c])
             cc = rstd_j * np.ascontiguousarray(c2.reshape(O, C)[:, c])
-            K.column_backward_dx(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx, dz)
+            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx, dz)
     return sdyxhat.sum(0), sdy.sum(0)

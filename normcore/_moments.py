@@ -23,7 +23,7 @@ def moments(x, axis=None, *, correction=0):
     if isinstance(correction, bool) or not isinstance(correction, numbers.Real) \
             or not correction >= 0:
         raise ValueError(f"correction: expected a number >= 0, got {correction!r}")
-    plan, perm = plan_moments(x.shape, axis, numba.get_num_threads())
+    plan, perm = plan_moments(x.shape, axis, numba.config.NUMBA_NUM_THREADS)
     sdt = stats_dtype(x.dtype)
     n = plan.n
     if x.size == 0:

@@ -52,7 +52,9 @@ class NormBackward(namedtuple("NormBackward", "dx dweight dbias")):
 
 
 def _threads():
-    return numba.get_num_threads()
+    # The pool's size, not numba.get_num_threads(): that costs ~5 us a call, and a plan made
+    # for more threads than a caller allows is only split finer.
+    return numba.config.NUMBA_NUM_THREADS
 
 
 def _flat(be, x):
@@ -83,9 +85,19 @@ def _affine(plan, be, x, weight, bias, context):
     return (be.xp.ones(cells) if w is None else w), (be.xp.zeros(cells) if b is None else b)
 
 
-def _context(x, **kw):
-    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    return f"x of shape {x.shape}" + (f" with {args}" if args else "")
+class _context:
+    """The call's shapes for error messages, formatted only when an error is raised."""
+
+    __slots__ = ("shape", "kw")
+
+    def __init__(self, x, **kw):
+        self.shape, self.kw = x.shape, kw
+
+    def __str__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+        return f"x of shape {self.shape}" + (f" with {args}" if args else "")
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
 
 
 def _epilogue(activation, residual, be, x):

@@ -16,6 +16,9 @@ RUN_MIN = 64
 MIN_ITEM = 1 << 15
 # Work items per thread, for load balance.
 ITEMS_PER_THREAD = 4
+# Inputs smaller than this (elements) run on the calling thread: waking the pool costs about
+# as much as normalizing 64K values on one core.
+SERIAL_MAX = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Plan:
     backward_path: str     # "rows" | "flat" | "columns"
     K: int                 # work items per o for the flat / column kernels
     nblk: int              # row blocks for rows_backward
+    serial: bool           # small enough for the kernels' serial twins
     stats_shape: tuple     # shape of the saved mean / rstd
     param_shape: tuple     # shape of weight / bias
 
@@ -73,7 +77,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
     else:
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
     nblk = max(1, min(rows, items))
-    return Plan(O, A, C, B, P, path, backward_path, K, nblk, stats_shape, param_shape)
+    serial = O * A * C * B < SERIAL_MAX
+    return Plan(O, A, C, B, P, path, backward_path, K, nblk, serial, stats_shape, param_shape)
 
 
 def _prod(dims):

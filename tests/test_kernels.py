@@ -53,28 +53,31 @@ def test_plans_are_cached():
     assert plan_batch_norm((4, 8, 3), 1, T) is plan_batch_norm((4, 8, 3), 1, T)
 
 
-def _exercise_every_path(dtype):
+def _exercise_every_path(dtype, rows):
+    """Touch every kernel: `rows` chooses a small (serial twins) or large (parallel) input."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((4, 8, 96), dtype=np.float64).astype(dtype)
+    x = rng.standard_normal((rows, 8, 96), dtype=np.float64).astype(dtype)
     dy = np.ones_like(x)
-    for fwd, bwd, args in [
-        (nc.batch_norm_forward, nc.batch_norm_backward, {}),            # flat
-        (nc.instance_norm_forward, nc.instance_norm_backward, {}),      # rows
-    ]:
-        f = fwd(x, **args)
+    for fwd, bwd in [(nc.batch_norm_forward, nc.batch_norm_backward),            # flat
+                     (nc.instance_norm_forward, nc.instance_norm_backward)]:     # rows
+        f = fwd(x)
         bwd(dy, x, f.mean, f.rstd)
-    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                    # columns
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
     f = nc.batch_norm_forward(xl, axis=-1)
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
-    nc.moments(x, axis=-1)                                              # rows_moments
+    nc.moments(x, axis=-1)                                                      # rows_moments
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_registered_kernel_runs(dtype):
-    _exercise_every_path(dtype)
-    name = np.dtype(dtype).name
+@pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 256)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_registered_kernel_runs(dtype, variant, rows):
+    plan = plan_batch_norm((rows, 8, 96), 1, T)
+    assert plan.serial == (variant == "serial")
+    _exercise_every_path(dtype, rows)
+    name = "uint16" if dtype == np.float16 else np.dtype(dtype).name   # float16 travels as bits
     for kernel_name, kernel in cpu.KERNELS.items():
+        kernel = kernel.serial if variant == "serial" else kernel
         signatures = [str(sig) for sig in kernel.signatures]
-        assert signatures, f"{kernel_name} never compiled"
+        assert signatures, f"{kernel_name} ({variant}) never compiled"
         if kernel_name != "merge_moments":   # merge works on float64 partials only
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
