@@ -395,11 +395,20 @@ def rows_backward(dy, y, relu, x, R, C, B, P, mean, rstd, w, frozen, centered, n
 # ---------------------------------------------------------------------------------------------
 
 
+@_jit()
+def run_piece(pos, hi, C, B):
+    """(c, b, e): the channel, the offset in its run and the length of the piece of a run that
+    starts at flat position `pos` of a sample's A * C * B elements and ends by `hi`."""
+    r = pos % (C * B)
+    c = r // B
+    b = r - c * B
+    return c, b, min(hi - pos, B - b)
+
+
 @_jit(parallel=True)
 def flat_moments(x, O, A, C, B, K, count, mean, m2):
     """Partial moments per (o, k, c) over chunk k of sample o. count/mean/m2: (O, K, C)."""
-    CB = C * B
-    L = A * CB
+    L = A * C * B
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -410,10 +419,7 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
         pos = k * L // K
         hi = (k + 1) * L // K
         while pos < hi:
-            a = pos // CB
-            c = (pos - a * CB) // B
-            b = pos - a * CB - c * B
-            e = min(hi - pos, B - b)
+            c, b, e = run_piece(pos, hi, C, B)
             base = o * L + pos
             n, mu, q = run_moments(x[base:base + e])
             count[o, k, c], mean[o, k, c], m2[o, k, c] = chan_merge(
@@ -425,18 +431,14 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
 def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y):
     """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
     empty."""
-    CB = C * B
-    L = A * CB
+    L = A * C * B
     for item in prange(O * K):
         o = item // K
         k = item % K
         pos = k * L // K
         hi = (k + 1) * L // K
         while pos < hi:
-            a = pos // CB
-            c = (pos - a * CB) // B
-            b = pos - a * CB - c * B
-            e = min(hi - pos, B - b)
+            c, b, e = run_piece(pos, hi, C, B)
             base = o * L + pos
             zs = z[base:base + e] if z.size else z
             normalize_run(x[base:base + e], zs, y[base:base + e], relu, mean[o * C + c],
@@ -448,8 +450,7 @@ def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y):
 def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_part,
                        dweight_part):
     """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P)."""
-    CB = C * B
-    L = A * CB
+    L = A * C * B
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -460,10 +461,7 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
         pos = k * L // K
         hi = (k + 1) * L // K
         while pos < hi:
-            a = pos // CB
-            c = (pos - a * CB) // B
-            b = pos - a * CB - c * B
-            e = min(hi - pos, B - b)
+            c, b, e = run_piece(pos, hi, C, B)
             base = o * L + pos
             ys = y[base:base + e] if relu else y
             backward_sums_run(dy[base:base + e], ys, relu, x[base:base + e], mean[o * C + c],
@@ -474,18 +472,14 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
 @_jit(parallel=True)
 def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz):
     """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64."""
-    CB = C * B
-    L = A * CB
+    L = A * C * B
     for item in prange(O * K):
         o = item // K
         k = item % K
         pos = k * L // K
         hi = (k + 1) * L // K
         while pos < hi:
-            a = pos // CB
-            c = (pos - a * CB) // B
-            b = pos - a * CB - c * B
-            e = min(hi - pos, B - b)
+            c, b, e = run_piece(pos, hi, C, B)
             base = o * L + pos
             oc = o * C + c
             ys = y[base:base + e] if relu else y

@@ -20,7 +20,8 @@ def _cases(rng, scale):
     x4 = rng.standard_normal((n, 64, 56, 56), dtype=np.float32) * 3 + 1
     w64, b64 = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(64, dtype=np.float32)
     x2 = rng.standard_normal((1024 * scale, 1024), dtype=np.float32)
-    w1k, b1k = rng.standard_normal(1024, dtype=np.float32), rng.standard_normal(1024, dtype=np.float32)
+    w1k = rng.standard_normal(1024, dtype=np.float32)
+    b1k = rng.standard_normal(1024, dtype=np.float32)
     per_channel = (w64[:, None, None], b64[:, None, None])
     grouped = x4.reshape(n, 32, 2, 56, 56)
     return [

@@ -1,6 +1,6 @@
 """Which kernels serve an array: NumPy -> the Numba CPU kernels, CuPy -> the Numba CUDA kernels
 (imported on the first CuPy array, never before). Array types are told apart without importing
-anything."""
+anything; other Array-API arrays go to the pure Array-API backend in normcore._arrayapi."""
 import sys
 from typing import NamedTuple
 
@@ -20,7 +20,9 @@ class Backend(NamedTuple):
 def describe(obj):
     """The type of `obj`, for error messages."""
     kind = type(obj)
-    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__module__ == "builtins":
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def is_cupy(obj):
@@ -49,9 +51,13 @@ def _cuda_backend():
 
 
 def backend_for(name, x):
-    """The backend for array `x` (TypeError for anything else)."""
+    """The backend for array `x` (TypeError for anything else). Other Array-API arrays reach
+    the front end as normcore._arrayapi.Array handles (the public functions wrap them)."""
     if isinstance(x, (np.ndarray, np.generic)):   # a NumPy scalar is a 0-d array here
         return _cpu_backend()
     if is_cupy(x):
         return _cuda_backend()
-    raise TypeError(f"{name}: expected a NumPy or CuPy array, got {describe(x)}")
+    if type(x).__module__ == "normcore._arrayapi":
+        return x.backend()
+    raise TypeError(f"{name}: expected a NumPy, CuPy or other Array-API array, got "
+                    f"{describe(x)}")

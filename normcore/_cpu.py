@@ -101,10 +101,12 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
             mean2 = mean.reshape(O, C)[:, c]
             scale = rstd.reshape(O, C)[:, c] * w[cell]
             shift = np.broadcast_to(bias[cell], scale.shape)
-            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, np.ascontiguousarray(mean2),
-                               np.ascontiguousarray(scale), np.ascontiguousarray(shift), y)
+            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K,
+                                         np.ascontiguousarray(mean2), np.ascontiguousarray(scale),
+                                         np.ascontiguousarray(shift), y)
         else:
-            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y)
+            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias,
+                                       y)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
@@ -120,8 +122,8 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
         with guard():
-            _k(plan, K.rows_forward)(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias, eps,
-                           _bits(y), mean, rstd, var)
+            _k(plan, K.rows_forward)(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias,
+                                     eps, _bits(y), mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
     if not centered:
@@ -154,8 +156,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
-                                 sdy, sdyxhat)
+            _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
+                                           w, sdy, sdyxhat)
             sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
         else:
             J = C * B
@@ -175,11 +177,12 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
-            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w, c1,
-                               c2, dx, dz)
+            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+                                         c1, c2, dx, dz)
         else:
             a = rstd_j * w[cell]
             b = rstd_j * rstd_j * np.ascontiguousarray(c1.reshape(O, C)[:, c])
             cc = rstd_j * np.ascontiguousarray(c2.reshape(O, C)[:, c])
-            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx, dz)
+            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx,
+                                           dz)
     return sdyxhat.sum(0), sdy.sum(0)

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ._backend import is_cupy
+
 # Threads of the 1-D (row, run, merge, elementwise) blocks; a multiple of 32 on a GPU.
 THREADS = 256
 # (threads along the columns, threads along the rows) of the column kernels.
@@ -41,12 +43,8 @@ def _module(name):
     return sys.modules.get(name)
 
 
-def _is_cupy(a):
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _xp(a):
-    return _module("cupy") if _is_cupy(a) else np
+    return _module("cupy") if is_cupy(a) else np
 
 
 @lru_cache(maxsize=1)
