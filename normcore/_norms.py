@@ -524,7 +524,8 @@ def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight=None, bn_
     ``bias`` is (out,) or None. Returns ``(folded_weight, folded_bias)`` such that
     ``layer(x; folded) == batch_norm(layer(x; weight, bias), training=False)``::
 
-        folded_weight = weight * scale[:, None, ...]     folded_bias = (bias - mean) * scale + bn_bias
+        folded_weight = weight * scale[:, None, ...]
+        folded_bias = (bias - running_mean) * scale + bn_bias
 
     >>> w2, b2 = fold_batch_norm(conv_w, conv_b, rm, rv, gamma, beta)
     """
