@@ -170,10 +170,39 @@ def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context, *,
                         dbias.astype(gdt).reshape(plan.param_shape), dz)
 
 
+def _forward_with_running(plan, be, x, w, b, eps, out, epilogue, running, momentum,
+                          batch_stats, too_few):
+    """BatchNorm / InstanceNorm forward: batch statistics (updating the running ones, when
+    given, with their average over the O samples) or the running statistics (frozen).
+
+    running: (running_mean, running_var, their float64 vectors) of the C channels.
+    too_few: the message for a statistic of fewer than 2 values with batch statistics.
+    """
+    running_mean, running_var, rm, rv = running
+    O = plan.O
+    if not batch_stats:
+        frozen = (be.xp.tile(rm, O), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), O))
+        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen,
+                                    epilogue=epilogue)
+        return NormForward(y, mean, rstd, running_mean, running_var)
+    if plan.n <= 1:
+        raise ValueError(too_few)
+    y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
+                                    epilogue=epilogue)
+    if rm is not None:
+        # written only now, after every check has passed: a call that raises modifies nothing
+        n = plan.n
+        batch_mean = mean.astype(be.xp.float64).reshape(O, -1).mean(0)
+        batch_var = (var64.reshape(O, -1) * (n / (n - 1))).mean(0)     # unbiased
+        _update_running(running_mean, running_var, batch_mean, batch_var, momentum)
+    return NormForward(y, mean, rstd, running_mean, running_var)
+
+
 def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum):
-    """In place, after every check has passed (a call that raises modifies nothing)."""
+    """new = (1 - momentum) * old + momentum * batch, in place, computed before writing."""
     new_mean = (1.0 - momentum) * running_mean.astype(batch_mean.dtype) + momentum * batch_mean
-    new_var = (1.0 - momentum) * running_var.astype(batch_mean.dtype) + momentum * batch_var_unbiased
+    new_var = ((1.0 - momentum) * running_var.astype(batch_mean.dtype)
+               + momentum * batch_var_unbiased)
     running_mean[...] = new_mean
     running_var[...] = new_var
 
@@ -212,20 +241,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
                            required=not training, writable=bool(training))
     epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
-    if training:
-        if plan.n <= 1:
-            raise ValueError(f"x: expected more than 1 value per channel when training, got "
-                             f"{plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
-                                        epilogue=epilogue)
-        if rm is not None:
-            n = plan.n
-            _update_running(running_mean, running_var, mean.astype(be.xp.float64),
-                            var64 * (n / (n - 1)), momentum)
-    else:
-        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, epilogue=epilogue,
-                                    frozen_stats=(rm, 1.0 / be.xp.sqrt(rv + eps)))
-    return NormForward(y, mean, rstd, running_mean, running_var)
+    return _forward_with_running(
+        plan, be, x, w, b, eps, out, epilogue, (running_mean, running_var, rm, rv), momentum,
+        bool(training), f"x: expected more than 1 value per channel when training, got "
+                        f"{plan.n} for {context}")
 
 
 def batch_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
@@ -290,23 +309,10 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
                            required=not use_input_stats, writable=bool(use_input_stats))
     epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
-    if use_input_stats:
-        if plan.n <= 1:
-            raise ValueError(f"x: expected more than 1 spatial element per channel when using "
-                             f"input statistics, got {plan.n} for {context}")
-        y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
-                                        epilogue=epilogue)
-        if rm is not None:
-            n = plan.n
-            _update_running(running_mean, running_var,
-                            mean.astype(be.xp.float64).mean(0),
-                            (var64.reshape(plan.stats_shape) * (n / (n - 1))).mean(0), momentum)
-    else:
-        N = plan.O
-        frozen = (be.xp.tile(rm, N), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), N))
-        y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen,
-                                    epilogue=epilogue)
-    return NormForward(y, mean, rstd, running_mean, running_var)
+    return _forward_with_running(
+        plan, be, x, w, b, eps, out, epilogue, (running_mean, running_var, rm, rv), momentum,
+        bool(use_input_stats), f"x: expected more than 1 spatial element per channel when "
+                               f"using input statistics, got {plan.n} for {context}")
 
 
 def instance_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
