@@ -1,0 +1,127 @@
+"""Make the README's performance table from a bench/run.py results file.
+
+    python bench/report.py [bench/results/latest.json] [--print]
+
+Rewrites the text between <!-- bench:start --> and <!-- bench:end --> in README.md when
+both markers are there, else (or with --print) prints the table. Every number comes from
+the JSON.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+NOISY = 0.1  # rows measured while other processes used more of the CPU than this
+OP_NAMES = {"fwd": "forward", "fwd_eval": "forward (eval)", "bwd": "backward"}
+
+
+def fmt_time(s):
+    if s is None:
+        return "–"
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def fmt_ratio(r):
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def device_table(results):
+    """One row per (case, op, dtype): normcore's times (fresh outputs, then out=), GB/s and
+    % copy of its fastest variant, each peer's time, and each peer's time over normcore's."""
+    ours = list(dict.fromkeys(r["impl"] for r in results if "speedup" in r))
+    peers = list(dict.fromkeys(r["impl"] for r in results if "speedup" not in r))
+    head = (["case", "shape", "op", "dtype"] + [f"`{n}`" for n in ours] + ["GB/s", "% copy"]
+            + [f"`{n}`" for n in peers] + [f"×{n}" for n in peers])
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "--:|" * (len(head) - 4)]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["case"], r["op"], r["dtype"]), {})[r["impl"]] = r
+    for (case, op, dtype), rows in groups.items():
+        mine = [rows[n] for n in ours if n in rows]
+        best = min(mine, key=lambda r: r["median_s"]) if mine else None
+        ratios = [mine[0]["speedup"].get(n) if mine else None for n in peers]
+        invalid = " ⚠ invalid" if any(not r.get("valid", True) for r in rows.values()) else ""
+        invalid += " †" if mine and mine[0]["other_load"] > NOISY else ""
+        cells = ([case + invalid, "×".join(map(str, next(iter(rows.values()))["shape"])),
+                  OP_NAMES[op], dtype]
+                 + [fmt_time(rows[n]["median_s"] if n in rows else None) for n in ours]
+                 + ([f"{best['gbps']:.1f}", f"{best['frac_copy']:.0%}"] if best else ["–", "–"])
+                 + [fmt_time(rows[n]["median_s"] if n in rows else None) for n in peers]
+                 + [fmt_ratio(x) for x in ratios])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(data):
+    m, v = data["machine"], data["machine"]["versions"]
+    threads = ", ".join(f"{k} {n}" for k, n in m["threads"].items())
+    bw = ", ".join(f"{d} {g:.1f} GB/s" for d, g in data["copy_gbps"].items())
+    lines = [
+        f"Measured with `{' '.join(['python bench/run.py'] + data['argv'])}` "
+        f"on {m['cpu']} ({m['usable_cpus']} cores; "
+        f"threads: {threads}), NumPy {v['numpy']}, Numba {v['numba']}, "
+        f"PyTorch {v.get('torch', 'not installed')}, normcore {v.get('normcore', '?')} at "
+        f"`{m['commit']}`, {m['date'][:10]}. Copy bandwidth (copyto between two 256 MiB "
+        f"arrays, bytes read + written): {bw}.",
+        "",
+        "Times are medians over interleaved rounds; normcore is timed with fresh outputs and "
+        "with `out=`/`dx_out=` buffers. GB/s counts the minimum bytes an op must move (E bytes "
+        "per element: forward 2E, training BatchNorm forward 3E, backward 3E, training "
+        "BatchNorm backward 5E), for normcore's faster variant; % copy is that over the copy "
+        "bandwidth. ×peer is the peer's median time over normcore's with fresh outputs "
+        "(> 1: normcore is faster).",
+    ]
+    for device in data["copy_gbps"]:
+        results = [r for r in data["results"] if r["device"] == device]
+        if results:
+            lines += ["", f"**{device.upper()}**" if len(data["copy_gbps"]) > 1 else ""]
+            lines += device_table(results)
+    first = [f["first_call_s"] for f in data.get("first_calls", []) if f["impl"] == "normcore"]
+    if first:
+        lines += ["", f"First normcore call per case, op and dtype on a small array (JIT "
+                      f"compile, or loading Numba's cache), not included above: median "
+                      f"{np.median(first):.2f} s, max {max(first):.2f} s, total {sum(first):.1f} s."]
+    noisy = [r for r in data["results"] if r["other_load"] > NOISY]
+    if noisy:
+        lines += ["", f"† measured while other processes used more than {NOISY:.0%} of the "
+                      f"CPU (rounds that did were dropped for up to twice the time budget, "
+                      f"then kept): on {m['usable_cpus']} cores this stalls parallel code, "
+                      f"PyTorch's more than normcore's; {data['other_load']:.0%} over the "
+                      f"whole run."]
+    return "\n".join(line for i, line in enumerate(lines)
+                     if line or not (i and lines[i - 1] == "")) + "\n"
+
+
+def update_readme(table, readme):
+    """Replace the text between the markers; False when the markers are missing."""
+    text = readme.read_text() if readme.exists() else ""
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("json", nargs="?", type=Path,
+                   default=ROOT / "bench" / "results" / "latest.json")
+    p.add_argument("--print", action="store_true", help="print the table, leave README.md alone")
+    args = p.parse_args(argv)
+    path = args.json
+    table = markdown(json.loads(path.read_text()))
+    readme = ROOT / "README.md"
+    if not args.print and update_readme(table, readme):
+        print(f"updated {readme} from {path}")
+    else:
+        print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

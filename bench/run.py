@@ -1,0 +1,406 @@
+"""Time normcore against its peers on the cases of bench/cases.py.
+
+    python bench/run.py                       # every case, float32/float64/float16, 5-10 min
+    python bench/run.py --quick               # fewer cases, float32, fewer repeats, < 1 min
+    python bench/run.py --case ln_ --op fwd --dtype float32
+    python bench/run.py --validate            # check every peer against NumPy, no timing
+
+For each (case, dtype, op): every peer first runs once on a small version of the case and
+is checked against the NumPy peer run in float64 (the first normcore call there, the JIT
+compile or cache load, is reported on its own); then every peer is warmed up on the real
+case and timed, round-robin over the peers within each repeat. A sample is the mean of
+``number`` back-to-back calls, ``number`` chosen so that a sample lasts >= 2 ms.
+GB/s is cases.min_bytes over the median; "copy" is that as a fraction of the bandwidth of
+np.copyto between two 256 MiB arrays (bytes read + written), measured in the same run.
+"""
+import argparse
+import collections
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cases as cs  # noqa: E402
+import peers as pr  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2}  # max |err| / max(1, max |ref|)
+MIN_SAMPLE_S = 2e-3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="cases marked quick, float32 only, 5 repeats (< 1 min)")
+    p.add_argument("--validate", action="store_true",
+                   help="only check each peer against the NumPy peer on small arrays")
+    p.add_argument("--case", action="append", default=[],
+                   help="keep cases whose name contains this (repeatable or comma-separated)")
+    p.add_argument("--norm", action="append", default=[], choices=cs.NORMS)
+    p.add_argument("--op", action="append", default=[], choices=cs.OPS)
+    p.add_argument("--dtype", action="append", default=[],
+                   choices=["float32", "float64", "float16"])
+    p.add_argument("--impl", action="append", default=[],
+                   help="keep peers whose name contains this (normcore, numpy, torch, ...)")
+    p.add_argument("--repeats", type=int, help="timed rounds per case (default 15, quick 5)")
+    p.add_argument("--max-seconds", type=float,
+                   help="stop adding rounds to a case after this long (default 2, quick 0.5)")
+    p.add_argument("--wait-quiet", type=float,
+                   help="seconds the run may spend, in all, waiting for other processes to go "
+                        "idle before each case (at most 30 s at a time; default 60, quick 5)")
+    p.add_argument("--json", type=Path,
+                   help="results file (default bench/results/latest.json; quick.json with --quick)")
+    a = p.parse_args(argv)
+    a.case = [s for c in a.case for s in c.split(",") if s]
+    a.dtype = a.dtype or (["float32"] if a.quick else ["float32", "float64", "float16"])
+    a.repeats = a.repeats or (5 if a.quick else 15)
+    a.max_seconds = a.max_seconds or (0.5 if a.quick else 2.0)
+    a.wait_quiet = (5.0 if a.quick else 60.0) if a.wait_quiet is None else a.wait_quiet
+    a.json = a.json or RESULTS / ("quick.json" if a.quick else "latest.json")
+    return a
+
+
+# ----------------------------------------------------------------------------- machine
+
+def machine_info(threads):
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cache size") and key.strip() not in cpu:
+                cpu[key.strip()] = value.strip()
+    except OSError:
+        pass
+    import numba
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "numba": numba.__version__}
+    for name in ("torch", "normcore", "cupy"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"cpu": cpu.get("model name", platform.processor()), "cache": cpu.get("cache size"),
+            "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "threads": threads, "platform": platform.platform(), "versions": versions,
+            "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def set_threads():
+    """Give torch numba's thread count; return both."""
+    import numba
+    threads = {"numba": numba.get_num_threads()}
+    try:
+        import torch
+        torch.set_num_threads(threads["numba"])
+        threads["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return threads
+
+
+def copy_bandwidth(xp=np, sync=lambda: None, nbytes=256 << 20, repeats=11):
+    """Median GB/s of xp.copyto between two preallocated arrays, counting read + write."""
+    src, dst = xp.ones(nbytes // 8), xp.zeros(nbytes // 8)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        xp.copyto(dst, src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / float(np.median(times[1:])) / 1e9
+
+
+class OtherLoad:
+    """Fraction of the machine's CPU time that other processes used while this one ran:
+    with 2 cores, another busy process stalls every parallel region (numba's and torch's
+    threads wait for the one that lost its core), so timings with a load > ~0.05 are suspect."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now():
+        try:
+            ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system
+
+    def fraction(self):
+        (w0, b0, o0), (w1, b1, o1) = self.start, self._now()
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / ((w1 - w0) * os.cpu_count()))
+
+
+def wait_for_quiet(max_wait, threshold=0.05, window=0.25):
+    """Sleep until other processes use < threshold of the CPU over a window (at most
+    max_wait seconds); returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait - window:
+        load = OtherLoad()
+        time.sleep(window)
+        if load.fraction() < threshold:
+            break
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- validate
+
+def reference(case, op, inputs):
+    """The NumPy peer's outputs in float64, on float64 copies of the inputs."""
+    wide = {k: v.astype(np.float64) for k, v in inputs.items()}
+    pr.NUMPY.unavailable()  # loads it; it is always available
+    call, outputs = pr.NUMPY.prepare(case, op, wide)
+    return outputs(call())
+
+
+def compare(got, ref, dtype):
+    """(max scaled error, names compared, failure or None)."""
+    err, names = 0.0, []
+    for name, r in ref.items():
+        if name not in got:
+            continue
+        g = np.asarray(got[name], dtype=np.float64)
+        if g.size != r.size:
+            return err, names, f"{name}: {g.size} values, expected {r.size}"
+        g = g.reshape(r.shape)
+        if not np.array_equal(np.isnan(g), np.isnan(r)):
+            return err, names, f"{name}: NaNs where the reference has none"
+        scale = max(1.0, float(np.max(np.abs(r), initial=0.0)))
+        err = max(err, float(np.max(np.abs(g - r), initial=0.0)) / scale)
+        names.append(name)
+    if not {"y", "dx"} & set(names):
+        return err, names, "neither y nor dx was returned"
+    if err > TOLERANCE[dtype]:
+        return err, names, f"error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+    return err, names, None
+
+
+def validate(peers, case, op, dtype):
+    """Run each peer once on a small version of the case: records with the check and the
+    first call's time (for normcore, the JIT compile or the cache load)."""
+    small = case.resized(cap_other=7, cap_channel=100 if case.norm == "layer" else 64)
+    inputs = cs.make_inputs(small, dtype, seed=1)
+    ref = reference(small, op, inputs)
+    records = []
+    for p in peers:
+        rec = {"impl": p.name, "shape": list(small.shape), "normcore": p.is_normcore}
+        try:
+            call, outputs = p.prepare(small, op, inputs)
+            t0 = time.perf_counter()
+            result = call()
+            rec["first_call_s"] = time.perf_counter() - t0
+            rec["error"], rec["compared"], rec["failure"] = compare(outputs(result), ref, dtype)
+        except Exception as e:  # noqa: BLE001 -- a peer that raises is reported, not fatal
+            rec["exception"] = f"{type(e).__name__}: {e}"
+        records.append(rec)
+    return records
+
+
+def unsupported_float16(rec, dtype):
+    """normcore refusing float16 with a TypeError: a skip, not a failure."""
+    return dtype == "float16" and rec["normcore"] and rec.get("exception", "").startswith("TypeError")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def measure(thunks, repeats, max_seconds, busy=0.1):
+    """Per-call seconds of each sample, interleaved over the thunks: each round times every
+    thunk once, in a rotated order. A round during which other processes used more than
+    ``busy`` of the CPU is dropped (until 2 * max_seconds have passed): on a shared 2-core
+    machine one busy process stalls every parallel region."""
+    numbers = {}
+    for name, f in thunks.items():
+        f()  # warm-up: caches, page faults, lazy initialisation
+        t0 = time.perf_counter()
+        f()
+        numbers[name] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
+    names, samples, loads, dropped = list(thunks), {name: [] for name in thunks}, [], 0
+    start = time.perf_counter()
+    gc.disable()
+    try:
+        while len(loads) < repeats:
+            elapsed = time.perf_counter() - start
+            if len(loads) >= 3 and elapsed > max_seconds:
+                break
+            k = (len(loads) + dropped) % len(names)
+            load, times = OtherLoad(), {}
+            for name in names[k:] + names[:k]:
+                f, n = thunks[name], numbers[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()
+                times[name] = (time.perf_counter() - t0) / n
+            other = load.fraction()
+            if other > busy and elapsed < 2 * max_seconds:
+                dropped += 1
+                continue
+            loads.append(other)
+            for name, t in times.items():
+                samples[name].append(t)
+    finally:
+        gc.enable()
+    return samples, numbers, float(np.mean(loads)), dropped
+
+
+def time_combo(peers, case, op, dtype, args, copy_gbps):
+    inputs = cs.make_inputs(case, dtype)
+    thunks, skipped = {}, []
+    for p in peers:
+        try:
+            thunks[p.name], _ = p.prepare(case, op, inputs)
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"impl": p.name, "reason": f"{type(e).__name__}: {e}"})
+    waited = wait_for_quiet(min(30.0, args.wait_quiet))
+    args.wait_quiet -= waited
+    samples, numbers, other_load, dropped = measure(thunks, args.repeats, args.max_seconds)
+    nbytes = cs.min_bytes(case.norm, op, inputs["x"].size, inputs["x"].itemsize)
+    rows = []
+    for p in peers:
+        if p.name not in samples:
+            continue
+        s = samples[p.name]
+        median = float(np.median(s))
+        rows.append({
+            "case": case.name, "norm": case.norm, "shape": list(case.shape), "axis": case.axis,
+            "groups": case.groups, "op": op, "dtype": dtype, "impl": p.name, "device": p.device,
+            "median_s": median, "min_s": min(s), "max_s": max(s), "samples": len(s),
+            "number": numbers[p.name], "bytes": nbytes, "gbps": nbytes / median / 1e9,
+            "frac_copy": nbytes / median / 1e9 / copy_gbps[p.device], "other_load": other_load,
+            "dropped_rounds": dropped, "waited_s": waited,
+        })
+    ours = {p.name for p in peers if p.is_normcore}
+    for row in rows:  # normcore's speedup over each peer on the same device
+        if row["impl"] in ours:
+            row["speedup"] = {o["impl"]: o["median_s"] / row["median_s"] for o in rows
+                              if o["impl"] not in ours and o["device"] == row["device"]}
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt_time(s):
+    return f"{s * 1e6:8.1f} us" if s < 1e-3 else f"{s * 1e3:8.2f} ms"
+
+
+HEADER = (f"{'case':<15} {'shape':<18} {'op':<8} {'dtype':<7} {'impl':<14} {'median':>11} "
+          f"{'min':>11} {'max':>11} {'GB/s':>6} {'copy':>5}  speedup")
+
+
+def fmt_row(r):
+    speed = " ".join(f"{k} x{v:.2f}" for k, v in r.get("speedup", {}).items())
+    flag = "" if r.get("valid", True) else "  INVALID"
+    flag += f"  (other load {r['other_load']:.0%})" if r["other_load"] > 0.05 else ""
+    shape = "x".join(map(str, r["shape"]))
+    return (f"{r['case']:<15} {shape:<18} {r['op']:<8} {r['dtype']:<7} {r['impl']:<14} "
+            f"{fmt_time(r['median_s'])} {fmt_time(r['min_s'])} {fmt_time(r['max_s'])} "
+            f"{r['gbps']:6.1f} {r['frac_copy']:5.0%}  {speed}{flag}")
+
+
+def validate_only(peers, todo):
+    failures = skips = 0
+    for case, dtype, op in todo:
+        for rec in validate(peers, case, op, dtype):
+            if unsupported_float16(rec, dtype):
+                skips += 1
+                continue
+            bad = rec.get("failure") or rec.get("exception")
+            failures += bool(bad)
+            print(f"{case.name:<15} {op:<8} {dtype:<7} {rec['impl']:<14} "
+                  f"{'FAIL' if bad else 'ok':<4} {rec.get('error', float('nan')):9.2e}  "
+                  f"{bad or ','.join(rec['compared'])}")
+    if skips:
+        print(f"# {skips} skipped: normcore raises TypeError for float16")
+    print(f"# {failures} failure(s)")
+    return 1 if failures else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = set_threads()
+    peers = []
+    for p in pr.PEERS:
+        if args.impl and not any(s in p.name for s in args.impl):
+            continue
+        why = p.unavailable()
+        if why:
+            print(f"# {p.name}: unavailable ({why})")
+        else:
+            peers.append(p)
+    todo = [(c, d, op) for c in cs.select(cs.CASES, args.case, args.norm, args.quick)
+            for d in args.dtype for op in c.ops if not args.op or op in args.op]
+    info = {"machine": machine_info(threads), "argv": sys.argv[1:], "repeats": args.repeats,
+            "peers": [p.name for p in peers]}
+
+    if args.validate:
+        return validate_only(peers, todo)
+    wait_for_quiet(min(30.0, args.wait_quiet))
+    copy_gbps = {"cpu": copy_bandwidth()}
+    if any(p.device == "cuda" for p in peers):
+        import cupy
+        copy_gbps["cuda"] = copy_bandwidth(cupy, cupy.cuda.get_current_stream().synchronize)
+    info["copy_gbps"] = copy_gbps
+    print(f"# {info['machine']['cpu']}, threads {threads}, copy bandwidth "
+          + ", ".join(f"{k} {v:.1f} GB/s" for k, v in copy_gbps.items()))
+    print(HEADER)
+    results, first_calls, skipped = [], [], []
+    t_start, load = time.perf_counter(), OtherLoad()
+    for case, dtype, op in todo:
+        where = {"case": case.name, "op": op, "dtype": dtype}
+        records = validate(peers, case, op, dtype)
+        timed, invalid = [], set()
+        for rec in records:
+            exc = rec.get("exception")
+            if rec["normcore"] and "first_call_s" in rec:
+                first_calls.append({**where, "impl": rec["impl"], "shape": rec["shape"],
+                                    "first_call_s": rec["first_call_s"]})
+            if exc:
+                skipped.append({**where, "impl": rec["impl"], "reason": exc})
+                continue
+            if rec["failure"]:
+                invalid.add(rec["impl"])
+                print(f"# {rec['impl']} {case.name} {op} {dtype}: INVALID ({rec['failure']})")
+            timed.append(next(p for p in peers if p.name == rec["impl"]))
+        if any(unsupported_float16(rec, dtype) for rec in records):
+            continue  # nothing to compare normcore with
+        rows, skips = time_combo(timed, case, op, dtype, args, copy_gbps)
+        skipped += [{**where, **s} for s in skips]
+        for row in rows:
+            row["valid"] = row["impl"] not in invalid
+            print(fmt_row(row), flush=True)
+        results += rows
+    info.update(results=results, first_calls=first_calls, skipped=skipped,
+                wall_s=time.perf_counter() - t_start, other_load=load.fraction())
+
+    if first_calls:
+        print("\n# first normcore call per case/op/dtype on a small array (JIT compile or "
+              "cache load; normcore[out] in the JSON)")
+        for f in first_calls:
+            if f["impl"] == "normcore":
+                print(f"{f['case']:<15} {f['op']:<8} {f['dtype']:<7} {f['first_call_s']:8.3f} s")
+    reasons = collections.Counter((s["impl"], s["reason"]) for s in skipped)
+    for (impl, reason), n in reasons.items():
+        print(f"# skipped {impl} {n}x: {reason}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(info, indent=1) + "\n")
+    print(f"# wrote {args.json} ({info['wall_s']:.0f} s; other processes used "
+          f"{info['other_load']:.0%} of the CPU meanwhile)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
