@@ -4,6 +4,7 @@ Arrays arrive flat and C-contiguous (x, y, dy, dx) or as float64 parameter vecto
 C * Q; small per-statistic arithmetic (O * C values) is done here in NumPy.
 """
 import threading
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -28,7 +29,7 @@ def _serialize_needed():
 
 def _k(plan, kernel):
     """The kernel's serial twin for inputs too small to repay a parallel launch."""
-    return kernel.serial if plan.serial else kernel
+    return getattr(kernel, "serial", kernel) if plan.serial else kernel
 
 
 class _Guard:
@@ -57,11 +58,21 @@ def _none_like(a):
     return a[:0]
 
 
+@lru_cache(maxsize=256)
 def _column_maps(plan):
-    """Statistic index c and parameter cell of each column j = c * B + b of the column view."""
+    """Statistic index c and parameter cell of each column j = c * B + b of the column view;
+    None for both when they are the identity (B == 1: BatchNorm / InstanceNorm)."""
+    if plan.B == 1:
+        return None, None
     j = np.arange(plan.C * plan.B)
     c = j // plan.B
     return c, c * plan.Q + (j % plan.B) // plan.P
+
+
+def _per_column(a, plan, index):
+    """(O, C) statistics -> (O, J) contiguous per-column values."""
+    a = a.reshape(plan.O, plan.C)
+    return a if index is None else np.ascontiguousarray(a[:, index])
 
 
 def moments(plan, x):
@@ -72,7 +83,7 @@ def moments(plan, x):
         if plan.path == "rows":
             mean = np.empty(O * C)
             var = np.empty(O * C)
-            _k(plan, K.rows_moments)(x, O * C, B, mean, var)
+            _k(plan, K.rows_moments)(x, O, A, C, B, mean, var)
             return mean, var
         mean = np.empty((O, C))
         var = np.empty((O, C))
@@ -98,11 +109,11 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     with guard():
         if plan.path == "columns":
             c, cell = _column_maps(plan)
-            mean2 = mean.reshape(O, C)[:, c]
-            scale = rstd.reshape(O, C)[:, c] * w[cell]
-            shift = np.broadcast_to(bias[cell], scale.shape)
+            w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
+            scale = _per_column(rstd, plan, c) * w_j
+            shift = np.broadcast_to(bias_j, scale.shape)
             _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K,
-                                         np.ascontiguousarray(mean2), np.ascontiguousarray(scale),
+                                         _per_column(mean, plan, c), scale,
                                          np.ascontiguousarray(shift), y)
         else:
             _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias,
@@ -122,8 +133,8 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
         with guard():
-            _k(plan, K.rows_forward)(xb, zb, relu, centered, R, plan.C, plan.B, plan.P, w, bias,
-                                     eps, _bits(y), mean, rstd, var)
+            _k(plan, K.rows_forward)(xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B,
+                                     plan.P, w, bias, eps, _bits(y), mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
     if not centered:
@@ -150,7 +161,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         if plan.backward_path == "rows":
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
-            _k(plan, K.rows_backward)(dy, y, relu, x, O * C, C, B, plan.P, mean, rstd, w, frozen,
+            _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, w, frozen,
                             centered, plan.nblk, dbias, dweight, dx, dz)
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
@@ -162,8 +173,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         else:
             J = C * B
             c, cell = _column_maps(plan)
-            mean_j = np.ascontiguousarray(mean.reshape(O, C)[:, c])
-            rstd_j = np.ascontiguousarray(rstd.reshape(O, C)[:, c])
+            mean_j = _per_column(mean, plan, c)
+            rstd_j = _per_column(rstd, plan, c)
             shape = (O, plan.K, J)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
             _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, mean_j, rstd_j, sdy,
@@ -180,9 +191,9 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
                                          c1, c2, dx, dz)
         else:
-            a = rstd_j * w[cell]
-            b = rstd_j * rstd_j * np.ascontiguousarray(c1.reshape(O, C)[:, c])
-            cc = rstd_j * np.ascontiguousarray(c2.reshape(O, C)[:, c])
+            a = rstd_j * (w if cell is None else w[cell])
+            b = rstd_j * rstd_j * _per_column(c1, plan, c)
+            cc = rstd_j * _per_column(c2, plan, c)
             _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx,
                                            dz)
     return sdyxhat.sum(0), sdy.sum(0)

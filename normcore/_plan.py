@@ -16,6 +16,9 @@ RUN_MIN = 64
 MIN_ITEM = 1 << 15
 # Work items per thread, for load balance.
 ITEMS_PER_THREAD = 4
+# Elements of one statistic that the row kernels expect to find still in cache on their
+# second pass (512 KiB of float32: a core's L2, with the shared L3 behind it).
+STAT_CACHE = 1 << 17
 # Inputs smaller than this (elements) run on the calling thread: waking the pool costs about
 # as much as normalizing 64K values on one core.
 SERIAL_MAX = 1 << 16
@@ -56,27 +59,24 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
     if C == 1 and P == B:
         # one statistic and one parameter cell per o: the (a, b) axes are one long run
         A, B, P = 1, A * B, max(A * B, 1)
-    rows = O * C
+    stats = O * C
     items = ITEMS_PER_THREAD * threads
     per_o = A * C * B
-    few_long_rows = rows < items and B > 4096
-    if A == 1 and not few_long_rows:
-        path = "rows"
-    elif B >= RUN_MIN or A == 1:
-        path = "flat"
+    if A == 1:      # one contiguous row per statistic; a few long rows go flat for parallelism
+        path = "rows" if stats >= items or B <= 4096 else "flat"
+    elif B >= RUN_MIN:
+        # a statistic's A runs of B stay in cache between its passes when they are few enough
+        path = "rows" if stats >= items and A * B <= STAT_CACHE else "flat"
     else:
         path = "columns"
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
-    if A == 1 and (not few_long_rows or P == 1):
-        backward_path = "rows"
-    else:
-        backward_path = "flat" if path == "rows" else path
+    backward_path = "rows" if path == "rows" or (A == 1 and P == 1) else path
     if path == "columns" or backward_path == "columns":
         K = max(1, min(math.ceil(items / max(O, 1)), A, per_o // MIN_ITEM or 1))
     else:
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
-    nblk = max(1, min(rows, items))
+    nblk = max(1, min(stats, items))
     serial = O * A * C * B < SERIAL_MAX
     return Plan(O, A, C, B, P, path, backward_path, K, nblk, serial, stats_shape, param_shape)
 
