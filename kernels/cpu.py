@@ -561,56 +561,109 @@ def merge_columns(mean, m2, n, nb, shift, dmean, q):
         m2[j] += q[j] + delta * delta * cross
 
 
+@_jit()
+def rows_column_moments(rows, lo, hi, mean, m2):
+    """Column moments of rows[lo:hi] ((N, J) view) into mean / m2 (J,) float64, in blocks of
+    rows that stay in L1; returns the row count."""
+    J = rows.shape[1]
+    rows_per_block = max(1, COLUMN_BLOCK // max(J, 1))
+    shift = np.empty(J)
+    s = np.empty(J)
+    q = np.empty(J)
+    mean[:] = 0.0
+    m2[:] = 0.0
+    cnt = 0.0
+    for r0 in range(lo, hi, rows_per_block):
+        block = rows[r0:min(r0 + rows_per_block, hi)]
+        nb = block.shape[0]
+        for j in range(J):
+            shift[j] = load(block[0, j])
+            s[j] = 0.0
+            q[j] = 0.0
+        if exact_two_pass(rows):
+            for r in range(nb):
+                for j in range(J):
+                    s[j] += load(block[r, j]) - shift[j]
+            for j in range(J):
+                s[j] /= nb
+            for r in range(nb):
+                for j in range(J):
+                    d = (load(block[r, j]) - shift[j]) - s[j]
+                    q[j] += d * d
+        else:   # shifted sums, as in block_moments
+            for r in range(nb):
+                for j in range(J):
+                    d = load(block[r, j]) - shift[j]
+                    s[j] += d
+                    q[j] += d * d
+            for j in range(J):
+                s[j] /= nb
+                q[j] = max(q[j] - s[j] * s[j] * nb, 0.0)
+        merge_columns(mean, m2, cnt, nb, shift, s, q)
+        cnt += nb
+    return cnt
+
+
 @_jit(parallel=True)
 def column_moments(x, O, A, J, K, count, mean, m2):
     """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J)."""
-    rows_per_block = max(1, COLUMN_BLOCK // max(J, 1))
-    rows = x.reshape(O * A, J)      # a 2-D block loop vectorizes better than row slices
+    rows = x.reshape(O * A, J)
     for item in prange(O * K):
         o = item // K
         k = item % K
-        shift = np.empty(J)
-        s = np.empty(J)
-        q = np.empty(J)
-        cnt = 0.0
-        mu = mean[o, k]
-        acc = m2[o, k]
-        mu[:] = 0.0
-        acc[:] = 0.0
-        r_hi = (k + 1) * A // K
-        for r0 in range(k * A // K, r_hi, rows_per_block):
-            r1 = min(r0 + rows_per_block, r_hi)
-            first = x[(o * A + r0) * J:(o * A + r0 + 1) * J]
-            for j in range(J):
-                shift[j] = load(first[j])
-                s[j] = 0.0
-                q[j] = 0.0
-            nb = r1 - r0
-            if exact_two_pass(x):
-                for r in range(r0, r1):
-                    row = x[(o * A + r) * J:(o * A + r + 1) * J]
-                    for j in range(J):
-                        s[j] += load(row[j]) - shift[j]
-                for j in range(J):
-                    s[j] /= nb
-                for r in range(r0, r1):
-                    row = x[(o * A + r) * J:(o * A + r + 1) * J]
-                    for j in range(J):
-                        d = (load(row[j]) - shift[j]) - s[j]
-                        q[j] += d * d
-            else:   # shifted sums, as in block_moments
-                block = rows[o * A + r0:o * A + r1]
-                for r in range(nb):
-                    for j in range(J):
-                        d = load(block[r, j]) - shift[j]
-                        s[j] += d
-                        q[j] += d * d
-                for j in range(J):
-                    s[j] /= nb
-                    q[j] = max(q[j] - s[j] * s[j] * nb, 0.0)
-            merge_columns(mu, acc, cnt, nb, shift, s, q)
-            cnt += nb
+        cnt = rows_column_moments(rows, o * A + k * A // K, o * A + (k + 1) * A // K,
+                                  mean[o, k], m2[o, k])
         count[o, k, :] = cnt
+
+
+@_jit(parallel=True, fastmath=_ELEMENTWISE)
+def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
+                   var_out):
+    """Fused statistics + normalize (+ residual, ReLU) per sample o of the column view
+    (O, A, J = C * B): InstanceNorm / GroupNorm channels-last whose sample stays in cache, so
+    x is read from memory once. Statistic c merges the moments of its B columns.
+
+    w, bias: (C * B // P,) float64 parameter cells; mean_out, rstd_out (O * C,) saved
+    statistics; var_out (O * C,) float64 variance, or empty.
+    """
+    J = C * B
+    Q = B // P
+    rows = x.reshape(O * A, J)
+    out = y.reshape(O * A, J)
+    res = z.reshape(O * A, J) if z.size else z.reshape(0, J)
+    for o in prange(O):
+        mu = np.empty(J)
+        acc = np.empty(J)
+        cnt = rows_column_moments(rows, o * A, (o + 1) * A, mu, acc)
+        scale = np.empty(J)
+        shift = np.empty(J)
+        for c in range(C):
+            n = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for b in range(B):
+                n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[c * B + b], acc[c * B + b])
+            var = m2 / n
+            if not centered:
+                var += mean * mean
+                mean = 0.0
+            rstd = 1.0 / np.sqrt(var + eps)
+            mean_out[o * C + c] = mean
+            rstd_out[o * C + c] = rstd
+            if var_out.size:
+                var_out[o * C + c] = var
+            for b in range(B):
+                cell = c * Q + b // P
+                mu[c * B + b] = mean
+                scale[c * B + b] = rstd * w[cell]
+                shift[c * B + b] = bias[cell]
+        for r in range(o * A, (o + 1) * A):
+            row = rows[r]
+            zrow = res[r] if z.size else res[0:0].reshape(-1)
+            yrow = out[r]
+            for j in range(J):
+                yrow[j] = store(epilogue((load(row[j]) - mu[j]) * scale[j] + shift[j], zrow, j,
+                                         relu), yrow)
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
@@ -736,6 +789,7 @@ KERNELS = {
     "flat_backward_sums": flat_backward_sums,
     "flat_backward_dx": flat_backward_dx,
     "column_moments": column_moments,
+    "column_forward": column_forward,
     "column_normalize": column_normalize,
     "column_backward_sums": column_backward_sums,
     "column_backward_dx": column_backward_dx,

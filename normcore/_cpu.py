@@ -107,7 +107,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
     with guard():
-        if plan.path == "columns":
+        if plan.path.startswith("columns"):
             c, cell = _column_maps(plan)
             w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
             scale = _per_column(rstd, plan, c) * w_j
@@ -125,16 +125,17 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
     """Batch statistics + normalization (+ residual z, ReLU). Returns saved (mean, rstd) in
     `stats_dtype` (O * C values) and the float64 variance when `want_var` (else None).
     centered=False is RMSNorm: mean 0, var = mean(x**2)."""
-    if plan.path == "rows":
+    if plan.path in ("rows", "columns_fused"):
         R = plan.O * plan.C
         mean = np.empty(R, stats_dtype)
         rstd = np.empty(R, stats_dtype)
         var = np.empty(R if want_var else 0)
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
+        kernel = K.rows_forward if plan.path == "rows" else K.column_forward
         with guard():
-            _k(plan, K.rows_forward)(xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B,
-                                     plan.P, w, bias, eps, _bits(y), mean, rstd, var)
+            _k(plan, kernel)(xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B, plan.P, w,
+                             bias, eps, _bits(y), mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
     if not centered:

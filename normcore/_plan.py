@@ -16,9 +16,10 @@ RUN_MIN = 64
 MIN_ITEM = 1 << 15
 # Work items per thread, for load balance.
 ITEMS_PER_THREAD = 4
-# Elements of one statistic that the row kernels expect to find still in cache on their
-# second pass (512 KiB of float32: a core's L2, with the shared L3 behind it).
-STAT_CACHE = 1 << 17
+# Elements of one statistic (rows) or one sample (fused columns) that the kernels expect to
+# find still in cache on their second pass: 2 MiB of float32, out of a core's L2 but well
+# inside its share of the 32 MiB L3, which still serves it several times faster than memory.
+STAT_CACHE = 1 << 19
 # Inputs smaller than this (elements) run on the calling thread: waking the pool costs about
 # as much as normalizing 64K values on one core.
 SERIAL_MAX = 1 << 16
@@ -31,7 +32,7 @@ class Plan:
     C: int
     B: int
     P: int                 # parameter period along b (P divides B)
-    path: str              # statistics / forward path: "rows" | "flat" | "columns"
+    path: str              # forward path: "rows" | "flat" | "columns" | "columns_fused"
     backward_path: str     # "rows" | "flat" | "columns"
     K: int                 # work items per o for the flat / column kernels
     nblk: int              # row blocks for rows_backward
@@ -68,11 +69,15 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
         # a statistic's A runs of B stay in cache between its passes when they are few enough
         path = "rows" if stats >= items and A * B <= STAT_CACHE else "flat"
     else:
-        path = "columns"
+        # short runs: the column kernels; a sample that fits in cache is normalized right
+        # after its statistics (x read once) when there are enough samples to go round
+        fused = O >= items and A * C * B <= STAT_CACHE
+        path = "columns_fused" if fused else "columns"
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
-    backward_path = "rows" if path == "rows" or (A == 1 and P == 1) else path
-    if path == "columns" or backward_path == "columns":
+    backward_path = ("rows" if path == "rows" or (A == 1 and P == 1) else
+                     "columns" if path == "columns_fused" else path)
+    if backward_path == "columns":
         K = max(1, min(math.ceil(items / max(O, 1)), A, per_o // MIN_ITEM or 1))
     else:
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))

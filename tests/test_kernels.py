@@ -32,11 +32,14 @@ def test_canonical_views(planner, args, view):
 @pytest.mark.parametrize("planner, args, path, backward_path", [
     (plan_batch_norm, ((32, 64, 56, 56), 1), "rows", "rows"),     # a channel stays in cache
     (plan_batch_norm, ((32, 3, 224, 224), 1), "flat", "flat"),    # too few channels
-    (plan_batch_norm, ((512, 64, 32, 32), 1), "flat", "flat"),    # a channel is too large
+    (plan_batch_norm, ((2048, 64, 32, 32), 1), "flat", "flat"),   # a channel is too large
     (plan_batch_norm, ((32, 56, 56, 64), -1), "columns", "columns"),
     (plan_layer_norm, ((8192, 1024), -1), "rows", "rows"),
     (plan_layer_norm, ((2, 1 << 20), -1), "flat", "rows"),        # few long rows
     (plan_instance_norm, ((2, 3, 1 << 20), 1), "flat", "flat"),
+    (plan_instance_norm, ((32, 56, 56, 64), -1), "columns_fused", "columns"),
+    (plan_group_norm, ((32, 56, 56, 64), 32, -1), "columns_fused", "columns"),
+    (plan_instance_norm, ((4, 56, 56, 64), -1), "columns", "columns"),     # too few samples
 ])
 def test_paths(planner, args, path, backward_path):
     plan = planner(*args, T)
@@ -68,6 +71,8 @@ def _exercise_every_path(dtype, rows):
     f = nc.batch_norm_forward(xl, axis=-1)
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
     nc.moments(x, axis=-1)                                                      # rows_moments
+    xi = rng.standard_normal((max(rows, 16), 48, 3)).astype(dtype)             # columns_fused
+    nc.instance_norm(xi, axis=-1)
 
 
 @pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 512)])
