@@ -102,7 +102,9 @@ def run_case(name, norm, shape, axis, kw, repeats):
                         dx_out=dx_fused)
 
     def plain_backward():
-        np.multiply(dy, y_plain > 0, out=masked)
+        # the fused y's mask: y_plain rounds norm(x) before adding z, so an element whose
+        # pre-activation is within a rounding of 0 may fall on the other side of the ReLU
+        np.multiply(dy, y_fused > 0, out=masked)
         return backward(masked, x, g, w, axis, kw, dx_out=dx_plain)
 
     fused_backward(), plain_backward()
