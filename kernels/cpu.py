@@ -604,6 +604,14 @@ def rows_column_moments(rows, lo, hi, mean, m2):
     return cnt
 
 
+@_jit(fastmath=_ELEMENTWISE)
+def normalize_row(row, zrow, out, relu, mean, scale, shift):
+    """One row of the column view: out = relu((x - mean) * scale + shift + z), per column."""
+    for j in range(row.size):
+        out[j] = store(epilogue((load(row[j]) - mean[j]) * scale[j] + shift[j], zrow, j, relu),
+                       out)
+
+
 @_jit(parallel=True)
 def column_moments(x, O, A, J, K, count, mean, m2):
     """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J)."""
@@ -658,12 +666,8 @@ def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_ou
                 scale[c * B + b] = rstd * w[cell]
                 shift[c * B + b] = bias[cell]
         for r in range(o * A, (o + 1) * A):
-            row = rows[r]
             zrow = res[r] if z.size else res[0:0].reshape(-1)
-            yrow = out[r]
-            for j in range(J):
-                yrow[j] = store(epilogue((load(row[j]) - mu[j]) * scale[j] + shift[j], zrow, j,
-                                         relu), yrow)
+            normalize_row(rows[r], zrow, out[r], relu, mu, scale, shift)
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
@@ -681,9 +685,7 @@ def column_normalize(x, z, relu, O, A, J, K, mean, scale, shift, y):
             row = x[base:base + J]
             out = y[base:base + J]
             zrow = z[base:base + J] if z.size else z
-            for j in range(J):
-                out[j] = store(epilogue((load(row[j]) - mu[j]) * sc[j] + sh[j], zrow, j, relu),
-                               out)
+            normalize_row(row, zrow, out, relu, mu, sc, sh)
 
 
 @_jit(parallel=True)
