@@ -54,6 +54,31 @@ def test_backward_matches_oracle(case):
                    param_shape(norm, case["shape"], kw["axis"]), n=_n(case))
 
 
+@given(norm_cases(norms=("batch", "instance", "group"), sizes="cached"))
+def test_cache_resident_kernels_match_oracle(case):
+    """Shapes large enough for the row kernels over a statistic's strided runs (channels-first
+    BatchNorm) and the fused per-sample column kernels (channels-last IN / GN)."""
+    norm, kw = case["norm"], dict(case["kw"], eps=case["eps"])
+    x, w, b, dy = make_inputs(case)
+    x0, dy0 = np.array(x), np.array(dy)
+    f = nc_forward(norm, x, w, b, **kw)
+    check_forward(norm, f, ref_forward(norm, x0, w, b, **kw), x0, n=_n(case), cond=_cond(case))
+    bkw = {k: v for k, v in kw.items() if k != "eps"}
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, **bkw)
+    ref = ref_backward(norm, dy0, x0, f.mean, f.rstd, w, **bkw)
+    check_backward(got, ref, x0, dy0, f.rstd, w, param_shape(norm, case["shape"], kw["axis"]),
+                   n=_n(case))
+
+
+def test_cached_sizes_reach_the_cache_resident_paths():
+    """The strategy above does reach the paths it is for."""
+    from normcore._plan import plan_batch_norm, plan_group_norm, plan_instance_norm
+    assert plan_batch_norm((8, 8, 8, 8), 1, 2).path == "rows"
+    assert plan_batch_norm((8, 8, 8, 8), 1, 2).A == 8
+    assert plan_instance_norm((8, 8, 8, 8), -1, 2).path == "columns_fused"
+    assert plan_group_norm((8, 8, 8, 12), 4, -1, 2).path == "columns_fused"
+
+
 @given(norm_cases(norms=("batch", "instance")))
 def test_running_stats_match_oracle(case):
     norm, kw = case["norm"], dict(case["kw"], eps=case["eps"])
