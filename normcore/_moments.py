@@ -23,14 +23,23 @@ def moments(x, axis=None, *, correction=0):
     if isinstance(correction, bool) or not isinstance(correction, numbers.Real) \
             or not correction >= 0:
         raise ValueError(f"correction: expected a number >= 0, got {correction!r}")
-    plan, perm = plan_moments(x.shape, axis, numba.config.NUMBA_NUM_THREADS)
+    plan, mean, var = moments64(be, x, axis)
     sdt = stats_dtype(x.dtype)
     n = plan.n
     if x.size == 0:
         shape = plan.stats_shape
         return xp.full(shape, xp.nan, sdt), xp.full(shape, xp.nan, sdt)
-    xs = x.transpose(perm) if perm is not None else x
-    mean, var = be.ops.moments(plan, xp.ascontiguousarray(xs).reshape(-1))
     if correction:
         var = var * (n / (n - correction)) if n > correction else xp.full_like(var, xp.nan)
     return (mean.astype(sdt).reshape(plan.stats_shape), var.astype(sdt).reshape(plan.stats_shape))
+
+
+def moments64(be, x, axis):
+    """(plan, mean, biased var) over ``axis``: float64 vectors of the plan's statistics from
+    the kernels, or (plan, None, None) for an empty x. Shared by moments and welford."""
+    plan, perm = plan_moments(x.shape, axis, numba.config.NUMBA_NUM_THREADS)
+    if x.size == 0:
+        return plan, None, None
+    xs = x.transpose(perm) if perm is not None else x
+    mean, var = be.ops.moments(plan, be.xp.ascontiguousarray(xs).reshape(-1))
+    return plan, mean, var

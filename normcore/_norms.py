@@ -170,15 +170,22 @@ def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context, *,
                         dbias.astype(gdt).reshape(plan.param_shape), dz)
 
 
-def _forward_with_running(plan, be, x, w, b, eps, out, epilogue, running, momentum,
-                          batch_stats, too_few):
-    """BatchNorm / InstanceNorm forward: batch statistics (updating the running ones, when
-    given, with their average over the O samples) or the running statistics (frozen).
+def _forward_with_running(plan, be, x, weight, bias, running_mean, running_var, *, eps,
+                          momentum, activation, residual, out, batch_stats, too_few, context):
+    """BatchNorm / InstanceNorm forward: checks the arguments, then uses the batch statistics
+    (updating the running ones, when given, with their average over the O samples) or the
+    running statistics (frozen).
 
-    running: (running_mean, running_var, their float64 vectors) of the C channels.
-    too_few: the message for a statistic of fewer than 2 values with batch statistics.
+    too_few: what a statistic of fewer than 2 values lacks with batch statistics, for the
+    error message (formatted only when raised).
     """
-    running_mean, running_var, rm, rv = running
+    w, b = _affine(plan, be, x, weight, bias, context)
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
+    rm, rv = check_running(running_mean, running_var, plan.param_shape, be, x, context,
+                           required=not batch_stats, writable=batch_stats)
+    epilogue = _epilogue(activation, residual, be, x)
+    check_out("out", out, be, x)
     O = plan.O
     if not batch_stats:
         frozen = (be.xp.tile(rm, O), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), O))
@@ -186,7 +193,7 @@ def _forward_with_running(plan, be, x, w, b, eps, out, epilogue, running, moment
                                     epilogue=epilogue)
         return NormForward(y, mean, rstd, running_mean, running_var)
     if plan.n <= 1:
-        raise ValueError(too_few)
+        raise ValueError(f"x: expected more than 1 {too_few}, got {plan.n} for {context}")
     y, mean, rstd, var64 = _forward(plan, be, x, w, b, eps, out, want_var=rm is not None,
                                     epilogue=epilogue)
     if rm is not None:
@@ -233,18 +240,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     """
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads())
-    context = _context(x, axis=axis)
-    w, b = _affine(plan, be, x, weight, bias, context)
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    rm, rv = check_running(running_mean, running_var, plan.stats_shape, be, x, context,
-                           required=not training, writable=bool(training))
-    epilogue = _epilogue(activation, residual, be, x)
-    check_out("out", out, be, x)
     return _forward_with_running(
-        plan, be, x, w, b, eps, out, epilogue, (running_mean, running_var, rm, rv), momentum,
-        bool(training), f"x: expected more than 1 value per channel when training, got "
-                        f"{plan.n} for {context}")
+        plan, be, x, weight, bias, running_mean, running_var, eps=eps, momentum=momentum,
+        activation=activation, residual=residual, out=out, batch_stats=bool(training),
+        too_few="value per channel when training", context=_context(x, axis=axis))
 
 
 def batch_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
@@ -301,18 +300,11 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
     """
     be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
-    context = _context(x, axis=axis)
-    w, b = _affine(plan, be, x, weight, bias, context)
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    rm, rv = check_running(running_mean, running_var, plan.param_shape, be, x, context,
-                           required=not use_input_stats, writable=bool(use_input_stats))
-    epilogue = _epilogue(activation, residual, be, x)
-    check_out("out", out, be, x)
     return _forward_with_running(
-        plan, be, x, w, b, eps, out, epilogue, (running_mean, running_var, rm, rv), momentum,
-        bool(use_input_stats), f"x: expected more than 1 spatial element per channel when "
-                               f"using input statistics, got {plan.n} for {context}")
+        plan, be, x, weight, bias, running_mean, running_var, eps=eps, momentum=momentum,
+        activation=activation, residual=residual, out=out, batch_stats=bool(use_input_stats),
+        too_few="spatial element per channel when using input statistics",
+        context=_context(x, axis=axis))
 
 
 def instance_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,

@@ -49,10 +49,6 @@ class Plan:
         """Elements per statistic."""
         return self.A * self.B
 
-    @property
-    def size(self):
-        return self.O * self.A * self.C * self.B
-
 
 @lru_cache(maxsize=1024)
 def canonical(O, A, C, B, P, stats_shape, param_shape, threads):

@@ -17,10 +17,10 @@ import numbers
 from dataclasses import dataclass
 
 import array_api_compat
-import numba
 
 from ._backend import describe
-from ._plan import _channel_axis, plan_moments
+from ._moments import moments64
+from ._plan import _channel_axis
 from ._validate import check_input
 
 
@@ -81,12 +81,10 @@ def welford(x, axis=None):
     """
     be = check_input("x", x)
     xp = be.xp
-    plan, perm = plan_moments(x.shape, axis, numba.get_num_threads())
+    plan, mean, var = moments64(be, x, axis)
     shape = plan.stats_shape
-    if x.size == 0:
+    if mean is None:
         return Moments(plan.n, xp.zeros(shape), xp.zeros(shape))
-    xs = x.transpose(perm) if perm is not None else x
-    mean, var = be.ops.moments(plan, xp.ascontiguousarray(xs).reshape(-1))
     return Moments(plan.n, mean.reshape(shape), (var * plan.n).reshape(shape))
 
 
