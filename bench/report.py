@@ -66,7 +66,8 @@ def markdown(data):
         f"on {m['cpu']} ({m['usable_cpus']} cores; "
         f"threads: {threads}), NumPy {v['numpy']}, Numba {v['numba']}, "
         f"PyTorch {v.get('torch', 'not installed')}, normcore {v.get('normcore', '?')} at "
-        f"`{m['commit']}`, {m['date'][:10]}. Copy bandwidth (copyto between two 256 MiB "
+        f"`{m['commit']}`, {m['date'][:10]}. Copy bandwidth (the fastest of np.copyto and "
+        f"copies on all threads with plain and with non-temporal stores, between two 256 MiB "
         f"arrays, bytes read + written): {bw}.",
         "",
         "Times are medians over interleaved rounds; normcore is timed with fresh outputs and "

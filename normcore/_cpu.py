@@ -3,6 +3,7 @@
 Arrays arrive flat and C-contiguous (x, y, dy, dx) or as float64 parameter vectors of length
 C * Q; small per-statistic arithmetic (O * C values) is done here in NumPy.
 """
+import contextlib
 import threading
 from functools import lru_cache
 
@@ -14,17 +15,19 @@ from .kernels import cpu as K
 # numba's workqueue threading layer aborts when two threads enter parallel regions at once;
 # with it, calls are serialized. The omp and tbb layers are safe to call concurrently.
 _workqueue_lock = threading.Lock()
-_layer = None
+_NO_LOCK = contextlib.nullcontext()
+_serialize = None      # known once the first parallel region has chosen the layer
 
 
 def _serialize_needed():
-    global _layer
-    if _layer is None:
+    global _serialize
+    if _serialize is None:
         try:
-            _layer = numba.threading_layer()
+            layer = numba.threading_layer()
         except ValueError:  # no parallel region has run yet: the layer is not chosen
             return True
-    return _layer == "workqueue"
+        _serialize = layer == "workqueue"
+    return _serialize
 
 
 def _k(plan, kernel):
@@ -32,30 +35,23 @@ def _k(plan, kernel):
     return getattr(kernel, "serial", kernel) if plan.serial else kernel
 
 
-class _Guard:
-    """Holds the workqueue lock when the threading layer needs it."""
-
-    def __enter__(self):
-        self.locked = _serialize_needed()
-        if self.locked:
-            _workqueue_lock.acquire()
-
-    def __exit__(self, *exc):
-        if self.locked:
-            _workqueue_lock.release()
-
-
-guard = _Guard
+def guard():
+    """The workqueue lock when the threading layer needs it, else a no-op context."""
+    return _workqueue_lock if _serialize_needed() else _NO_LOCK
 
 
 def _bits(a):
     """float16 arrays go to the kernels as their uint16 bit patterns."""
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    return a.view(np.uint16) if a.dtype.char == "e" else a
+
+
+# Empty arrays that tell a kernel an optional argument is absent (shared: never written).
+_EMPTY = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
 
 
 def _none_like(a):
-    """The empty array that tells a kernel an optional argument is absent."""
-    return a[:0]
+    """The empty array of a's dtype that tells a kernel an optional argument is absent."""
+    return _EMPTY[a.dtype]
 
 
 @lru_cache(maxsize=256)
@@ -129,7 +125,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         R = plan.O * plan.C
         mean = np.empty(R, stats_dtype)
         rstd = np.empty(R, stats_dtype)
-        var = np.empty(R if want_var else 0)
+        var = np.empty(R) if want_var else _EMPTY[np.dtype(np.float64)]
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
         kernel = K.rows_forward if plan.path == "rows" else K.column_forward

@@ -28,6 +28,8 @@ def check_array(name, arr, be, x):
 
 
 def check_eps(eps):
+    if type(eps) is float and 0.0 < eps < math.inf:     # the common case, without ABC checks
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
             or eps <= 0:
         raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
@@ -47,12 +49,17 @@ def check_param(name, arr, shape, be, x, context):
     if arr is None:
         return None
     check_array(name, arr, be, x)
-    if np.dtype(arr.dtype).kind != "f":
+    if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a real floating dtype, got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} for {context}, got "
                          f"{arr.shape}")
-    return be.xp.ascontiguousarray(arr, dtype=be.xp.float64).reshape(-1)
+    if be.name != "cpu":
+        return be.xp.ascontiguousarray(arr, dtype=be.xp.float64).reshape(-1)
+    vec = arr.astype(np.float64, copy=False)      # per call: no copy for a float64 parameter
+    if not vec.flags.c_contiguous:
+        vec = np.ascontiguousarray(vec)
+    return vec if vec.ndim == 1 else vec.reshape(-1)
 
 
 def _writable(arr):
