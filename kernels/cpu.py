@@ -758,9 +758,14 @@ def column_backward_dx(dy, y, relu, x, O, A, J, K, mean, a, b, c, dx, dz):
             drow = dy[base:base + J]
             yrow = y[base:base + J] if relu else y
             out = dx[base:base + J]
-            for j in range(J):
-                d = effective_dy(drow, yrow, j, relu)
-                out[j] = store(ca[j] * d - cb[j] * (load(row[j]) - mu[j]) - cc[j], out)
+            if relu:
+                for j in range(J):
+                    d = effective_dy(drow, yrow, j, relu)
+                    out[j] = store(ca[j] * d - cb[j] * (load(row[j]) - mu[j]) - cc[j], out)
+            else:
+                for j in range(J):
+                    d = load(drow[j])
+                    out[j] = store(ca[j] * d - cb[j] * (load(row[j]) - mu[j]) - cc[j], out)
             if dz.size:
                 dzrow = dz[base:base + J]
                 for j in range(J):
