@@ -1,7 +1,9 @@
 """Executes a Plan on NumPy arrays with the Numba CPU kernels.
 
 Arrays arrive flat and C-contiguous (x, y, dy, dx) or as float64 parameter vectors of length
-C * Q; small per-statistic arithmetic (O * C values) is done here in NumPy.
+C * Q; small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise
+kernels compute in float32 for float16 / float32 data (see kernels/cpu.py): their parameter
+and per-column arrays are handed over in that compute dtype, the mean split as hi + lo.
 """
 import contextlib
 import threading
@@ -43,6 +45,22 @@ def guard():
 def _bits(a):
     """float16 arrays go to the kernels as their uint16 bit patterns."""
     return a.view(np.uint16) if a.dtype.char == "e" else a
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _compute(x):
+    """The elementwise kernels' arithmetic dtype for data x (float16 already as uint16)."""
+    return _F64 if x.dtype == _F64 else _F32
+
+
+def _split(mean, ct):
+    """(hi, lo) in dtype ct with hi + lo == mean to float64 precision."""
+    if ct == _F64:
+        return mean, np.zeros_like(mean)
+    hi = mean.astype(ct)
+    return hi, (mean - hi).astype(ct)
 
 
 # Empty arrays that tell a kernel an optional argument is absent (shared: never written).
@@ -102,18 +120,19 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
+    ct = _compute(x)
     with guard():
         if plan.path.startswith("columns"):
             c, cell = _column_maps(plan)
             w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
-            scale = _per_column(rstd, plan, c) * w_j
-            shift = np.broadcast_to(bias_j, scale.shape)
-            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K,
-                                         _per_column(mean, plan, c), scale,
-                                         np.ascontiguousarray(shift), y)
+            scale = (_per_column(rstd, plan, c) * w_j).astype(ct)
+            shift = np.ascontiguousarray(np.broadcast_to(bias_j.astype(ct), scale.shape))
+            hi, lo = _split(_per_column(mean, plan, c), ct)
+            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, hi, lo, scale, shift,
+                                         y)
         else:
-            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias,
-                                       y)
+            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd,
+                                       w.astype(ct, copy=False), bias.astype(ct, copy=False), y)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
@@ -129,9 +148,11 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         xb = _bits(x)
         zb = _none_like(xb) if z is None else _bits(z)
         kernel = K.rows_forward if plan.path == "rows" else K.column_forward
+        ct = _compute(xb)
         with guard():
-            _k(plan, kernel)(xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B, plan.P, w,
-                             bias, eps, _bits(y), mean, rstd, var)
+            _k(plan, kernel)(xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B, plan.P,
+                             w.astype(ct, copy=False), bias.astype(ct, copy=False), eps, _bits(y),
+                             mean, rstd, var)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x)
     if not centered:
@@ -154,18 +175,20 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     dy, x, dx = _bits(dy), _bits(x), _bits(dx)
     y = _bits(y) if relu else _none_like(dy)
     dz = _none_like(dx) if dz is None else _bits(dz)
+    ct = _compute(x)
+    wc = w.astype(ct, copy=False)
     with guard():
         if plan.backward_path == "rows":
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
-            _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, w, frozen,
-                            centered, plan.nblk, dbias, dweight, dx, dz)
+            _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, wc, frozen,
+                                      centered, plan.nblk, dbias, dweight, dx, dz)
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
             _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                           w, sdy, sdyxhat)
+                                           wc, sdy, sdyxhat)
             sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
         else:
             J = C * B
@@ -185,12 +208,13 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
-            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
-                                         c1, c2, dx, dz)
+            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
+                                         wc, c1, c2, dx, dz)
         else:
-            a = rstd_j * (w if cell is None else w[cell])
-            b = rstd_j * rstd_j * _per_column(c1, plan, c)
-            cc = rstd_j * _per_column(c2, plan, c)
-            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, mean_j, a, b, cc, dx,
+            a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
+            b = (rstd_j * rstd_j * _per_column(c1, plan, c)).astype(ct)
+            cc = (rstd_j * _per_column(c2, plan, c)).astype(ct)
+            hi, lo = _split(mean_j, ct)
+            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, lo, a, b, cc, dx,
                                            dz)
     return sdyxhat.sum(0), sdy.sum(0)
