@@ -193,12 +193,12 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         else:
             J = C * B
             c, cell = _column_maps(plan)
-            mean_j = _per_column(mean, plan, c)
+            hi, lo = _split(_per_column(mean, plan, c), ct)
             rstd_j = _per_column(rstd, plan, c)
             shape = (O, plan.K, J)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, mean_j, rstd_j, sdy,
-                                   sdyxhat)
+            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, hi, lo, rstd_j, sdy,
+                                             sdyxhat)
             # columns -> parameter cells: j = (c * Q + q) * P + p
             sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
             sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
@@ -214,7 +214,6 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
             b = (rstd_j * rstd_j * _per_column(c1, plan, c)).astype(ct)
             cc = (rstd_j * _per_column(c2, plan, c)).astype(ct)
-            hi, lo = _split(mean_j, ct)
             _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, lo, a, b, cc, dx,
                                            dz)
     return sdyxhat.sum(0), sdy.sum(0)

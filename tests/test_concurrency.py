@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import normcore as nc
 
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((64, 16, 200), dtype=np.float32) for _ in range(8)]
+    xs = [rng.standard_normal((64, 16, 400), dtype=np.float32) for _ in range(8)]
 
     def work(x):
         f = nc.batch_norm_forward(x)
@@ -45,7 +45,7 @@ def _work(x):
 def test_threads_get_the_single_threaded_results():
     rng = np.random.default_rng(0)
     # parallel kernels (large) and serial twins (small) at the same time
-    xs = [rng.standard_normal((512, 256) if i % 2 else (8, 32)) for i in range(12)]
+    xs = [rng.standard_normal((1024, 512) if i % 2 else (8, 32)) for i in range(12)]
     expected = [_work(x) for x in xs]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):

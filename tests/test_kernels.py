@@ -71,11 +71,11 @@ def _exercise_every_path(dtype, rows):
     f = nc.batch_norm_forward(xl, axis=-1)
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
     nc.moments(x, axis=-1)                                                      # rows_moments
-    xi = rng.standard_normal((max(rows, 16), 48, 3)).astype(dtype)             # columns_fused
+    xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
     nc.instance_norm(xi, axis=-1)
 
 
-@pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 512)])
+@pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 1024)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_every_registered_kernel_runs(dtype, variant, rows):
     plan = plan_batch_norm((rows, 3, 96), 1, T)
