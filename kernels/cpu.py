@@ -681,19 +681,21 @@ def merge_columns(mean, m2, n, nb, shift, dmean, q):
 
 
 @_jit()
-def rows_column_moments(x, J, lo, hi, mean, m2):
+def rows_column_moments(x, J, lo, hi, mean, m2, narrow):
     """Column moments of rows [lo, hi) of the flat (N, J) view x into mean / m2 (J,) float64,
     in blocks of rows that stay in L1; returns the row count.
 
-    float16 / float32 data: the shifted sums of a block of at most BLOCK_ROWS rows add up in
-    float32 (at most 32 terms per sum, an error of a few float32 ulps of the block's m2), and
-    the blocks merge in float64; 2x faster than float64 sums, which need a conversion and
-    half-width vectors.
+    With `narrow` (statistics for normalizing float16 / float32 data, which keeps them in
+    float32), the shifted sums of a block of at most BLOCK_ROWS rows add up in float32 (at
+    most 32 terms per sum: a few float32 ulps of the block's m2) and the blocks merge in
+    float64; 1.6x faster than float64 sums, which need a conversion and half-width vectors.
+    Without it (moments, welford: float64 results) the sums are float64.
     """
     rows = x.reshape(x.size // J, J)
     exact = exact_two_pass(rows)
+    narrow = narrow and not exact
     # the exact two-pass reads its block twice: keep it in L1
-    rows_per_block = max(1, COLUMN_BLOCK // max(J, 1)) if exact else BLOCK_ROWS
+    rows_per_block = BLOCK_ROWS if narrow else max(1, COLUMN_BLOCK // max(J, 1))
     shift = np.empty(J)
     s = np.empty(J)
     q = np.empty(J)
@@ -706,11 +708,12 @@ def rows_column_moments(x, J, lo, hi, mean, m2):
     for r0 in range(lo, hi, rows_per_block):
         block = rows[r0:min(r0 + rows_per_block, hi)]
         nb = block.shape[0]
-        if exact:
+        if not narrow:
             for j in range(J):
                 shift[j] = load(block[0, j])
                 s[j] = 0.0
                 q[j] = 0.0
+        if exact:
             for r in range(nb):
                 for j in range(J):
                     s[j] += load(block[r, j]) - shift[j]
@@ -720,7 +723,16 @@ def rows_column_moments(x, J, lo, hi, mean, m2):
                 for j in range(J):
                     d = (load(block[r, j]) - shift[j]) - s[j]
                     q[j] += d * d
-        else:   # shifted sums, as in block_moments, in float32
+        elif not narrow:    # shifted sums, as in block_moments
+            for r in range(nb):
+                for j in range(J):
+                    d = load(block[r, j]) - shift[j]
+                    s[j] += d
+                    q[j] += d * d
+            for j in range(J):
+                s[j] /= nb
+                q[j] = max(q[j] - s[j] * s[j] * nb, 0.0)
+        else:   # the same in float32
             for j in range(J):
                 shift32[j] = loadc(block[0, j])
                 s32[j] = 0.0
@@ -758,13 +770,14 @@ def normalize_rows(x, z, relu, y, J, r0, r1, hi, lo, scale, shift):
 
 
 @_jit(parallel=True)
-def column_moments(x, O, A, J, K, count, mean, m2):
-    """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J)."""
+def column_moments(x, O, A, J, K, narrow, count, mean, m2):
+    """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J);
+    narrow: see rows_column_moments."""
     for item in prange(O * K):
         o = item // K
         k = item % K
         cnt = rows_column_moments(x, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                                  mean[o, k], m2[o, k])
+                                  mean[o, k], m2[o, k], narrow)
         count[o, k, :] = cnt
 
 
@@ -783,7 +796,7 @@ def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_ou
     for o in prange(O):
         mu = np.empty(J)
         acc = np.empty(J)
-        cnt = rows_column_moments(x, J, o * A, (o + 1) * A, mu, acc)
+        cnt = rows_column_moments(x, J, o * A, (o + 1) * A, mu, acc, True)
         hi = np.empty(J, w.dtype)
         lo = np.empty(J, w.dtype)
         scale = np.empty(J, w.dtype)

@@ -89,8 +89,10 @@ def _per_column(a, plan, index):
     return a if index is None else np.ascontiguousarray(a[:, index])
 
 
-def moments(plan, x):
-    """Biased moments per statistic: (mean, var), float64 arrays of O * C values."""
+def moments(plan, x, narrow=False):
+    """Biased moments per statistic: (mean, var), float64 arrays of O * C values. `narrow`:
+    only as accurate as float32 statistics need (the column kernels then sum blocks of rows in
+    float32)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
     with guard():
@@ -109,7 +111,7 @@ def moments(plan, x):
         else:
             shape = (O, plan.K, C * B)
             count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-            _k(plan, K.column_moments)(x, O, A, C * B, plan.K, count, pmean, pm2)
+            _k(plan, K.column_moments)(x, O, A, C * B, plan.K, narrow, count, pmean, pm2)
             _k(plan, K.merge_moments)(count, pmean, pm2, B, mean, var)
     return mean.reshape(-1), var.reshape(-1)
 
@@ -154,7 +156,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
                              w.astype(ct, copy=False), bias.astype(ct, copy=False), eps, _bits(y),
                              mean, rstd, var)
         return mean, rstd, (var if want_var else None)
-    mean64, var64 = moments(plan, x)
+    mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
     if not centered:
         var64 = var64 + mean64 * mean64
         mean64 = np.zeros_like(mean64)
