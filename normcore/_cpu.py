@@ -91,8 +91,10 @@ def _per_column(a, plan, index):
 
 def moments(plan, x, narrow=False):
     """Biased moments per statistic: (mean, var), float64 arrays of O * C values. `narrow`:
-    only as accurate as float32 statistics need (the column kernels then sum blocks of rows in
-    float32)."""
+    only as accurate as float32 statistics need (the column kernels then sum blocks of rows of
+    float16 / float32 data in float32; the row kernels keep float64 sums: a float32 two-pass
+    per block measured 0.21 ns per value against 0.12 on rows of 1024, 0.105 against 0.138
+    on long runs)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
     with guard():
