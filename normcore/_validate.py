@@ -43,9 +43,10 @@ def check_momentum(momentum):
     return float(momentum)
 
 
-def check_param(name, arr, shape, be, x, context):
+def check_param(name, arr, shape, be, x, context, dtype=np.float64):
     """weight / bias / statistics: None or a floating array of `shape` like x; returns it as a
-    contiguous float64 vector (or None)."""
+    contiguous float64 vector (or None); NumPy arrays in `dtype` instead when given (the CPU
+    kernels' compute dtype)."""
     if arr is None:
         return None
     check_array(name, arr, be, x)
@@ -56,7 +57,7 @@ def check_param(name, arr, shape, be, x, context):
                          f"{arr.shape}")
     if be.name != "cpu":
         return be.xp.ascontiguousarray(arr, dtype=be.xp.float64).reshape(-1)
-    vec = arr.astype(np.float64, copy=False)      # per call: no copy for a float64 parameter
+    vec = arr.astype(dtype, copy=False)      # per call: no copy when it has that dtype
     if not vec.flags.c_contiguous:
         vec = np.ascontiguousarray(vec)
     return vec if vec.ndim == 1 else vec.reshape(-1)
