@@ -56,11 +56,11 @@ def _compute(x):
 
 
 def _split(mean, ct):
-    """(hi, lo) in dtype ct with hi + lo == mean to float64 precision."""
+    """(hi, lo): hi in dtype ct, lo = mean - hi in float64."""
     if ct == _F64:
         return mean, np.zeros_like(mean)
     hi = mean.astype(ct)
-    return hi, (mean - hi).astype(ct)
+    return hi, mean - hi
 
 
 # Empty arrays that tell a kernel an optional argument is absent (shared: never written).
@@ -129,11 +129,11 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
         if plan.path.startswith("columns"):
             c, cell = _column_maps(plan)
             w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
-            scale = (_per_column(rstd, plan, c) * w_j).astype(ct)
-            shift = np.ascontiguousarray(np.broadcast_to(bias_j.astype(ct), scale.shape))
+            scale = _per_column(rstd, plan, c) * w_j
             hi, lo = _split(_per_column(mean, plan, c), ct)
-            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, hi, lo, scale, shift,
-                                         y)
+            shift = (bias_j - lo * scale).astype(ct)       # see kernels.cpu.fold
+            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, hi, scale.astype(ct),
+                                         shift, y)
         else:
             _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd,
                                        w.astype(ct, copy=False), bias.astype(ct, copy=False), y)
@@ -201,8 +201,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             rstd_j = _per_column(rstd, plan, c)
             shape = (O, plan.K, J)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, hi, lo, rstd_j, sdy,
-                                             sdyxhat)
+            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, hi, lo.astype(ct),
+                                             rstd_j, sdy, sdyxhat)
             # columns -> parameter cells: j = (c * Q + q) * P + p
             sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
             sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
@@ -216,8 +216,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
                                          wc, c1, c2, dx, dz)
         else:
             a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
-            b = (rstd_j * rstd_j * _per_column(c1, plan, c)).astype(ct)
-            cc = (rstd_j * _per_column(c2, plan, c)).astype(ct)
-            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, lo, a, b, cc, dx,
-                                           dz)
+            b = rstd_j * rstd_j * _per_column(c1, plan, c)
+            cc = (rstd_j * _per_column(c2, plan, c) - b * lo).astype(ct)   # see cpu.fold
+            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, a, b.astype(ct),
+                                           cc, dx, dz)
     return sdyxhat.sum(0), sdy.sum(0)

@@ -209,3 +209,50 @@ def test_all_equal_large(norm, dtype):
     assert np.array_equal(f.y, expected)
     assert_close(f.rstd, np.full(f.rstd.shape, 1 / np.sqrt(1e-5)), dtype=dtype, n=1)
     assert np.isin(f.mean, consts).all(), "the mean of equal values is that value"
+
+
+@pytest.mark.parametrize("norm, shape, axis", [
+    ("batch", (64, 4, 512), 1),        # rows, scalar weight per run
+    ("batch", (4, 64, 2048), 1),       # flat
+    ("batch", (512, 64, 4), -1),       # columns
+    ("layer", (64, 2048), -1),         # rows, a weight per element
+])
+def test_backward_uses_the_float64_mean_beyond_float32(norm, shape, axis):
+    """The float32 kernels split a float64 mean into hi + lo; the part lo that float32 cannot
+    hold (up to half an ulp of 1e4 here, 5e-4 std) must still reach dx. dy ~ xhat makes
+    c1 = mean(dy * xhat) ~ 1, so a lost or mis-signed lo moves dx by ~rstd**2 * lo ~ 5e-4
+    against a bound of ~1e-5 on terms of size ~1 (scale=1)."""
+    x = _offset_data(shape, seed=11)
+    x64 = x.astype(np.float64)
+    c = axis % x.ndim
+    red = tuple(i for i in range(x.ndim) if i != c) if norm == "batch" else (x.ndim - 1,)
+    mean = x64.mean(axis=red, keepdims=True)
+    # shift the mean off the float32 grid by a quarter ulp: lo != 0 for every statistic
+    mean = mean + np.spacing(np.float32(OFFSET)) / 4
+    rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(axis=red, keepdims=True) + 1e-5)
+    rng = np.random.default_rng(12)
+    dy = ((x64 - mean) * rstd + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    stat_shape = (x.shape[c],) if norm == "batch" else x.shape[:-1]
+    mean_s, rstd_s = mean.reshape(stat_shape), rstd.reshape(stat_shape)
+    if norm == "batch":
+        g = nc.batch_norm_backward(dy, x, mean_s, rstd_s, axis=axis)
+        ref = oracle.batch_norm_backward(dy, x, mean_s, rstd_s, axis=axis)
+    else:
+        g = nc.layer_norm_backward(dy, x, mean_s, rstd_s)
+        ref = oracle.layer_norm_backward(dy, x, mean_s, rstd_s)
+    n = x.size // mean.size
+    assert_close(g.dx, ref.dx, dtype=np.float32, n=n, scale=1.0, what="dx")
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 4, 512), 1), ((512, 64, 4), -1), ((512, 64), 1)])
+def test_eval_uses_the_float64_running_mean_beyond_float32(shape, axis):
+    """Eval BatchNorm with a float64 running mean a quarter ulp off the float32 grid near 1e4:
+    dropping the part float32 cannot hold moves y by 2.4e-4, against a bound of ~6e-6."""
+    x = _offset_data(shape, seed=13)
+    C = x.shape[axis]
+    rm = OFFSET + np.spacing(np.float32(OFFSET)) / 4 + np.linspace(-0.5, 0.5, C)
+    rv = np.linspace(0.5, 2.0, C)
+    y = nc.batch_norm(x, running_mean=rm, running_var=rv, training=False, axis=axis)
+    ref = oracle.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False,
+                                    axis=axis)
+    assert_close(y, ref.y, dtype=np.float32, n=1, what="y")
