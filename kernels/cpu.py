@@ -30,16 +30,16 @@ RMSNorm is the uncentred case: mean := 0 and var := mean(x**2), so c2 = 0.
 Statistics and the backward's sums accumulate in float64 whatever the input dtype (for
 float16 / float32 data, statistics that only normalize and gradient partials add short
 blocks in float32 first: rows_column_moments' `narrow`, backward_column_sums, cell_sums).
-The elementwise passes (normalize, dx) compute in the input's precision, float32 for float16 and
-float32 data: a float64 formula ran at 0.29 ns per element against 0.14 in float32 on one core
-here, and these passes overlap little with the memory traffic. So that x - mean stays exact
-when |mean| >> std, the mean goes in as two float32 parts, hi + lo, and x - hi is taken
-first (or lo moves into the shift, see fold). The per-column and per-cell arrays of the elementwise kernels (weight, bias, scale,
-shift, the split mean) come in that compute dtype from the caller. float16 arrays arrive as
-their uint16 bit patterns (Numba's CPU target has no float16) and go through `load` /
-`loadc` / `store`. Optional arrays (z, saved y, dz) are passed as empty arrays when absent, so
-that their presence is a branch LLVM hoists out of the loop rather than another compiled
-signature.
+The elementwise passes (normalize, dx) compute in the input's precision, float32 for float16
+and float32 data: a float64 formula ran at 0.29 ns per element against 0.14 in float32 on
+one core here, and these passes overlap little with the memory traffic. So that x - mean
+stays exact when |mean| >> std, the mean goes in as two float32 parts, hi + lo, and x - hi
+is taken first (or lo moves into the shift, see fold). The per-column and per-cell arrays of
+the elementwise kernels (weight, bias, scale, shift, the mean's hi part) come in that compute
+dtype from the caller. float16 arrays arrive as their uint16 bit patterns (Numba's CPU target
+has no float16) and go through `load` / `loadc` / `store`. Optional arrays (z, saved y, dz)
+are passed as empty arrays when absent, so that their presence is a branch LLVM hoists out
+of the loop rather than another compiled signature.
 """
 import os
 import types as pytypes
