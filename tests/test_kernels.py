@@ -89,3 +89,47 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
         assert signatures, f"{kernel_name} ({variant}) never compiled"
         if kernel_name != "merge_moments":   # merge works on float64 partials only
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
+
+
+@pytest.mark.parametrize("norm, shape", [("instance", (2, 4, 524289)),   # rows, odd lengths
+                                         ("batch", (64, 3, 32771)),       # flat
+                                         ("layer", (4099, 1025))])        # weight per element
+def test_streamed_outputs_equal_plain_ones(norm, shape, monkeypatch):
+    """Outputs of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
+    32-byte boundary, 8-wide body, scalar tail): bit for bit the plain loop's result."""
+    from normcore import _cpu
+    x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
+    assert x.nbytes >= _cpu.STREAM_MIN
+    fwd = {"instance": nc.instance_norm, "batch": nc.batch_norm,
+           "layer": lambda x: nc.layer_norm(x, np.linspace(0.5, 2, x.shape[-1], dtype=np.float32),
+                                            np.linspace(-1, 1, x.shape[-1], dtype=np.float32))}[norm]
+    streamed = fwd(x)      # runs of odd length: most start off a 32-byte boundary
+    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
+    plain = fwd(x)
+    assert np.array_equal(streamed, plain)
+
+
+def test_streaming_helpers_emit_non_temporal_stores():
+    """stream_affine / stream_normalize compute the plain formulas and compile to vmovntps
+    (x86-64): a silent fallback to ordinary stores would pass the test above."""
+    import platform
+
+    import numba
+
+    @numba.njit
+    def both(x, y1, y2, w, b):
+        cpu.stream_affine(x, y1, np.float32(0.5), np.float32(1.5), np.float32(0.25))
+        cpu.stream_normalize(x, y2, w, b, np.float32(0.5), np.float32(1e-8), np.float32(1.5))
+        cpu.sfence()
+
+    rng = np.random.default_rng(5)
+    x, w, b = (rng.standard_normal(1001, dtype=np.float32) for _ in range(3))
+    y1, y2 = np.empty_like(x), np.empty_like(x)
+    both(x[1:], y1[1:], y2[1:], w[1:], b[1:])
+    # within an ulp or two of NumPy's (which rounds the product before the sum)
+    want1 = (x[1:] - np.float32(0.5)) * np.float32(1.5) + np.float32(0.25)
+    want2 = ((x[1:] - np.float32(0.5)) - np.float32(1e-8)) * (np.float32(1.5) * w[1:]) + b[1:]
+    np.testing.assert_allclose(y1[1:], want1, rtol=3e-7, atol=3e-7)
+    np.testing.assert_allclose(y2[1:], want2, rtol=3e-7, atol=3e-7)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "vmovntps" in both.inspect_asm(both.signatures[0])
