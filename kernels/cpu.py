@@ -42,6 +42,7 @@ are passed as empty arrays when absent, so that their presence is a branch LLVM 
 of the loop rather than another compiled signature.
 """
 import os
+import platform
 import types as pytypes
 
 import numba
@@ -205,13 +206,20 @@ def _normalize8_stream(typingctx, xs, ys, wv, bv, i, hi, lo, rs):
     return types.void(xs, ys, wv, bv, i, hi, lo, rs), codegen
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
 @intrinsic
 def sfence(typingctx):
-    """Order this thread's non-temporal stores before whatever follows."""
+    """Order this thread's non-temporal stores before whatever follows: sfence on x86 (the
+    fence its manuals name for them), a sequentially consistent fence elsewhere."""
     def codegen(context, builder, signature, args):
-        fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence",
-                                              fnty=ir.FunctionType(ir.VoidType(), []))
-        builder.call(fn, [])
+        if _X86:
+            fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence",
+                                                  fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return types.void(), codegen
