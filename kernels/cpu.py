@@ -142,68 +142,56 @@ def _f32_run(a):
         and a.layout == "C"
 
 
-@intrinsic
-def _affine8_stream(typingctx, xs, ys, i, hi, sc, sh):
-    """ys[i:i + 8] = (xs[i:i + 8] - hi) * sc + sh for float32 arrays, with a non-temporal
-    store (ys + i must be 32-byte aligned)."""
-    if not (_f32_run(xs) and _f32_run(ys) and ys.mutable and hi == sc == sh == types.float32):
-        return None
+def _stream8(formula):
+    """An intrinsic (ys, i, arrays, scalars): ys[i:i + 8] = formula(builder, vectors of the
+    arrays at [i, i + 8), the scalars splat to 8 lanes), all float32, with a non-temporal store
+    (ys + i must be 32-byte aligned). arrays, scalars: tuples."""
 
-    def codegen(context, builder, signature, args):
-        xa = context.make_array(signature.args[0])(context, builder, args[0])
-        ya = context.make_array(signature.args[1])(context, builder, args[1])
-        xp = builder.bitcast(builder.gep(xa.data, [args[2]], inbounds=True), _V8.as_pointer())
-        yp = builder.bitcast(builder.gep(ya.data, [args[2]], inbounds=True), _V8.as_pointer())
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+    @intrinsic
+    def stream8(typingctx, ys, i, arrays, scalars):
+        if not (_f32_run(ys) and ys.mutable and all(_f32_run(a) for a in arrays)
+                and all(t == types.float32 for t in scalars)):
+            return None
 
-        def splat(value):
-            v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value,
-                                       ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), lanes)
+        def codegen(context, builder, signature, args):
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
 
-        v = builder.load(xp, align=4)
-        r = builder.fadd(builder.fmul(builder.fsub(v, splat(args[3])), splat(args[4])),
-                         splat(args[5]))
-        st = builder.store(r, yp, align=32)
-        st.set_metadata("nontemporal",
-                        builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-        return context.get_dummy_value()
+            def at(arrty, arr):
+                a = context.make_array(arrty)(context, builder, arr)
+                return builder.bitcast(builder.gep(a.data, [args[1]], inbounds=True),
+                                       _V8.as_pointer())
 
-    return types.void(xs, ys, i, hi, sc, sh), codegen
+            def splat(value):
+                v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value,
+                                           ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), lanes)
+
+            arrtys, scaltys = signature.args[2], signature.args[3]
+            vecs = [builder.load(at(t, builder.extract_value(args[2], k)), align=4)
+                    for k, t in enumerate(arrtys)]
+            sc = [splat(builder.extract_value(args[3], k)) for k in range(len(scaltys))]
+            st = builder.store(formula(builder, vecs, sc), at(signature.args[0], args[0]),
+                               align=32)
+            st.set_metadata("nontemporal",
+                            builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+            return context.get_dummy_value()
+
+        return types.void(ys, i, arrays, scalars), codegen
+
+    return stream8
 
 
-@intrinsic
-def _normalize8_stream(typingctx, xs, ys, wv, bv, i, hi, lo, rs):
-    """ys[i:i + 8] = ((xs - hi) - lo) * (rs * wv) + bv on [i, i + 8) for float32 arrays, with a
-    non-temporal store (ys + i must be 32-byte aligned)."""
-    if not (all(_f32_run(a) for a in (xs, ys, wv, bv)) and ys.mutable
-            and hi == lo == rs == types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        def at(k):
-            a = context.make_array(signature.args[k])(context, builder, args[k])
-            return builder.bitcast(builder.gep(a.data, [args[4]], inbounds=True),
-                                   _V8.as_pointer())
-
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-
-        def splat(value):
-            v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value,
-                                       ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), lanes)
-
-        x = builder.load(at(0), align=4)
-        w = builder.load(at(2), align=4)
-        b = builder.load(at(3), align=4)
-        xc = builder.fsub(builder.fsub(x, splat(args[5])), splat(args[6]))
-        r = builder.fadd(builder.fmul(xc, builder.fmul(splat(args[7]), w)), b)
-        st = builder.store(r, at(1), align=32)
-        st.set_metadata("nontemporal",
-                        builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-        return context.get_dummy_value()
-
-    return types.void(xs, ys, wv, bv, i, hi, lo, rs), codegen
+# (x - hi) * sc + sh
+_affine8_stream = _stream8(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], s[0]), s[1]), s[2]))
+# ((x - hi) - lo) * (rs * w) + bias
+_normalize8_stream = _stream8(lambda b, v, s: b.fadd(
+    b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2]))
+# a * dy + ((x - hi) * nb + sh)
+_dx_scalar8_stream = _stream8(lambda b, v, s: b.fadd(
+    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])))
+# (rs * w) * dy - b * ((x - hi) - lo) - cc
+_dx8_stream = _stream8(lambda b, v, s: b.fsub(b.fsub(
+    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]))
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -453,7 +441,7 @@ def _stream_affine(xs, ys, hi, sc, sh):
             ys[i] = (xs[i] - hi) * sc + sh
         i = head
         while i + 8 <= n:
-            _affine8_stream(xs, ys, i, hi, sc, sh)
+            _affine8_stream(ys, i, (xs,), (hi, sc, sh))
             i += 8
         for j in range(i, n):
             ys[j] = (xs[j] - hi) * sc + sh
@@ -480,10 +468,64 @@ def _stream_normalize(xs, ys, wv, bv, hi, lo, rs):
             ys[i] = ((xs[i] - hi) - lo) * (rs * wv[i]) + bv[i]
         i = head
         while i + 8 <= n:
-            _normalize8_stream(xs, ys, wv, bv, i, hi, lo, rs)
+            _normalize8_stream(ys, i, (xs, wv, bv), (hi, lo, rs))
             i += 8
         for j in range(i, n):
             ys[j] = ((xs[j] - hi) - lo) * (rs * wv[j]) + bv[j]
+        return True
+
+    return impl
+
+
+def stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc):
+    """dxs = (rs * wv) * dys - b * ((xs - hi) - lo) - cc with non-temporal stores; False
+    (nothing done) unless all are float32 (jit only)."""
+    raise NotImplementedError
+
+
+@overload(stream_dx, jit_options={"fastmath": _ELEMENTWISE})
+def _stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc):
+    if not (dys.dtype == xs.dtype == dxs.dtype == wv.dtype == types.float32):
+        return lambda dys, xs, dxs, wv, hi, lo, rs, b, cc: False
+
+    def impl(dys, xs, dxs, wv, hi, lo, rs, b, cc):
+        n = xs.size
+        head = min(n, (32 - dxs.ctypes.data % 32) % 32 // 4)
+        i = head
+        while i + 8 <= n:
+            _dx8_stream(dxs, i, (xs, dys, wv), (hi, lo, rs, b, cc))
+            i += 8
+        for j in range(head):
+            dxs[j] = (rs * wv[j]) * dys[j] - b * ((xs[j] - hi) - lo) - cc
+        for j in range(i, n):
+            dxs[j] = (rs * wv[j]) * dys[j] - b * ((xs[j] - hi) - lo) - cc
+        return True
+
+    return impl
+
+
+def stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh):
+    """dxs = a * dys + ((xs - hi) * nb + sh) with non-temporal stores; False (nothing done)
+    unless all are float32 (jit only)."""
+    raise NotImplementedError
+
+
+@overload(stream_dx_scalar, jit_options={"fastmath": _ELEMENTWISE})
+def _stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh):
+    if not (dys.dtype == xs.dtype == dxs.dtype == types.float32):
+        return lambda dys, xs, dxs, a, hi, nb, sh: False
+
+    def impl(dys, xs, dxs, a, hi, nb, sh):
+        n = xs.size
+        head = min(n, (32 - dxs.ctypes.data % 32) % 32 // 4)
+        i = head
+        while i + 8 <= n:
+            _dx_scalar8_stream(dxs, i, (xs, dys), (a, hi, nb, sh))
+            i += 8
+        for j in range(head):
+            dxs[j] = a * dys[j] + ((xs[j] - hi) * nb + sh)
+        for j in range(i, n):
+            dxs[j] = a * dys[j] + ((xs[j] - hi) * nb + sh)
         return True
 
     return impl
@@ -611,13 +653,16 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2):
+def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False):
     """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
     a * dy - b * (x - mean) - cc in the precision of xs; dz = dy (after ReLU's mask) when dzs
     is not empty."""
     a = narrow(rstd * wq, xs)
     # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
     hi, nb, sh = fold(mean, -(rstd * rstd * c1), -(rstd * c2), xs)
+    if (stream and xs.size >= STREAM_RUN and not relu and not dzs.size
+            and stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh)):
+        return
     if dzs.size:
         for i in range(xs.size):
             d = effective_dy(dys, ys, i, relu)
@@ -630,7 +675,7 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P):
+def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stream=False):
     """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run;
     dz = dy (after ReLU's mask) when dzs is not empty."""
     e = xs.size
@@ -640,6 +685,9 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P):
         rs = narrow(rstd, xs)
         b = narrow(rstd * rstd * c1, xs)
         cc = narrow(rstd * c2, xs)
+        if (stream and e >= STREAM_RUN and not relu and not dzs.size
+                and stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc)):
+            return
         if dzs.size:
             for i in range(e):
                 d = effective_dy(dys, ys, i, relu)
@@ -658,7 +706,7 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P):
         yq = ys[s - b0:t - b0] if relu else ys
         dzq = dzs[s - b0:t - b0] if dzs.size else dzs
         dx_scalar_run(dys[s - b0:t - b0], yq, relu, xs[s - b0:t - b0], dxs[s - b0:t - b0], dzq,
-                      mean, rstd, w[c * Q + q], c1, c2)
+                      mean, rstd, w[c * Q + q], c1, c2, stream)
         s = t
 
 
@@ -734,13 +782,14 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
 
 @_jit(parallel=True)
 def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered, nblk,
-                  dbias_part, dweight_part, dx, dz):
+                  dbias_part, dweight_part, dx, dz, stream):
     """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache.
 
     mean, rstd: (O * C,) saved statistics (float64). dbias_part, dweight_part:
     (nblk, C * B // P) zeroed partial sums, one row per block of statistics, summed by the
     caller; each block adds BLOCK_ROWS statistics at a time in the compute dtype (w's) first.
     y: the saved output (read with relu only); dz: the residual's gradient, or empty.
+    stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
     """
     R = O * C
     n = A * B
@@ -771,7 +820,9 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
                 ys = y[lo:lo + B] if relu else y
                 dzs = dz[lo:lo + B] if dz.size else dz
                 dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean[r],
-                       rstd[r], w, c1, c2, c, 0, B, P)
+                       rstd[r], w, c1, c2, c, 0, B, P, stream)
+        if stream:
+            sfence()
         flush(dbias, dbias_part[k])
         flush(dweight, dweight_part[k])
 
@@ -867,8 +918,9 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
 
 
 @_jit(parallel=True)
-def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz):
-    """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64."""
+def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz, stream):
+    """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64; stream:
+    see rows_backward."""
     L = A * C * B
     for item in prange(O * K):
         o = item // K
@@ -882,8 +934,10 @@ def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx
             ys = y[base:base + e] if relu else y
             dzs = dz[base:base + e] if dz.size else dz
             dx_run(dy[base:base + e], ys, relu, x[base:base + e], dx[base:base + e], dzs,
-                   mean[oc], rstd[oc], w, c1[oc], c2[oc], c, b, B, P)
+                   mean[oc], rstd[oc], w, c1[oc], c2[oc], c, b, B, P, stream)
             pos += e
+        if stream:
+            sfence()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,7 +194,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
             _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, wc, frozen,
-                                      centered, plan.nblk, dbias, dweight, dx, dz)
+                                      centered, plan.nblk, dbias, dweight, dx, dz,
+                                      dx.nbytes >= STREAM_MIN)
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
@@ -221,7 +222,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
             _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                         wc, c1, c2, dx, dz)
+                                         wc, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
         else:
             a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
             b = rstd_j * rstd_j * _per_column(c1, plan, c)

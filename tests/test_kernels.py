@@ -95,41 +95,55 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
                                          ("batch", (64, 3, 32771)),       # flat
                                          ("layer", (4099, 1025))])        # weight per element
 def test_streamed_outputs_equal_plain_ones(norm, shape, monkeypatch):
-    """Outputs of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
-    32-byte boundary, 8-wide body, scalar tail): bit for bit the plain loop's result."""
+    """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
+    32-byte boundary, 8-wide body, scalar tail): bit for bit the plain loops' results."""
     from normcore import _cpu
     x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
     assert x.nbytes >= _cpu.STREAM_MIN
-    fwd = {"instance": nc.instance_norm, "batch": nc.batch_norm,
-           "layer": lambda x: nc.layer_norm(x, np.linspace(0.5, 2, x.shape[-1], dtype=np.float32),
-                                            np.linspace(-1, 1, x.shape[-1], dtype=np.float32))}[norm]
-    streamed = fwd(x)      # runs of odd length: most start off a 32-byte boundary
+    w = np.linspace(0.5, 2, x.shape[-1], dtype=np.float32)
+    fwd, bwd = {
+        "instance": (nc.instance_norm_forward, nc.instance_norm_backward),
+        "batch": (nc.batch_norm_forward, nc.batch_norm_backward),
+        "layer": (lambda x: nc.layer_norm_forward(x, w, w - 1),
+                  lambda dy, x, mean, rstd: nc.layer_norm_backward(dy, x, mean, rstd, w))}[norm]
+    dy = np.random.default_rng(5).standard_normal(shape, dtype=np.float32)
+
+    def run():
+        f = fwd(x)         # runs of odd length: most start off a 32-byte boundary
+        return f.y, bwd(dy, x, f.mean, f.rstd).dx
+
+    streamed = run()
     monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
-    plain = fwd(x)
-    assert np.array_equal(streamed, plain)
+    plain = run()
+    assert np.array_equal(streamed[0], plain[0]) and np.array_equal(streamed[1], plain[1])
 
 
 def test_streaming_helpers_emit_non_temporal_stores():
-    """stream_affine / stream_normalize compute the plain formulas and compile to vmovntps
+    """The stream_* helpers compute the plain formulas and compile to vmovntps
     (x86-64): a silent fallback to ordinary stores would pass the test above."""
     import platform
 
     import numba
 
+    f32 = np.float32
+    hi, lo, sc, sh = f32(0.5), f32(1e-8), f32(1.5), f32(0.25)
+
     @numba.njit
-    def both(x, y1, y2, w, b):
-        cpu.stream_affine(x, y1, np.float32(0.5), np.float32(1.5), np.float32(0.25))
-        cpu.stream_normalize(x, y2, w, b, np.float32(0.5), np.float32(1e-8), np.float32(1.5))
+    def each(x, d, w, b, y1, y2, y3, y4):
+        cpu.stream_affine(x, y1, hi, sc, sh)
+        cpu.stream_normalize(x, y2, w, b, hi, lo, sc)
+        cpu.stream_dx_scalar(d, x, y3, sc, hi, -sc, sh)
+        cpu.stream_dx(d, x, y4, w, hi, lo, sc, sc, sh)
         cpu.sfence()
 
     rng = np.random.default_rng(5)
-    x, w, b = (rng.standard_normal(1001, dtype=np.float32) for _ in range(3))
-    y1, y2 = np.empty_like(x), np.empty_like(x)
-    both(x[1:], y1[1:], y2[1:], w[1:], b[1:])
-    # within an ulp or two of NumPy's (which rounds the product before the sum)
-    want1 = (x[1:] - np.float32(0.5)) * np.float32(1.5) + np.float32(0.25)
-    want2 = ((x[1:] - np.float32(0.5)) - np.float32(1e-8)) * (np.float32(1.5) * w[1:]) + b[1:]
-    np.testing.assert_allclose(y1[1:], want1, rtol=3e-7, atol=3e-7)
-    np.testing.assert_allclose(y2[1:], want2, rtol=3e-7, atol=3e-7)
+    x, d, w, b = (rng.standard_normal(1001, dtype=np.float32)[1:] for _ in range(4))
+    ys = [np.empty(1001, np.float32)[1:] for _ in range(4)]
+    each(x, d, w, b, *ys)
+    # within an ulp or two of NumPy's (which rounds each product before the sum)
+    wants = [(x - hi) * sc + sh, ((x - hi) - lo) * (sc * w) + b, sc * d + ((x - hi) * -sc + sh),
+             (sc * w) * d - sc * ((x - hi) - lo) - sh]
+    for got, want in zip(ys, wants):
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert "vmovntps" in both.inspect_asm(both.signatures[0])
+        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 4
