@@ -12,6 +12,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
+from . import _dtypes
 from .kernels import cpu as K
 
 # numba's workqueue threading layer aborts when two threads enter parallel regions at once;
@@ -47,7 +48,7 @@ def _bits(a):
     return a.view(np.uint16) if a.dtype.char == "e" else a
 
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_F64 = np.dtype(np.float64)
 # Outputs of at least this many bytes are written with non-temporal stores where a kernel can
 # (float32, no residual or ReLU; see kernels/cpu.py: affine_run): they would not stay in the
 # 32 MiB L3 anyway, and skipping the read of each line before writing it saved ~20% on 64 MiB.
@@ -55,8 +56,9 @@ STREAM_MIN = 1 << 24
 
 
 def _compute(x):
-    """The elementwise kernels' arithmetic dtype for data x (float16 already as uint16)."""
-    return _F64 if x.dtype == _F64 else _F32
+    """The elementwise kernels' arithmetic dtype for data x (float16 already as uint16): the
+    saved statistics' dtype, by the one dtype policy."""
+    return _dtypes.stats_dtype(x.dtype)
 
 
 def _split(mean, ct):

@@ -28,7 +28,7 @@ from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_l
 from ._validate import (check_eps, check_input, check_like_x, check_momentum, check_out,
                         check_param, check_running)
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_F64 = np.dtype(np.float64)
 
 NormForward = namedtuple("NormForward", "y mean rstd running_mean running_var")
 NormForward.__doc__ = """Result of a *_forward call: the output y, the saved statistics mean and
@@ -83,7 +83,7 @@ def _finish(be, res, buf):
 def _param_dtype(be, x):
     """weight / bias go to the CPU kernels in their compute dtype: float32 for float16 and
     float32 data (one conversion per call instead of two); float64 elsewhere."""
-    return _F32 if be.name == "cpu" and x.dtype.itemsize < 8 else _F64
+    return stats_dtype(x.dtype) if be.name == "cpu" else _F64
 
 
 def _affine(plan, be, x, weight, bias, context):
