@@ -423,112 +423,68 @@ def effective_dy(dys, ys, i, relu):
 # slower than the same kernel loaded from the cache) and to every serial twin (15x).
 
 
-def stream_affine(xs, ys, hi, sc, sh):
-    """ys = (xs - hi) * sc + sh with non-temporal stores; False (nothing done) unless both are
-    float32 (jit only)."""
-    raise NotImplementedError
+def _streaming(stream8, element):
+    """A jit-only helper (ys, arrays, scalars) -> bool that writes ys[j] = element(j, arrays,
+    scalars) for every j with non-temporal stores: a scalar head up to a 32-byte boundary of
+    ys, stream8 on 8 values at a time, a scalar tail. False (nothing written) unless ys and
+    the arrays are float32."""
+
+    def helper(ys, arrays, scalars):
+        raise NotImplementedError
+
+    @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
+    def _helper(ys, arrays, scalars):
+        if not (ys.dtype == types.float32 and all(a.dtype == types.float32 for a in arrays)):
+            return lambda ys, arrays, scalars: False
+
+        def impl(ys, arrays, scalars):
+            n = ys.size
+            head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
+            for j in range(head):
+                ys[j] = element(j, arrays, scalars)
+            i = head
+            while i + 8 <= n:
+                stream8(ys, i, arrays, scalars)
+                i += 8
+            for j in range(i, n):
+                ys[j] = element(j, arrays, scalars)
+            return True
+
+        return impl
+
+    return helper
 
 
-@overload(stream_affine, jit_options={"fastmath": _ELEMENTWISE})
-def _stream_affine(xs, ys, hi, sc, sh):
-    if not (xs.dtype == ys.dtype == types.float32):
-        return lambda xs, ys, hi, sc, sh: False
-
-    def impl(xs, ys, hi, sc, sh):
-        n = xs.size
-        head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
-        for i in range(head):
-            ys[i] = (xs[i] - hi) * sc + sh
-        i = head
-        while i + 8 <= n:
-            _affine8_stream(ys, i, (xs,), (hi, sc, sh))
-            i += 8
-        for j in range(i, n):
-            ys[j] = (xs[j] - hi) * sc + sh
-        return True
-
-    return impl
+# Each formula twice, once per value and once per 8 lanes (the same operations in the same
+# order, so streamed and plain results agree bit for bit).
+@_jit(fastmath=_ELEMENTWISE)
+def _affine1(j, v, s):
+    return (v[0][j] - s[0]) * s[1] + s[2]
 
 
-def stream_normalize(xs, ys, wv, bv, hi, lo, rs):
-    """ys = ((xs - hi) - lo) * (rs * wv) + bv with non-temporal stores; False (nothing done)
-    unless all are float32 (jit only)."""
-    raise NotImplementedError
+@_jit(fastmath=_ELEMENTWISE)
+def _normalize1(j, v, s):
+    return ((v[0][j] - s[0]) - s[1]) * (s[2] * v[1][j]) + v[2][j]
 
 
-@overload(stream_normalize, jit_options={"fastmath": _ELEMENTWISE})
-def _stream_normalize(xs, ys, wv, bv, hi, lo, rs):
-    if not (xs.dtype == ys.dtype == wv.dtype == bv.dtype == types.float32):
-        return lambda xs, ys, wv, bv, hi, lo, rs: False
-
-    def impl(xs, ys, wv, bv, hi, lo, rs):
-        n = xs.size
-        head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
-        for i in range(head):
-            ys[i] = ((xs[i] - hi) - lo) * (rs * wv[i]) + bv[i]
-        i = head
-        while i + 8 <= n:
-            _normalize8_stream(ys, i, (xs, wv, bv), (hi, lo, rs))
-            i += 8
-        for j in range(i, n):
-            ys[j] = ((xs[j] - hi) - lo) * (rs * wv[j]) + bv[j]
-        return True
-
-    return impl
+@_jit(fastmath=_ELEMENTWISE)
+def _dx_scalar1(j, v, s):
+    return s[0] * v[1][j] + ((v[0][j] - s[1]) * s[2] + s[3])
 
 
-def stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc):
-    """dxs = (rs * wv) * dys - b * ((xs - hi) - lo) - cc with non-temporal stores; False
-    (nothing done) unless all are float32 (jit only)."""
-    raise NotImplementedError
+@_jit(fastmath=_ELEMENTWISE)
+def _dx1(j, v, s):
+    return (s[2] * v[2][j]) * v[1][j] - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4]
 
 
-@overload(stream_dx, jit_options={"fastmath": _ELEMENTWISE})
-def _stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc):
-    if not (dys.dtype == xs.dtype == dxs.dtype == wv.dtype == types.float32):
-        return lambda dys, xs, dxs, wv, hi, lo, rs, b, cc: False
-
-    def impl(dys, xs, dxs, wv, hi, lo, rs, b, cc):
-        n = xs.size
-        head = min(n, (32 - dxs.ctypes.data % 32) % 32 // 4)
-        i = head
-        while i + 8 <= n:
-            _dx8_stream(dxs, i, (xs, dys, wv), (hi, lo, rs, b, cc))
-            i += 8
-        for j in range(head):
-            dxs[j] = (rs * wv[j]) * dys[j] - b * ((xs[j] - hi) - lo) - cc
-        for j in range(i, n):
-            dxs[j] = (rs * wv[j]) * dys[j] - b * ((xs[j] - hi) - lo) - cc
-        return True
-
-    return impl
-
-
-def stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh):
-    """dxs = a * dys + ((xs - hi) * nb + sh) with non-temporal stores; False (nothing done)
-    unless all are float32 (jit only)."""
-    raise NotImplementedError
-
-
-@overload(stream_dx_scalar, jit_options={"fastmath": _ELEMENTWISE})
-def _stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh):
-    if not (dys.dtype == xs.dtype == dxs.dtype == types.float32):
-        return lambda dys, xs, dxs, a, hi, nb, sh: False
-
-    def impl(dys, xs, dxs, a, hi, nb, sh):
-        n = xs.size
-        head = min(n, (32 - dxs.ctypes.data % 32) % 32 // 4)
-        i = head
-        while i + 8 <= n:
-            _dx_scalar8_stream(dxs, i, (xs, dys), (a, hi, nb, sh))
-            i += 8
-        for j in range(head):
-            dxs[j] = a * dys[j] + ((xs[j] - hi) * nb + sh)
-        for j in range(i, n):
-            dxs[j] = a * dys[j] + ((xs[j] - hi) * nb + sh)
-        return True
-
-    return impl
+# ys = (x - hi) * sc + sh: arrays (x,), scalars (hi, sc, sh)
+stream_affine = _streaming(_affine8_stream, _affine1)
+# ys = ((x - hi) - lo) * (rs * w) + bias: arrays (x, w, bias), scalars (hi, lo, rs)
+stream_normalize = _streaming(_normalize8_stream, _normalize1)
+# dx = a * dy + ((x - hi) * nb + sh): arrays (x, dy), scalars (a, hi, nb, sh)
+stream_dx_scalar = _streaming(_dx_scalar8_stream, _dx_scalar1)
+# dx = (rs * w) * dy - b * ((x - hi) - lo) - cc: arrays (x, dy, w), scalars (hi, lo, rs, b, cc)
+stream_dx = _streaming(_dx8_stream, _dx1)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -540,7 +496,7 @@ def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False):
     # outputs far larger than the caches: non-temporal stores skip reading each line before
     # writing it (IN / BN forward on 64 MiB: ~20% faster), but leave y out of the cache
     if (stream and xs.size >= STREAM_RUN and not relu and not zs.size
-            and stream_affine(xs, ys, hi, sc, sh)):
+            and stream_affine(ys, (xs,), (hi, sc, sh))):
         return
     if zs.size:
         for i in range(xs.size):
@@ -562,7 +518,7 @@ def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=Fal
         hi, lo = split(mean, xs)
         rs = narrow(rstd, xs)
         if (stream and e >= STREAM_RUN and not relu and not zs.size
-                and stream_normalize(xs, ys, wv, bv, hi, lo, rs)):
+                and stream_normalize(ys, (xs, wv, bv), (hi, lo, rs))):
             return
         if zs.size:
             for i in range(e):
@@ -661,7 +617,7 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
     # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
     hi, nb, sh = fold(mean, -(rstd * rstd * c1), -(rstd * c2), xs)
     if (stream and xs.size >= STREAM_RUN and not relu and not dzs.size
-            and stream_dx_scalar(dys, xs, dxs, a, hi, nb, sh)):
+            and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh))):
         return
     if dzs.size:
         for i in range(xs.size):
@@ -686,7 +642,7 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
         b = narrow(rstd * rstd * c1, xs)
         cc = narrow(rstd * c2, xs)
         if (stream and e >= STREAM_RUN and not relu and not dzs.size
-                and stream_dx(dys, xs, dxs, wv, hi, lo, rs, b, cc)):
+                and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc))):
             return
         if dzs.size:
             for i in range(e):

@@ -130,10 +130,10 @@ def test_streaming_helpers_emit_non_temporal_stores():
 
     @numba.njit
     def each(x, d, w, b, y1, y2, y3, y4):
-        cpu.stream_affine(x, y1, hi, sc, sh)
-        cpu.stream_normalize(x, y2, w, b, hi, lo, sc)
-        cpu.stream_dx_scalar(d, x, y3, sc, hi, -sc, sh)
-        cpu.stream_dx(d, x, y4, w, hi, lo, sc, sc, sh)
+        cpu.stream_affine(y1, (x,), (hi, sc, sh))
+        cpu.stream_normalize(y2, (x, w, b), (hi, lo, sc))
+        cpu.stream_dx_scalar(y3, (x, d), (sc, hi, -sc, sh))
+        cpu.stream_dx(y4, (x, d, w), (hi, lo, sc, sc, sh))
         cpu.sfence()
 
     rng = np.random.default_rng(5)
