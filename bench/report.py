@@ -64,7 +64,8 @@ def markdown(data):
     lines = [
         f"Measured with `{' '.join(['python bench/run.py'] + data['argv'])}` "
         f"on {m['cpu']} ({m['usable_cpus']} cores; "
-        f"threads: {threads}), NumPy {v['numpy']}, Numba {v['numba']}, "
+        f"threads: {threads}; OpenMP wait policy {m.get('omp_wait_policy', 'not recorded')}), "
+        f"NumPy {v['numpy']}, Numba {v['numba']}, "
         f"PyTorch {v.get('torch', 'not installed')}, normcore {v.get('normcore', '?')} at "
         f"`{m['commit']}`, {m['date'][:10]}. Copy bandwidth (the fastest of np.copyto and "
         f"copies on all threads with plain and with non-temporal stores, between two 256 MiB "

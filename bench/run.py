@@ -94,7 +94,8 @@ def machine_info(threads):
         commit = ""
     return {"cpu": cpu.get("model name", platform.processor()), "cache": cpu.get("cache size"),
             "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "threads": threads, "platform": platform.platform(), "versions": versions,
+            "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "platform": platform.platform(), "versions": versions,
             "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -8,22 +8,15 @@ splits, ``PopulationStats`` exact statistics for inference. NumPy arrays run on 
 kernels, CuPy arrays on the CUDA kernels, other Array-API arrays and dask arrays as
 normcore._arrayapi and normcore._dask describe. See each function's docstring for the math.
 """
-import os
-
-# libgomp's default spin-wait turns each parallel launch into milliseconds as soon as another
-# process holds a core (measured here: 8 ms per launch with the omp layer under load, 15 us
-# passive). Respect the user's choice; it only takes effect if OpenMP is not yet initialised.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from ._moments import moments  # noqa: E402
-from ._norms import (NormBackward, NormForward, batch_norm,  # noqa: E402
+from ._moments import moments
+from ._norms import (NormBackward, NormForward, batch_norm,
                      batch_norm_backward, batch_norm_forward, batch_norm_scale_shift,
                      fold_batch_norm, group_norm, group_norm_backward, group_norm_forward,
                      instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
                      layer_norm_backward, layer_norm_forward, rms_norm, rms_norm_backward,
                      rms_norm_forward)
-from ._welford import Moments, PopulationStats, merge_moments, welford  # noqa: E402
-from ._arrayapi import dispatch as _dispatch  # noqa: E402
+from ._welford import Moments, PopulationStats, merge_moments, welford
+from ._arrayapi import dispatch as _dispatch
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@ affine parameter of element (o, a, c, b) is cell c * Q + b // P with Q = B // P.
 cached on (shape, axes, thread count) and hold only ints, so they are testable without arrays.
 """
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,12 +21,15 @@ ITEMS_PER_THREAD = 4
 # find still in cache on their second pass: 2 MiB of float32, out of a core's L2 but well
 # inside its share of the 32 MiB L3, which still serves it several times faster than memory.
 STAT_CACHE = 1 << 19
-# Inputs of at most this many elements run on the calling thread. With OMP_WAIT_POLICY=PASSIVE
-# (set by normcore/__init__.py) a parallel launch wakes sleeping threads: ~60 us here, against
-# 1.6 us with spinning ones. Measured on (n / 1024, 1024) float32, parallel / serial (us):
-# BatchNorm forward 335 / 165 and backward 312 / 179 at n = 2**18; LayerNorm forward
-# 121 / 86 at 2**18 and 259 / 299 at 2**20.
-SERIAL_MAX = 1 << 18
+# Inputs of at most this many elements run on the calling thread. The break-even point depends
+# on how libgomp's threads wait between launches, which the process environment decides (and
+# which normcore leaves alone: PyTorch shares the same libgomp). Spinning (the default), a
+# launch costs ~3 us and two threads beat one from ~2**15 elements: (n / 1024, 1024) float32
+# BatchNorm forward, parallel / serial, 44 / 47 us at n = 2**16, 79 / 111 at 2**18. With
+# OMP_WAIT_POLICY=PASSIVE a launch wakes sleeping threads, ~60 us here: BatchNorm forward
+# 219 / 111 us and backward 256 / 165 at 2**18, LayerNorm forward 259 / 299 at 2**20.
+PASSIVE_WAIT = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+SERIAL_MAX = 1 << 18 if PASSIVE_WAIT else 1 << 15
 
 
 @dataclass(frozen=True)

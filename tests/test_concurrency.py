@@ -60,3 +60,27 @@ def test_workqueue_layer_calls_are_serialized(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "workqueue"
+
+
+WAIT_SCRIPT = textwrap.dedent("""
+    import os
+    import numpy as np
+    import normcore as nc
+    from normcore import _plan
+    nc.batch_norm(np.ones((1024, 3, 96), np.float32))    # large: a parallel launch
+    print(os.environ.get("OMP_WAIT_POLICY"), _plan.SERIAL_MAX)
+""")
+
+
+def test_thread_wait_policy_is_the_callers(tmp_path):
+    """libgomp reads OMP_WAIT_POLICY once, and PyTorch shares it: normcore must not set it
+    (a passive pool made torch's small ops ~12x slower), only size its serial cut-off to it."""
+    cutoffs = {}
+    for policy in (None, "PASSIVE"):
+        env = {"PATH": ""} if policy is None else {"PATH": "", "OMP_WAIT_POLICY": policy}
+        done = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen, cutoffs[policy] = done.stdout.split()
+        assert seen == str(policy)
+    assert int(cutoffs["PASSIVE"]) > int(cutoffs[None])
