@@ -1,9 +1,10 @@
 """Executes a Plan on NumPy arrays with the Numba CPU kernels.
 
-Arrays arrive flat and C-contiguous (x, y, dy, dx) or as float64 parameter vectors of length
-C * Q; small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise
-kernels compute in float32 for float16 / float32 data (see kernels/cpu.py): their parameter
-and per-column arrays are handed over in that compute dtype, the mean split as hi + lo.
+Arrays arrive flat and C-contiguous (x, y, dy, dx), weight / bias as vectors of C * Q cells in
+the compute dtype (the front end converts them while checking them) and statistics in float64;
+small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise kernels
+compute in float32 for float16 / float32 data (see kernels/cpu.py): their per-column arrays are
+handed over in that compute dtype too, the mean split as hi + lo.
 """
 import contextlib
 import threading
@@ -38,9 +39,10 @@ def _k(plan, kernel):
     return getattr(kernel, "serial", kernel) if plan.serial else kernel
 
 
-def guard():
-    """The workqueue lock when the threading layer needs it, else a no-op context."""
-    return _workqueue_lock if _serialize_needed() else _NO_LOCK
+def guard(plan):
+    """The workqueue lock when the plan runs parallel kernels on a layer that needs it, else a
+    no-op context (the serial twins never enter a parallel region)."""
+    return _workqueue_lock if not plan.serial and _serialize_needed() else _NO_LOCK
 
 
 def _bits(a):
@@ -71,6 +73,7 @@ def _split(mean, ct):
 
 # Empty arrays that tell a kernel an optional argument is absent (shared: never written).
 _EMPTY = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
+_EMPTY64 = _EMPTY[_F64]
 
 
 def _none_like(a):
@@ -103,7 +106,7 @@ def moments(plan, x, narrow=False):
     on long runs)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
-    with guard():
+    with guard(plan):
         if plan.path == "rows":
             mean = np.empty(O * C)
             var = np.empty(O * C)
@@ -131,7 +134,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
     ct = _compute(x)
-    with guard():
+    with guard(plan):
         if plan.path.startswith("columns"):
             c, cell = _column_maps(plan)
             w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
@@ -142,8 +145,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
                                          shift, y)
         else:
             _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                       w.astype(ct, copy=False), bias.astype(ct, copy=False), y,
-                                       y.nbytes >= STREAM_MIN)
+                                       w, bias, y, y.nbytes >= STREAM_MIN)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
@@ -155,17 +157,15 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         R = plan.O * plan.C
         mean = np.empty(R, stats_dtype)
         rstd = np.empty(R, stats_dtype)
-        var = np.empty(R) if want_var else _EMPTY[np.dtype(np.float64)]
-        xb = _bits(x)
-        zb = _none_like(xb) if z is None else _bits(z)
-        ct = _compute(xb)
-        args = (xb, zb, relu, centered, plan.O, plan.A, plan.C, plan.B, plan.P,
-                w.astype(ct, copy=False), bias.astype(ct, copy=False), eps, _bits(y), mean, rstd,
-                var)
-        with guard():
-            if plan.path == "rows":
+        var = np.empty(R) if want_var else _EMPTY64
+        x = _bits(x)
+        args = (x, _none_like(x) if z is None else _bits(z), relu, centered, plan.O, plan.A,
+                plan.C, plan.B, plan.P, w, bias, eps, _bits(y), mean, rstd, var)
+        if plan.path == "rows":
+            with guard(plan):
                 _k(plan, K.rows_forward)(*args, y.nbytes >= STREAM_MIN)
-            else:
+        else:
+            with guard(plan):
                 _k(plan, K.column_forward)(*args)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
@@ -190,20 +190,21 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     y = _bits(y) if relu else _none_like(dy)
     dz = _none_like(dx) if dz is None else _bits(dz)
     ct = _compute(x)
-    wc = w.astype(ct, copy=False)
-    with guard():
+    with guard(plan):
         if plan.backward_path == "rows":
             shape = (plan.nblk, C * Q)
             dbias, dweight = np.zeros(shape), np.zeros(shape)
-            _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, wc, frozen,
+            _k(plan, K.rows_backward)(dy, y, relu, x, O, A, C, B, plan.P, mean, rstd, w, frozen,
                                       centered, plan.nblk, dbias, dweight, dx, dz,
                                       dx.nbytes >= STREAM_MIN)
+            if plan.nblk == 1:
+                return dweight[0], dbias[0]
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":
             shape = (O, plan.K, C * Q)
             sdy, sdyxhat = np.empty(shape), np.empty(shape)
             _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                           wc, sdy, sdyxhat)
+                                           w, sdy, sdyxhat)
             sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
         else:
             J = C * B
@@ -224,7 +225,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
         if plan.backward_path == "flat":
             _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                         wc, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
+                                         w, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
         else:
             a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
             b = rstd_j * rstd_j * _per_column(c1, plan, c)

@@ -80,12 +80,14 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
     backward_path = ("rows" if path == "rows" or (A == 1 and P == 1) else
                      "columns" if path == "columns_fused" else path)
-    if backward_path == "columns":
-        K = max(1, min(math.ceil(items / max(O, 1)), A, per_o // MIN_ITEM or 1))
+    serial = O * A * C * B <= SERIAL_MAX
+    if serial:      # no split: one chunk per sample, one block of partial sums
+        K, nblk = 1, 1
     else:
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
-    nblk = max(1, min(stats, items))
-    serial = O * A * C * B <= SERIAL_MAX
+        if backward_path == "columns":
+            K = min(K, A)
+        nblk = max(1, min(stats, items))
     return Plan(O, A, C, B, P, path, backward_path, K, nblk, serial, stats_shape, param_shape)
 
 

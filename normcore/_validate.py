@@ -44,23 +44,22 @@ def check_momentum(momentum):
 
 
 def check_param(name, arr, shape, be, x, context, dtype=np.float64):
-    """weight / bias / statistics: None or a floating array of `shape` like x; returns it as a
-    contiguous float64 vector (or None); NumPy arrays in `dtype` instead when given (the CPU
-    kernels' compute dtype)."""
+    """weight / bias / statistics: None or a floating array of `shape` (a tuple) like x;
+    returns it as a contiguous float64 vector (or None); NumPy arrays in `dtype` instead when
+    given (the CPU kernels' compute dtype)."""
     if arr is None:
         return None
     check_array(name, arr, be, x)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a real floating dtype, got dtype {arr.dtype}")
-    if arr.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} for {context}, got "
-                         f"{arr.shape}")
+    if arr.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} for {context}, got {arr.shape}")
     if be.name != "cpu":
         return be.xp.ascontiguousarray(arr, dtype=be.xp.float64).reshape(-1)
     vec = arr.astype(dtype, copy=False)      # per call: no copy when it has that dtype
-    if not vec.flags.c_contiguous:
-        vec = np.ascontiguousarray(vec)
-    return vec if vec.ndim == 1 else vec.reshape(-1)
+    if vec.ndim != 1 or not vec.flags.c_contiguous:
+        vec = np.ascontiguousarray(vec).reshape(-1)
+    return vec
 
 
 def _writable(arr):
