@@ -143,22 +143,24 @@ def _f32_run(a):
 
 
 def _stream8(formula):
-    """An intrinsic (ys, i, arrays, scalars): ys[i:i + 8] = formula(builder, vectors of the
-    arrays at [i, i + 8), the scalars splat to 8 lanes), all float32, with a non-temporal store
-    (ys + i must be 32-byte aligned). arrays, scalars: tuples."""
+    """An intrinsic (ys, i, arrays, p, columns, scalars): ys[i:i + 8] = formula(builder,
+    vectors of the arrays at [i, i + 8) then of the columns at [p, p + 8), the scalars splat to
+    8 lanes), all float32, with a non-temporal store (ys + i must be 32-byte aligned).
+    arrays, columns, scalars: tuples."""
 
     @intrinsic
-    def stream8(typingctx, ys, i, arrays, scalars):
+    def stream8(typingctx, ys, i, arrays, p, columns, scalars):
         if not (_f32_run(ys) and ys.mutable and all(_f32_run(a) for a in arrays)
+                and all(_f32_run(a) for a in columns)
                 and all(t == types.float32 for t in scalars)):
             return None
 
         def codegen(context, builder, signature, args):
             lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
 
-            def at(arrty, arr):
+            def at(arrty, arr, index):
                 a = context.make_array(arrty)(context, builder, arr)
-                return builder.bitcast(builder.gep(a.data, [args[1]], inbounds=True),
+                return builder.bitcast(builder.gep(a.data, [index], inbounds=True),
                                        _V8.as_pointer())
 
             def splat(value):
@@ -166,17 +168,18 @@ def _stream8(formula):
                                            ir.Constant(ir.IntType(32), 0))
                 return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), lanes)
 
-            arrtys, scaltys = signature.args[2], signature.args[3]
-            vecs = [builder.load(at(t, builder.extract_value(args[2], k)), align=4)
-                    for k, t in enumerate(arrtys)]
-            sc = [splat(builder.extract_value(args[3], k)) for k in range(len(scaltys))]
-            st = builder.store(formula(builder, vecs, sc), at(signature.args[0], args[0]),
+            vecs = [builder.load(at(t, builder.extract_value(args[arg], k), args[index]),
+                                 align=4)
+                    for arg, index in ((2, 1), (4, 3))
+                    for k, t in enumerate(signature.args[arg])]
+            sc = [splat(builder.extract_value(args[5], k)) for k in range(len(signature.args[5]))]
+            st = builder.store(formula(builder, vecs, sc), at(signature.args[0], args[0], args[1]),
                                align=32)
             st.set_metadata("nontemporal",
                             builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
             return context.get_dummy_value()
 
-        return types.void(ys, i, arrays, scalars), codegen
+        return types.void(ys, i, arrays, p, columns, scalars), codegen
 
     return stream8
 
@@ -192,6 +195,12 @@ _dx_scalar8_stream = _stream8(lambda b, v, s: b.fadd(
 # (rs * w) * dy - b * ((x - hi) - lo) - cc
 _dx8_stream = _stream8(lambda b, v, s: b.fsub(b.fsub(
     b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]))
+# columns: (x - hi) * scale + shift; vectors x, hi, scale, shift
+_columns_affine8_stream = _stream8(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]),
+                                                          v[3]))
+# columns: a * dy - b * (x - hi) - c; vectors x, dy, hi, a, b, c
+_columns_dx8_stream = _stream8(lambda b, v, s: b.fsub(b.fsub(
+    b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]))
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -444,7 +453,7 @@ def _streaming(stream8, element):
                 ys[j] = element(j, arrays, scalars)
             i = head
             while i + 8 <= n:
-                stream8(ys, i, arrays, scalars)
+                stream8(ys, i, arrays, i, (), scalars)
                 i += 8
             for j in range(i, n):
                 ys[j] = element(j, arrays, scalars)
@@ -453,6 +462,56 @@ def _streaming(stream8, element):
         return impl
 
     return helper
+
+
+def _streaming_columns(stream8, element):
+    """As _streaming for a block of whole rows of J columns, flat: ys[j] = element(j, j % J,
+    arrays, columns), where the arrays run with ys and the columns (per-column coefficients)
+    are tiled, J + 8 values long (see tile8), so that the 8 columns of any aligned window are
+    contiguous even where it spans two rows. A block streams as one run: a row of 64 values
+    would be 4 scalar values, 7 windows and 4 scalar values on NumPy's 16-byte-aligned
+    buffers, and plain stores to lines that non-temporal ones also write cost more than they
+    save."""
+
+    def helper(ys, arrays, columns, J):
+        raise NotImplementedError
+
+    @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
+    def _helper(ys, arrays, columns, J):
+        if not (ys.dtype == types.float32 and all(a.dtype == types.float32 for a in arrays)
+                and all(a.dtype == types.float32 for a in columns)):
+            return lambda ys, arrays, columns, J: False
+
+        def impl(ys, arrays, columns, J):
+            n = ys.size
+            head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
+            for j in range(head):
+                ys[j] = element(j, j % J, arrays, columns)
+            i = head
+            p = head % J
+            while i + 8 <= n:
+                stream8(ys, i, arrays, p, columns, ())
+                i += 8
+                p += 8
+                while p >= J:
+                    p -= J
+            for j in range(i, n):
+                ys[j] = element(j, j % J, arrays, columns)
+            return True
+
+        return impl
+
+    return helper
+
+
+@_jit()
+def tile8(column):
+    """column followed by its first 8 values (J >= 8): any 8 columns from p < J, in order."""
+    J = column.size
+    tiled = np.empty(J + 8, column.dtype)
+    tiled[:J] = column
+    tiled[J:] = column[:8]
+    return tiled
 
 
 # Each formula twice, once per value and once per 8 lanes (the same operations in the same
@@ -477,6 +536,16 @@ def _dx1(j, v, s):
     return (s[2] * v[2][j]) * v[1][j] - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4]
 
 
+@_jit(fastmath=_ELEMENTWISE)
+def _columns_affine1(j, p, v, c):
+    return (v[0][j] - c[0][p]) * c[1][p] + c[2][p]
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def _columns_dx1(j, p, v, c):
+    return c[1][p] * v[1][j] - c[2][p] * (v[0][j] - c[0][p]) - c[3][p]
+
+
 # ys = (x - hi) * sc + sh: arrays (x,), scalars (hi, sc, sh)
 stream_affine = _streaming(_affine8_stream, _affine1)
 # ys = ((x - hi) - lo) * (rs * w) + bias: arrays (x, w, bias), scalars (hi, lo, rs)
@@ -485,6 +554,10 @@ stream_normalize = _streaming(_normalize8_stream, _normalize1)
 stream_dx_scalar = _streaming(_dx_scalar8_stream, _dx_scalar1)
 # dx = (rs * w) * dy - b * ((x - hi) - lo) - cc: arrays (x, dy, w), scalars (hi, lo, rs, b, cc)
 stream_dx = _streaming(_dx8_stream, _dx1)
+# ys = (x - hi) * scale + shift: arrays (x,), columns (hi, scale, shift), tiled
+stream_columns_affine = _streaming_columns(_columns_affine8_stream, _columns_affine1)
+# dx = a * dy - b * (x - hi) - c: arrays (x, dy), columns (hi, a, b, c), tiled
+stream_columns_dx = _streaming_columns(_columns_dx8_stream, _columns_dx1)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -991,10 +1064,14 @@ def rows_column_moments(x, J, lo, hi, mean, m2, narrow):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def normalize_rows(x, z, relu, y, J, r0, r1, hi, scale, shift):
+def normalize_rows(x, z, relu, y, J, r0, r1, hi, scale, shift, stream):
     """y = relu((x - hi) * scale + shift + z) on rows [r0, r1) of the flat (N, J) view, with
     per-column hi, scale, shift (J,) in the compute dtype (the mean's low part folded into
-    shift, see fold); z may be empty."""
+    shift, see fold); z may be empty. stream: as in affine_run (the caller fences)."""
+    if (stream and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu and not z.size
+            and stream_columns_affine(y[r0 * J:r1 * J], (x[r0 * J:r1 * J],),
+                                      (tile8(hi), tile8(scale), tile8(shift)), J)):
+        return
     if z.size:
         for r in range(r0, r1):
             row, zrow, out = x[r * J:(r + 1) * J], z[r * J:(r + 1) * J], y[r * J:(r + 1) * J]
@@ -1023,13 +1100,13 @@ def column_moments(x, O, A, J, K, narrow, count, mean, m2):
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
 def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
-                   var_out):
+                   var_out, stream):
     """Fused statistics + normalize (+ residual, ReLU) per sample o of the column view
     (O, A, J = C * B): InstanceNorm / GroupNorm channels-last whose sample stays in cache, so
     x is read from memory once. Statistic c merges the moments of its B columns.
 
     w, bias: (C * B // P,) parameter cells in the compute dtype; mean_out, rstd_out (O * C,)
-    saved statistics; var_out (O * C,) float64 variance, or empty.
+    saved statistics; var_out (O * C,) float64 variance, or empty. stream: see affine_run.
     """
     J = C * B
     Q = B // P
@@ -1059,18 +1136,22 @@ def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_ou
                 cell = c * Q + b // P
                 hi[c * B + b], scale[c * B + b], shift[c * B + b] = fold(
                     mean, rstd * w[cell], np.float64(bias[cell]), x)
-        normalize_rows(x, z, relu, y, J, o * A, (o + 1) * A, hi, scale, shift)
+        normalize_rows(x, z, relu, y, J, o * A, (o + 1) * A, hi, scale, shift, stream)
+        if stream:
+            sfence()
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_normalize(x, z, relu, O, A, J, K, hi, scale, shift, y):
+def column_normalize(x, z, relu, O, A, J, K, hi, scale, shift, y, stream):
     """y = relu((x - hi) * scale + shift + z) with per-(o, j) hi, scale, shift: (O, J) in the
-    compute dtype (see fold); z may be empty."""
+    compute dtype (see fold); z may be empty. stream: see affine_run."""
     for item in prange(O * K):
         o = item // K
         k = item % K
         normalize_rows(x, z, relu, y, J, o * A + k * A // K, o * A + (k + 1) * A // K, hi[o],
-                       scale[o], shift[o])
+                       scale[o], shift[o], stream)
+        if stream:
+            sfence()
 
 
 @_jit()
@@ -1115,11 +1196,15 @@ def column_backward_sums(dy, y, relu, x, O, A, J, K, hi, lo, rstd, sdy, sdyxhat)
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_columns(dy, y, relu, x, dx, dz, J, r0, r1, hi, a, b, c):
+def dx_columns(dy, y, relu, x, dx, dz, J, r0, r1, hi, a, b, c, stream):
     """dx = a * dy - b * (x - hi) - c per column over rows [r0, r1) of the flat (N, J) views
     (the mean's low part folded into c, see fold); dz = dy (after ReLU's mask) when dz is not
-    empty. One loop per case: with
-    ReLU's mask inside, the float16 loop stayed scalar (3.7 ms against 0.12 on 256 x 1024)."""
+    empty. One loop per case: with ReLU's mask inside, the float16 loop stayed scalar (3.7 ms
+    against 0.12 on 256 x 1024). stream: as in affine_run (the caller fences)."""
+    if (stream and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu and not dz.size
+            and stream_columns_dx(dx[r0 * J:r1 * J], (x[r0 * J:r1 * J], dy[r0 * J:r1 * J]),
+                                  (tile8(hi), tile8(a), tile8(b), tile8(c)), J)):
+        return
     for r in range(r0, r1):
         row, drow, out = x[r * J:(r + 1) * J], dy[r * J:(r + 1) * J], dx[r * J:(r + 1) * J]
         if relu:
@@ -1139,15 +1224,17 @@ def dx_columns(dy, y, relu, x, dx, dz, J, r0, r1, hi, a, b, c):
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_backward_dx(dy, y, relu, x, O, A, J, K, hi, a, b, c, dx, dz):
+def column_backward_dx(dy, y, relu, x, O, A, J, K, hi, a, b, c, dx, dz, stream):
     """dx = a * dy - b * (x - hi) - c with per-(o, j) coefficients (O, J) in the compute
     dtype: mean = hi + lo, a = rstd * w, b = rstd**2 * c1, c = rstd * c2 - b * lo; dz = dy
-    when dz is not empty."""
+    when dz is not empty. stream: see affine_run."""
     for item in prange(O * K):
         o = item // K
         k = item % K
         dx_columns(dy, y, relu, x, dx, dz, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                   hi[o], a[o], b[o], c[o])
+                   hi[o], a[o], b[o], c[o], stream)
+        if stream:
+            sfence()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
             hi, lo = _split(_per_column(mean, plan, c), ct)
             shift = (bias_j - lo * scale).astype(ct)       # see kernels.cpu.fold
             _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, hi, scale.astype(ct),
-                                         shift, y)
+                                         shift, y, y.nbytes >= STREAM_MIN)
         else:
             _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd,
                                        w, bias, y, y.nbytes >= STREAM_MIN)
@@ -161,12 +161,9 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         x = _bits(x)
         args = (x, _none_like(x) if z is None else _bits(z), relu, centered, plan.O, plan.A,
                 plan.C, plan.B, plan.P, w, bias, eps, _bits(y), mean, rstd, var)
-        if plan.path == "rows":
-            with guard(plan):
-                _k(plan, K.rows_forward)(*args, y.nbytes >= STREAM_MIN)
-        else:
-            with guard(plan):
-                _k(plan, K.column_forward)(*args)
+        kernel = K.rows_forward if plan.path == "rows" else K.column_forward
+        with guard(plan):
+            _k(plan, kernel)(*args, y.nbytes >= STREAM_MIN)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
     if not centered:
@@ -231,5 +228,5 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             b = rstd_j * rstd_j * _per_column(c1, plan, c)
             cc = (rstd_j * _per_column(c2, plan, c) - b * lo).astype(ct)   # see cpu.fold
             _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, a, b.astype(ct),
-                                           cc, dx, dz)
+                                           cc, dx, dz, dx.nbytes >= STREAM_MIN)
     return sdyxhat.sum(0), sdy.sum(0)

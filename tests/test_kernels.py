@@ -91,31 +91,49 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
 
 
-@pytest.mark.parametrize("norm, shape", [("instance", (2, 4, 524289)),   # rows, odd lengths
-                                         ("batch", (64, 3, 32771)),       # flat
-                                         ("layer", (4099, 1025))])        # weight per element
-def test_streamed_outputs_equal_plain_ones(norm, shape, monkeypatch):
+@pytest.mark.parametrize("norm, shape, axis", [
+    ("instance", (2, 4, 524289), 1),      # rows, odd lengths
+    ("batch", (64, 3, 32771), 1),         # flat
+    ("layer", (4099, 1025), -1),          # weight per element
+    ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
+    ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
+    ("group", (64, 32, 33, 64), -1),      # columns fused per sample
+])
+def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
     """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
     32-byte boundary, 8-wide body, scalar tail): bit for bit the plain loops' results."""
     from normcore import _cpu
     x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
     assert x.nbytes >= _cpu.STREAM_MIN
     w = np.linspace(0.5, 2, x.shape[-1], dtype=np.float32)
+    C = x.shape[axis]
+    wc = np.linspace(0.5, 2, C, dtype=np.float32)
     fwd, bwd = {
         "instance": (nc.instance_norm_forward, nc.instance_norm_backward),
-        "batch": (nc.batch_norm_forward, nc.batch_norm_backward),
+        "batch": (lambda x: nc.batch_norm_forward(x, wc, wc - 1, axis=axis),
+                  lambda dy, x, mean, rstd: nc.batch_norm_backward(dy, x, mean, rstd, wc,
+                                                                   axis=axis)),
+        "group": (lambda x: nc.group_norm_forward(x, 8, wc, wc - 1, axis=axis),
+                  lambda dy, x, mean, rstd: nc.group_norm_backward(dy, x, mean, rstd, 8, wc,
+                                                                   axis=axis)),
         "layer": (lambda x: nc.layer_norm_forward(x, w, w - 1),
                   lambda dy, x, mean, rstd: nc.layer_norm_backward(dy, x, mean, rstd, w))}[norm]
     dy = np.random.default_rng(5).standard_normal(shape, dtype=np.float32)
 
     def run():
         f = fwd(x)         # runs of odd length: most start off a 32-byte boundary
-        return f.y, bwd(dy, x, f.mean, f.rstd).dx
+        out = [f.y, bwd(dy, x, f.mean, f.rstd).dx]
+        if norm == "batch":
+            rm, rv = f.mean.astype(np.float32) + 0.25, np.full(C, 2.0, np.float32)
+            out.append(nc.batch_norm(x, wc, wc - 1, running_mean=rm, running_var=rv,
+                                     training=False, axis=axis))
+        return out
 
     streamed = run()
     monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
     plain = run()
-    assert np.array_equal(streamed[0], plain[0]) and np.array_equal(streamed[1], plain[1])
+    for got, want in zip(streamed, plain):
+        assert np.array_equal(got, want)
 
 
 def test_streaming_helpers_emit_non_temporal_stores():
@@ -128,22 +146,29 @@ def test_streaming_helpers_emit_non_temporal_stores():
     f32 = np.float32
     hi, lo, sc, sh = f32(0.5), f32(1e-8), f32(1.5), f32(0.25)
 
+    J = 40    # rows of 40 columns: aligned windows of 8 span two rows
+
     @numba.njit
-    def each(x, d, w, b, y1, y2, y3, y4):
+    def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6):
         cpu.stream_affine(y1, (x,), (hi, sc, sh))
         cpu.stream_normalize(y2, (x, w, b), (hi, lo, sc))
         cpu.stream_dx_scalar(y3, (x, d), (sc, hi, -sc, sh))
         cpu.stream_dx(y4, (x, d, w), (hi, lo, sc, sc, sh))
+        h, a, s, t = cpu.tile8(cols[0]), cpu.tile8(cols[1]), cpu.tile8(cols[2]), cpu.tile8(cols[3])
+        cpu.stream_columns_affine(y5, (x,), (h, a, s), J)
+        cpu.stream_columns_dx(y6, (x, d), (h, a, s, t), J)
         cpu.sfence()
 
     rng = np.random.default_rng(5)
     x, d, w, b = (rng.standard_normal(1001, dtype=np.float32)[1:] for _ in range(4))
-    ys = [np.empty(1001, np.float32)[1:] for _ in range(4)]
-    each(x, d, w, b, *ys)
+    cols = rng.standard_normal((4, J), dtype=np.float32)
+    ys = [np.empty(1001, np.float32)[1:] for _ in range(6)]
+    each(x, d, w, b, cols, *ys)
     # within an ulp or two of NumPy's (which rounds each product before the sum)
+    h, a, s, t = (np.tile(c, 1000 // J) for c in cols)
     wants = [(x - hi) * sc + sh, ((x - hi) - lo) * (sc * w) + b, sc * d + ((x - hi) * -sc + sh),
-             (sc * w) * d - sc * ((x - hi) - lo) - sh]
+             (sc * w) * d - sc * ((x - hi) - lo) - sh, (x - h) * a + s, a * d - s * (x - h) - t]
     for got, want in zip(ys, wants):
         np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 4
+        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
