@@ -74,9 +74,10 @@ def _cache_enabled():
     return os.environ.get("NORMCORE_DISABLE_CACHE", "") in ("", "0")
 
 
-def _compile(func, parallel, fastmath):
+def _compile(func, parallel, fastmath, inline="never"):
     """njit with on-disk caching when some cache directory is writable, plain njit otherwise."""
-    options = dict(parallel=parallel, fastmath=fastmath, nogil=True, error_model="numpy")
+    options = dict(parallel=parallel, fastmath=fastmath, nogil=True, error_model="numpy",
+                   inline=inline)
     if _cache_enabled():
         try:
             return numba.njit(cache=True, **options)(func)
@@ -85,14 +86,20 @@ def _compile(func, parallel, fastmath):
     return numba.njit(cache=False, **options)(func)
 
 
-def _jit(*, parallel=False, fastmath=_REDUCE):
+def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     """Compile `func`; a parallel kernel also gets `.serial`, the same loops on the calling
     thread, for inputs too small to repay waking the thread pool (measured: 1.6 us against
     12.6 us for a (4, 64) LayerNorm). The twin is a copy of the function under another name,
-    so that the two never share an on-disk cache entry."""
+    so that the two never share an on-disk cache entry.
+
+    inline="always" inlines `func` into its callers in Numba's IR, where its body then takes
+    the caller's fastmath flags: only for functions whose callers all have the same flags
+    (an elementwise loop inlined into a reduction kernel would lose (x - hi) - lo to
+    reassociation). Inlined elementwise loops also lost their vectorization (dx_run: LayerNorm
+    (65536, 128) backward 3.6x slower), so only the statistics' helpers use it."""
 
     def decorate(func):
-        kernel = _compile(func, parallel, fastmath)
+        kernel = _compile(func, parallel, fastmath, inline)
         if parallel:
             twin = pytypes.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial",
                                         func.__defaults__, func.__closure__)
@@ -369,7 +376,7 @@ def _exact_two_pass(arr):
     return lambda arr: exact
 
 
-@_jit()
+@_jit(inline="always")
 def block_moments(xb):
     """Moments (mean, m2) of a block that fits in L1, shifted by its first element.
 
@@ -397,9 +404,14 @@ def block_moments(xb):
     return shift + s / xb.size, max(q - s * s / xb.size, 0.0)
 
 
-@_jit()
+@_jit(inline="always")
 def run_moments(xs):
     """(n, mean, m2) of a contiguous run, one pass over memory."""
+    if 0 < xs.size <= BLOCK:
+        # one block, as merging it into empty moments would return it: the merge's divisions
+        # cost LayerNorm (65536, 128) a third of its statistics' time
+        bmean, bm2 = block_moments(xs)
+        return np.float64(xs.size), bmean, bm2
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -747,9 +759,12 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit()
+@_jit(inline="always")
 def stat_moments(x, o, c, A, C, B):
     """(n, mean, m2) of statistic (o, c): the runs x[o, a, c, :] for a < A."""
+    if A == 1:
+        base = (o * C + c) * B
+        return run_moments(x[base:base + B])
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -787,9 +802,9 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     R = O * C
     nblk = min(R, ROW_BLOCKS)
     for k in prange(nblk):
-        for r in range(k * R // nblk, (k + 1) * R // nblk):
-            o = r // C
-            c = r % C
+        r0 = k * R // nblk
+        o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
+        for r in range(r0, (k + 1) * R // nblk):
             n, mean, m2 = stat_moments(x, o, c, A, C, B)
             var = m2 / n
             if not centered:
@@ -805,6 +820,9 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
                 zs = z[lo:lo + B] if z.size else z
                 normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
                               P, stream)
+            c += 1
+            if c == C:
+                o, c = o + 1, 0
         if stream:
             sfence()
 
@@ -827,12 +845,11 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
         dweight = np.zeros(dweight_part.shape[1], w.dtype)
         r0 = k * R // nblk
         r1 = (k + 1) * R // nblk
+        o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
         for r in range(r0, r1):
             if (r - r0) % BLOCK_ROWS == 0 and r > r0:
                 flush(dbias, dbias_part[k])
                 flush(dweight, dweight_part[k])
-            o = r // C
-            c = r % C
             g1 = 0.0
             g2 = 0.0
             for a in range(A):
@@ -850,6 +867,9 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
                 dzs = dz[lo:lo + B] if dz.size else dz
                 dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean[r],
                        rstd[r], w, c1, c2, c, 0, B, P, stream)
+            c += 1
+            if c == C:
+                o, c = o + 1, 0
         if stream:
             sfence()
         flush(dbias, dbias_part[k])
