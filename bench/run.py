@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", action="append", default=[],
                    choices=["float32", "float64", "float16"])
     p.add_argument("--impl", action="append", default=[],
-                   help="keep peers whose name contains this (normcore, numpy, torch, ...)")
+                   help="keep peers whose name contains this (normcore, numpy, torch, ...; "
+                        "repeatable or comma-separated)")
     p.add_argument("--repeats", type=int, help="timed rounds per case (default 15, quick 5)")
     p.add_argument("--max-seconds", type=float,
                    help="stop adding rounds to a case after this long (default 2, quick 0.5)")
@@ -61,6 +62,7 @@ def parse_args(argv=None):
                    help="results file (default bench/results/latest.json; quick.json with --quick)")
     a = p.parse_args(argv)
     a.case = [s for c in a.case for s in c.split(",") if s]
+    a.impl = [s for c in a.impl for s in c.split(",") if s]
     a.dtype = a.dtype or (["float32"] if a.quick else ["float32", "float64", "float16"])
     a.repeats = a.repeats or (5 if a.quick else 15)
     a.max_seconds = a.max_seconds or (0.5 if a.quick else 2.0)
@@ -334,6 +336,8 @@ def time_combo(peers, case, op, dtype, args, copy_gbps):
             thunks[p.name], _ = p.prepare(case, op, inputs)
         except Exception as e:  # noqa: BLE001
             skipped.append({"impl": p.name, "reason": f"{type(e).__name__}: {e}"})
+    if not thunks:
+        return [], skipped
     waited = wait_for_quiet(min(30.0, args.wait_quiet))
     args.wait_quiet -= waited
     samples, numbers, other_load, dropped = measure(thunks, args.repeats, args.max_seconds)
