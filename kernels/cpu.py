@@ -429,19 +429,32 @@ def activate(v, relu):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def effective_dy(dys, ys, i, relu):
-    """dy in its compute precision, masked by ReLU's gradient (y > 0) when the forward applied
-    one."""
+def relu_dy(dys, ys, i):
+    """dy in its compute precision where ReLU let the value through (y > 0), else 0."""
     d = loadc(dys[i])
-    if relu and not loadc(ys[i]) > 0.0:
-        return zero(d)
-    return d
+    return d if loadc(ys[i]) > 0.0 else zero(d)
 
 
-# The elementwise loops below are written once per presence of the optional array (z, dz):
-# LLVM hoists one loop-invariant branch (relu) out of a loop, but with two it could keep both
-# in the loop and leave it scalar. That happened to a freshly compiled rows_forward (10x
-# slower than the same kernel loaded from the cache) and to every serial twin (15x).
+@_jit(fastmath=_ELEMENTWISE)
+def dz_run(dys, ys, relu, dzs):
+    """dz = dy (masked by ReLU's gradient with relu): the residual's gradient."""
+    if relu:
+        for i in range(dzs.size):
+            dzs[i] = store(relu_dy(dys, ys, i), dzs)
+    else:
+        for i in range(dzs.size):
+            dzs[i] = store(loadc(dys[i]), dzs)
+
+
+# The elementwise loops below are written once per presence of the optional array (z, dz)
+# and, in the backward, once per relu: LLVM hoists one loop-invariant branch (relu) out of a
+# loop, but with two it could keep both in the loop and leave it scalar. That happened to a
+# freshly compiled rows_forward (10x slower than the same kernel loaded from the cache) and
+# to every serial twin (15x). A function compiled in the running process calls its callees'
+# own compiled code, and a kernel loaded from the cache the copies optimized once more inside
+# it: a load of y under the relu test (dy's mask) kept the callees' own loops scalar, and
+# every float16 backward ran 10-30x slower in the process that compiled it. So no loop reads
+# y under a test: the ReLU loops read it always (relu_dy), the others never.
 
 
 def _streaming(stream8, element):
@@ -625,19 +638,29 @@ def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=Fal
         s = t
 
 
-@_jit()
+@_jit(inline="always")
 def cell_sums(dys, ys, relu, xs, hi, lo, rs, wv, dbv, dwv):
     """backward_sums_run's per-element-cell loop on a block, in the compute precision."""
     h1 = zero(rs)
     h2 = zero(rs)
-    for i in range(xs.size):
-        d = effective_dy(dys, ys, i, relu)
-        xhat = center(loadc(xs[i]), hi, lo) * rs
-        dw = d * wv[i]
-        h1 += dw
-        h2 += dw * xhat
-        dbv[i] += d
-        dwv[i] += d * xhat
+    if relu:
+        for i in range(xs.size):
+            d = relu_dy(dys, ys, i)
+            xhat = center(loadc(xs[i]), hi, lo) * rs
+            dw = d * wv[i]
+            h1 += dw
+            h2 += dw * xhat
+            dbv[i] += d
+            dwv[i] += d * xhat
+    else:
+        for i in range(xs.size):
+            d = loadc(dys[i])
+            xhat = center(loadc(xs[i]), hi, lo) * rs
+            dw = d * wv[i]
+            h1 += dw
+            h2 += dw * xhat
+            dbv[i] += d
+            dwv[i] += d * xhat
     return np.float64(h1), np.float64(h2)
 
 
@@ -679,10 +702,16 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
         xq = xs[s - b0:t - b0]
         sdy = 0.0
         sdyx = 0.0
-        for i in range(xq.size):
-            d = np.float64(effective_dy(dq, yq, i, relu))
-            sdy += d
-            sdyx += d * (load(xq[i]) - mean)
+        if relu:
+            for i in range(xq.size):
+                d = np.float64(relu_dy(dq, yq, i))
+                sdy += d
+                sdyx += d * (load(xq[i]) - mean)
+        else:
+            for i in range(xq.size):
+                d = np.float64(loadc(dq[i]))
+                sdy += d
+                sdyx += d * (load(xq[i]) - mean)
         sdyx *= rstd
         cell = c * Q + q
         dbias[cell] += sdy
@@ -704,15 +733,14 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
     if (stream and xs.size >= STREAM_RUN and not relu and not dzs.size
             and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh))):
         return
-    if dzs.size:
+    if relu:
         for i in range(xs.size):
-            d = effective_dy(dys, ys, i, relu)
-            dxs[i] = store(a * d + ((loadc(xs[i]) - hi) * nb + sh), dxs)
-            dzs[i] = store(d, dzs)
+            dxs[i] = store(a * relu_dy(dys, ys, i) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
     else:
         for i in range(xs.size):
-            d = effective_dy(dys, ys, i, relu)
-            dxs[i] = store(a * d + ((loadc(xs[i]) - hi) * nb + sh), dxs)
+            dxs[i] = store(a * loadc(dys[i]) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
+    if dzs.size:
+        dz_run(dys, ys, relu, dzs)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -729,15 +757,16 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
         if (stream and e >= STREAM_RUN and not relu and not dzs.size
                 and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc))):
             return
-        if dzs.size:
+        if relu:
             for i in range(e):
-                d = effective_dy(dys, ys, i, relu)
+                d = relu_dy(dys, ys, i)
                 dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
-                dzs[i] = store(d, dzs)
         else:
             for i in range(e):
-                d = effective_dy(dys, ys, i, relu)
+                d = loadc(dys[i])
                 dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
+        if dzs.size:
+            dz_run(dys, ys, relu, dzs)
         return
     Q = B // P
     s = b0
@@ -1187,11 +1216,17 @@ def backward_column_sums(dy, y, relu, x, J, r0, r1, hi, lo, s1, s2):
         t2[:] = 0.0
         for r in range(b0, min(b0 + BLOCK_ROWS, r1)):
             row, drow = x[r * J:(r + 1) * J], dy[r * J:(r + 1) * J]
-            yrow = y[r * J:(r + 1) * J] if relu else y
-            for j in range(J):
-                d = effective_dy(drow, yrow, j, relu)
-                t1[j] += d
-                t2[j] += d * center(loadc(row[j]), hi[j], lo[j])
+            if relu:
+                yrow = y[r * J:(r + 1) * J]
+                for j in range(J):
+                    d = relu_dy(drow, yrow, j)
+                    t1[j] += d
+                    t2[j] += d * center(loadc(row[j]), hi[j], lo[j])
+            else:
+                for j in range(J):
+                    d = loadc(drow[j])
+                    t1[j] += d
+                    t2[j] += d * center(loadc(row[j]), hi[j], lo[j])
         for j in range(J):
             s1[j] += t1[j]
             s2[j] += t2[j]
@@ -1230,17 +1265,14 @@ def dx_columns(dy, y, relu, x, dx, dz, J, r0, r1, hi, a, b, c, stream):
         if relu:
             yrow = y[r * J:(r + 1) * J]
             for j in range(J):
-                d = effective_dy(drow, yrow, j, relu)
+                d = relu_dy(drow, yrow, j)
                 out[j] = store(a[j] * d - b[j] * (loadc(row[j]) - hi[j]) - c[j], out)
         else:
             for j in range(J):
                 xc = loadc(row[j]) - hi[j]
                 out[j] = store(a[j] * loadc(drow[j]) - b[j] * xc - c[j], out)
         if dz.size:
-            yrow = y[r * J:(r + 1) * J] if relu else y
-            dzrow = dz[r * J:(r + 1) * J]
-            for j in range(J):
-                dzrow[j] = store(effective_dy(drow, yrow, j, relu), dzrow)
+            dz_run(drow, y[r * J:(r + 1) * J] if relu else y, relu, dz[r * J:(r + 1) * J])
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)

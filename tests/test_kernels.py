@@ -1,4 +1,10 @@
 """Plans are pure Python; every registered kernel is exercised for float32 and float64."""
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -139,8 +145,6 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
 def test_streaming_helpers_emit_non_temporal_stores():
     """The stream_* helpers compute the plain formulas and compile to vmovntps
     (x86-64): a silent fallback to ordinary stores would pass the test above."""
-    import platform
-
     import numba
 
     f32 = np.float32
@@ -172,3 +176,41 @@ def test_streaming_helpers_emit_non_temporal_stores():
         np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
         assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
+
+
+VECTOR_SCRIPT = textwrap.dedent("""
+    import re
+    import numpy as np
+    import normcore as nc
+    from normcore.kernels import cpu as K
+    rng = np.random.default_rng(0)
+    for shape, axis in (((8, 3, 40), 1), ((8, 40, 3), -1)):       # rows / flat, columns
+        x = rng.standard_normal(shape).astype(np.float16)
+        for activation in (None, "relu"):
+            f = nc.batch_norm_forward(x, axis=axis, activation=activation)
+            nc.batch_norm_backward(x, x, f.mean, f.rstd, axis=axis, activation=activation,
+                                   y=f.y)
+    x = rng.standard_normal((8, 40)).astype(np.float16)                # per-element weights
+    f = nc.layer_norm_forward(x, activation="relu")
+    nc.layer_norm_backward(x, x, f.mean, f.rstd, activation="relu", y=f.y)
+    for name in ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
+                 "dx_columns"):
+        fn = getattr(K, name)
+        asm = "".join(fn.inspect_asm(sig) for sig in fn.signatures if "uint16" in str(sig))
+        print(name, len(re.findall(r"vcvtph2ps\\s+%xmm\\d+, %ymm", asm)))
+""")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 assembly")
+def test_backward_loops_vectorize_when_compiled_in_process(tmp_path):
+    """A kernel compiled in the running process calls its helpers' own compiled code (one
+    loaded from Numba's cache calls copies optimized inside it): with a load of y under the
+    relu test in their loops, the helpers' own float16 code stayed scalar and every float16
+    backward ran 10-30x slower in the process that compiled it. Each helper's own code must
+    convert halves 8 at a time."""
+    env = {**os.environ, "NORMCORE_DISABLE_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = dict(line.split() for line in done.stdout.split("\n") if line)
+    assert len(counts) == 5 and all(int(n) > 0 for n in counts.values()), counts
