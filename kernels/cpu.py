@@ -96,7 +96,8 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     the caller's fastmath flags: only for functions whose callers all have the same flags
     (an elementwise loop inlined into a reduction kernel would lose (x - hi) - lo to
     reassociation). Inlined elementwise loops also lost their vectorization (dx_run: LayerNorm
-    (65536, 128) backward 3.6x slower), so only the statistics' helpers use it."""
+    (65536, 128) backward 3.6x slower), so only the reduction helpers use it (the moments,
+    cell_sums), each inlined into callers compiled with _REDUCE like itself."""
 
     def decorate(func):
         kernel = _compile(func, parallel, fastmath, inline)
