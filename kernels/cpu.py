@@ -1043,9 +1043,9 @@ def merge_columns(mean, m2, n, nb, shift, dmean, q):
 
 
 @_jit()
-def rows_column_moments(x, J, lo, hi, mean, m2, narrow):
-    """Column moments of rows [lo, hi) of the flat (N, J) view x into mean / m2 (J,) float64,
-    in blocks of rows that stay in L1; returns the row count.
+def rows_column_moments(x, J, j0, j1, lo, hi, mean, m2, narrow):
+    """Moments of columns [j0, j1) over rows [lo, hi) of the flat (N, J) view x into mean / m2
+    (j1 - j0,) float64, in blocks of rows that stay in L1; returns the row count.
 
     With `narrow` (statistics for normalizing float16 / float32 data, which keeps them in
     float32), the shifted sums of a block of at most BLOCK_ROWS rows add up in float32 (at
@@ -1053,58 +1053,63 @@ def rows_column_moments(x, J, lo, hi, mean, m2, narrow):
     float64; 1.6x faster than float64 sums, which need a conversion and half-width vectors.
     Without it (moments, welford: float64 results) the sums are float64.
     """
-    rows = x.reshape(x.size // J, J)
-    exact = exact_two_pass(rows)
+    W = j1 - j0
+    exact = exact_two_pass(x)
     narrow = narrow and not exact
     # the exact two-pass reads its block twice: keep it in L1
-    rows_per_block = BLOCK_ROWS if narrow else max(1, COLUMN_BLOCK // max(J, 1))
-    shift = np.empty(J)
-    s = np.empty(J)
-    q = np.empty(J)
-    shift32 = np.empty(J, np.float32)
-    s32 = np.empty(J, np.float32)
-    q32 = np.empty(J, np.float32)
+    rows_per_block = BLOCK_ROWS if narrow else max(1, COLUMN_BLOCK // max(W, 1))
+    shift = np.empty(W)
+    s = np.empty(W)
+    q = np.empty(W)
+    shift32 = np.empty(W, np.float32)
+    s32 = np.empty(W, np.float32)
+    q32 = np.empty(W, np.float32)
     mean[:] = 0.0
     m2[:] = 0.0
     cnt = 0.0
     for r0 in range(lo, hi, rows_per_block):
-        block = rows[r0:min(r0 + rows_per_block, hi)]
-        nb = block.shape[0]
+        r1 = min(r0 + rows_per_block, hi)
+        nb = r1 - r0
+        first = x[r0 * J + j0:r0 * J + j1]
         if not narrow:
-            for j in range(J):
-                shift[j] = load(block[0, j])
+            for j in range(W):
+                shift[j] = load(first[j])
                 s[j] = 0.0
                 q[j] = 0.0
         if exact:
-            for r in range(nb):
-                for j in range(J):
-                    s[j] += load(block[r, j]) - shift[j]
-            for j in range(J):
+            for r in range(r0, r1):
+                row = x[r * J + j0:r * J + j1]
+                for j in range(W):
+                    s[j] += load(row[j]) - shift[j]
+            for j in range(W):
                 s[j] /= nb
-            for r in range(nb):
-                for j in range(J):
-                    d = (load(block[r, j]) - shift[j]) - s[j]
+            for r in range(r0, r1):
+                row = x[r * J + j0:r * J + j1]
+                for j in range(W):
+                    d = (load(row[j]) - shift[j]) - s[j]
                     q[j] += d * d
         elif not narrow:    # shifted sums, as in block_moments
-            for r in range(nb):
-                for j in range(J):
-                    d = load(block[r, j]) - shift[j]
+            for r in range(r0, r1):
+                row = x[r * J + j0:r * J + j1]
+                for j in range(W):
+                    d = load(row[j]) - shift[j]
                     s[j] += d
                     q[j] += d * d
-            for j in range(J):
+            for j in range(W):
                 s[j] /= nb
                 q[j] = max(q[j] - s[j] * s[j] * nb, 0.0)
         else:   # the same in float32
-            for j in range(J):
-                shift32[j] = loadc(block[0, j])
+            for j in range(W):
+                shift32[j] = loadc(first[j])
                 s32[j] = 0.0
                 q32[j] = 0.0
-            for r in range(nb):
-                for j in range(J):
-                    d = loadc(block[r, j]) - shift32[j]
+            for r in range(r0, r1):
+                row = x[r * J + j0:r * J + j1]
+                for j in range(W):
+                    d = loadc(row[j]) - shift32[j]
                     s32[j] += d
                     q32[j] += d * d
-            for j in range(J):
+            for j in range(W):
                 shift[j] = shift32[j]
                 s[j] = s32[j] / nb
                 q[j] = max(q32[j] - s[j] * s[j] * nb, 0.0)
@@ -1114,24 +1119,29 @@ def rows_column_moments(x, J, lo, hi, mean, m2, narrow):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def normalize_rows(x, z, relu, y, J, r0, r1, hi, scale, shift, stream):
-    """y = relu((x - hi) * scale + shift + z) on rows [r0, r1) of the flat (N, J) view, with
-    per-column hi, scale, shift (J,) in the compute dtype (the mean's low part folded into
-    shift, see fold); z may be empty. stream: as in affine_run (the caller fences)."""
-    if (stream and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu and not z.size
+def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
+    """y = relu((x - hi) * scale + shift + z) on columns [j0, j1) of rows [r0, r1) of the
+    flat (N, J) view, with per-column hi, scale, shift (j1 - j0,) in the compute dtype (the
+    mean's low part folded into shift, see fold); z may be empty. stream (whole rows only):
+    as in affine_run (the caller fences)."""
+    W = j1 - j0
+    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu
+            and not z.size
             and stream_columns_affine(y[r0 * J:r1 * J], (x[r0 * J:r1 * J],),
                                       (tile8(hi), tile8(scale), tile8(shift)), J)):
         return
     if z.size:
         for r in range(r0, r1):
-            row, zrow, out = x[r * J:(r + 1) * J], z[r * J:(r + 1) * J], y[r * J:(r + 1) * J]
-            for j in range(J):
+            lo = r * J + j0
+            row, zrow, out = x[lo:lo + W], z[lo:lo + W], y[lo:lo + W]
+            for j in range(W):
                 v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j] + loadc(zrow[j])
                 out[j] = store(activate(v, relu), out)
     else:
         for r in range(r0, r1):
-            row, out = x[r * J:(r + 1) * J], y[r * J:(r + 1) * J]
-            for j in range(J):
+            lo = r * J + j0
+            row, out = x[lo:lo + W], y[lo:lo + W]
+            for j in range(W):
                 v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j]
                 out[j] = store(activate(v, relu), out)
 
@@ -1143,36 +1153,53 @@ def column_moments(x, O, A, J, K, narrow, count, mean, m2):
     for item in prange(O * K):
         o = item // K
         k = item % K
-        cnt = rows_column_moments(x, J, o * A + k * A // K, o * A + (k + 1) * A // K,
+        cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
                                   mean[o, k], m2[o, k], narrow)
         count[o, k, :] = cnt
 
 
+@_jit()
+def channel_slice(item, S, C, B):
+    """Sample o and channels [c0, c1) of work item `item` of a fused column kernel: S slices
+    of the channels per sample; a slice's columns [c0 * B, c1 * B) hold all of its
+    statistics' values and parameter cells."""
+    o = item // S
+    s = item % S
+    return o, s * C // S, (s + 1) * C // S
+
+
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
-                   var_out, stream):
-    """Fused statistics + normalize (+ residual, ReLU) per sample o of the column view
-    (O, A, J = C * B): InstanceNorm / GroupNorm channels-last whose sample stays in cache, so
-    x is read from memory once. Statistic c merges the moments of its B columns.
+def column_forward(x, z, relu, centered, O, A, C, B, P, S, w, bias, eps, y, mean_out,
+                   rstd_out, var_out, stream):
+    """Fused statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B),
+    one slice of the channels of one sample per work item (see channel_slice), small enough
+    to stay in cache, so that x is read from memory once: InstanceNorm / GroupNorm
+    channels-last, BatchNorm 2-D / channels-last on small batches. Statistic c merges the
+    moments of its B columns.
 
     w, bias: (C * B // P,) parameter cells in the compute dtype; mean_out, rstd_out (O * C,)
-    saved statistics; var_out (O * C,) float64 variance, or empty. stream: see affine_run.
+    saved statistics; var_out (O * C,) float64 variance, or empty. stream: see affine_run
+    (whole rows only: S == 1).
     """
     J = C * B
     Q = B // P
-    for o in prange(O):
-        mu = np.empty(J)
-        acc = np.empty(J)
-        cnt = rows_column_moments(x, J, o * A, (o + 1) * A, mu, acc, True)
-        hi = np.empty(J, w.dtype)
-        scale = np.empty(J, w.dtype)
-        shift = np.empty(J, w.dtype)
-        for c in range(C):
+    for item in prange(O * S):
+        o, c0, c1 = channel_slice(item, S, C, B)
+        j0 = c0 * B
+        W = (c1 - c0) * B
+        mu = np.empty(W)
+        acc = np.empty(W)
+        cnt = rows_column_moments(x, J, j0, j0 + W, o * A, (o + 1) * A, mu, acc, True)
+        hi = np.empty(W, w.dtype)
+        scale = np.empty(W, w.dtype)
+        shift = np.empty(W, w.dtype)
+        for c in range(c0, c1):
             n = 0.0
             mean = 0.0
             m2 = 0.0
             for b in range(B):
-                n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[c * B + b], acc[c * B + b])
+                j = (c - c0) * B + b
+                n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[j], acc[j])
             var = m2 / n
             if not centered:
                 var += mean * mean
@@ -1183,10 +1210,11 @@ def column_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_ou
             if var_out.size:
                 var_out[o * C + c] = var
             for b in range(B):
+                j = (c - c0) * B + b
                 cell = c * Q + b // P
-                hi[c * B + b], scale[c * B + b], shift[c * B + b] = fold(
-                    mean, rstd * w[cell], np.float64(bias[cell]), x)
-        normalize_rows(x, z, relu, y, J, o * A, (o + 1) * A, hi, scale, shift, stream)
+                hi[j], scale[j], shift[j] = fold(mean, rstd * w[cell], np.float64(bias[cell]), x)
+        normalize_rows(x, z, relu, y, J, j0, j0 + W, o * A, (o + 1) * A, hi, scale, shift,
+                       stream)
         if stream:
             sfence()
 
@@ -1198,37 +1226,39 @@ def column_normalize(x, z, relu, O, A, J, K, hi, scale, shift, y, stream):
     for item in prange(O * K):
         o = item // K
         k = item % K
-        normalize_rows(x, z, relu, y, J, o * A + k * A // K, o * A + (k + 1) * A // K, hi[o],
-                       scale[o], shift[o], stream)
+        normalize_rows(x, z, relu, y, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
+                       hi[o], scale[o], shift[o], stream)
         if stream:
             sfence()
 
 
 @_jit()
-def backward_column_sums(dy, y, relu, x, J, r0, r1, hi, lo, s1, s2):
-    """s1 += dy, s2 += dy * (x - mean) per column over rows [r0, r1) of the flat (N, J) views
-    (dy masked by ReLU's gradient when relu); mean = hi + lo in the compute dtype; s1, s2: (J,)
-    float64. Each block of BLOCK_ROWS rows adds up in the compute dtype first (as in
-    rows_column_moments)."""
-    t1 = np.empty(J, hi.dtype)
-    t2 = np.empty(J, hi.dtype)
+def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
+    """s1 += dy, s2 += dy * (x - mean) per column of [j0, j1) over rows [r0, r1) of the flat
+    (N, J) views (dy masked by ReLU's gradient when relu); mean = hi + lo in the compute
+    dtype; s1, s2: (j1 - j0,) float64. Each block of BLOCK_ROWS rows adds up in the compute
+    dtype first (as in rows_column_moments)."""
+    W = j1 - j0
+    t1 = np.empty(W, hi.dtype)
+    t2 = np.empty(W, hi.dtype)
     for b0 in range(r0, r1, BLOCK_ROWS):
         t1[:] = 0.0
         t2[:] = 0.0
         for r in range(b0, min(b0 + BLOCK_ROWS, r1)):
-            row, drow = x[r * J:(r + 1) * J], dy[r * J:(r + 1) * J]
+            start = r * J + j0
+            row, drow = x[start:start + W], dy[start:start + W]
             if relu:
-                yrow = y[r * J:(r + 1) * J]
-                for j in range(J):
+                yrow = y[start:start + W]
+                for j in range(W):
                     d = relu_dy(drow, yrow, j)
                     t1[j] += d
                     t2[j] += d * center(loadc(row[j]), hi[j], lo[j])
             else:
-                for j in range(J):
+                for j in range(W):
                     d = loadc(drow[j])
                     t1[j] += d
                     t2[j] += d * center(loadc(row[j]), hi[j], lo[j])
-        for j in range(J):
+        for j in range(W):
             s1[j] += t1[j]
             s2[j] += t2[j]
 
@@ -1244,36 +1274,40 @@ def column_backward_sums(dy, y, relu, x, O, A, J, K, hi, lo, rstd, sdy, sdyxhat)
         s2 = sdyxhat[o, k]
         s1[:] = 0.0
         s2[:] = 0.0
-        backward_column_sums(dy, y, relu, x, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                             hi[o], lo[o], s1, s2)
+        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
+                             o * A + (k + 1) * A // K, hi[o], lo[o], s1, s2)
         rs = rstd[o]
         for j in range(J):
             s2[j] *= rs[j]
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_columns(dy, y, relu, x, dx, dz, J, r0, r1, hi, a, b, c, stream):
-    """dx = a * dy - b * (x - hi) - c per column over rows [r0, r1) of the flat (N, J) views
-    (the mean's low part folded into c, see fold); dz = dy (after ReLU's mask) when dz is not
-    empty. One loop per case: with ReLU's mask inside, the float16 loop stayed scalar (3.7 ms
-    against 0.12 on 256 x 1024). stream: as in affine_run (the caller fences)."""
-    if (stream and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu and not dz.size
+def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
+    """dx = a * dy - b * (x - hi) - c per column of [j0, j1) over rows [r0, r1) of the flat
+    (N, J) views (the mean's low part folded into c, see fold); dz = dy (after ReLU's mask)
+    when dz is not empty. One loop per case: with ReLU's mask inside, the float16 loop stayed
+    scalar (3.7 ms against 0.12 on 256 x 1024). stream (whole rows only): as in affine_run
+    (the caller fences)."""
+    W = j1 - j0
+    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu
+            and not dz.size
             and stream_columns_dx(dx[r0 * J:r1 * J], (x[r0 * J:r1 * J], dy[r0 * J:r1 * J]),
                                   (tile8(hi), tile8(a), tile8(b), tile8(c)), J)):
         return
     for r in range(r0, r1):
-        row, drow, out = x[r * J:(r + 1) * J], dy[r * J:(r + 1) * J], dx[r * J:(r + 1) * J]
+        lo = r * J + j0
+        row, drow, out = x[lo:lo + W], dy[lo:lo + W], dx[lo:lo + W]
         if relu:
-            yrow = y[r * J:(r + 1) * J]
-            for j in range(J):
+            yrow = y[lo:lo + W]
+            for j in range(W):
                 d = relu_dy(drow, yrow, j)
                 out[j] = store(a[j] * d - b[j] * (loadc(row[j]) - hi[j]) - c[j], out)
         else:
-            for j in range(J):
+            for j in range(W):
                 xc = loadc(row[j]) - hi[j]
                 out[j] = store(a[j] * loadc(drow[j]) - b[j] * xc - c[j], out)
         if dz.size:
-            dz_run(drow, y[r * J:(r + 1) * J] if relu else y, relu, dz[r * J:(r + 1) * J])
+            dz_run(drow, y[lo:lo + W] if relu else y, relu, dz[lo:lo + W])
 
 
 @_jit(parallel=True, fastmath=_ELEMENTWISE)
@@ -1284,10 +1318,69 @@ def column_backward_dx(dy, y, relu, x, O, A, J, K, hi, a, b, c, dx, dz, stream):
     for item in prange(O * K):
         o = item // K
         k = item % K
-        dx_columns(dy, y, relu, x, dx, dz, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                   hi[o], a[o], b[o], c[o], stream)
+        dx_columns(dy, y, relu, x, dx, dz, J, 0, J, o * A + k * A // K,
+                   o * A + (k + 1) * A // K, hi[o], a[o], b[o], c[o], stream)
         if stream:
             sfence()
+
+
+@_jit(parallel=True)
+def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, centered,
+                    dbias_out, dweight_out, dx, dz):
+    """Fused backward of the column view, one slice of the channels of one sample per work
+    item (as column_forward): the slice's sums, then dx (and dz) from cache, so dy and x are
+    read from memory once.
+
+    mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
+    compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
+    caller sums over o). y: the saved output (read with relu only); dz: the residual's
+    gradient, or empty.
+    """
+    J = C * B
+    Q = B // P
+    n = A * B
+    for item in prange(O * S):
+        o, c0, c1 = channel_slice(item, S, C, B)
+        j0 = c0 * B
+        W = (c1 - c0) * B
+        hi = np.empty(W, w.dtype)
+        lo = np.empty(W, w.dtype)
+        for c in range(c0, c1):
+            h, low = split(mean[o * C + c], x)
+            for b in range(B):
+                hi[(c - c0) * B + b] = h
+                lo[(c - c0) * B + b] = low
+        s1 = np.zeros(W)
+        s2 = np.zeros(W)
+        backward_column_sums(dy, y, relu, x, J, j0, j0 + W, o * A, (o + 1) * A, hi, lo, s1, s2)
+        a = np.empty(W, w.dtype)
+        bcoef = np.empty(W, w.dtype)
+        ccoef = np.empty(W, w.dtype)
+        for c in range(c0, c1):
+            rs = rstd[o * C + c]
+            for q in range(c * Q, (c + 1) * Q):
+                dbias_out[o, q] = 0.0
+                dweight_out[o, q] = 0.0
+            g1 = 0.0
+            g2 = 0.0
+            for b in range(B):
+                j = (c - c0) * B + b
+                cell = c * Q + b // P
+                sdyxhat = s2[j] * rs
+                dbias_out[o, cell] += s1[j]
+                dweight_out[o, cell] += sdyxhat
+                g1 += s1[j] * w[cell]
+                g2 += sdyxhat * w[cell]
+            c1 = 0.0 if frozen else g2 / n
+            c2 = 0.0 if frozen or not centered else g1 / n
+            bc = rs * rs * c1
+            for b in range(B):
+                j = (c - c0) * B + b
+                a[j] = rs * w[c * Q + b // P]
+                bcoef[j] = bc
+                ccoef[j] = rs * c2 - bc * lo[j]      # see fold
+        dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
+                   ccoef, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1346,5 +1439,6 @@ KERNELS = {
     "column_normalize": column_normalize,
     "column_backward_sums": column_backward_sums,
     "column_backward_dx": column_backward_dx,
+    "column_backward": column_backward,
     "merge_moments": merge_moments,
 }

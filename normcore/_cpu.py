@@ -159,11 +159,16 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         rstd = np.empty(R, stats_dtype)
         var = np.empty(R) if want_var else _EMPTY64
         x = _bits(x)
-        args = (x, _none_like(x) if z is None else _bits(z), relu, centered, plan.O, plan.A,
-                plan.C, plan.B, plan.P, w, bias, eps, _bits(y), mean, rstd, var)
-        kernel = K.rows_forward if plan.path == "rows" else K.column_forward
+        z = _none_like(x) if z is None else _bits(z)
+        stream = y.nbytes >= STREAM_MIN
         with guard(plan):
-            _k(plan, kernel)(*args, y.nbytes >= STREAM_MIN)
+            if plan.path == "rows":
+                _k(plan, K.rows_forward)(x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
+                                         plan.P, w, bias, eps, _bits(y), mean, rstd, var, stream)
+            else:
+                _k(plan, K.column_forward)(x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
+                                           plan.P, plan.S, w, bias, eps, _bits(y), mean, rstd,
+                                           var, stream and plan.S == 1)
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
     if not centered:
@@ -195,6 +200,14 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
                                       centered, plan.nblk, dbias, dweight, dx, dz,
                                       dx.nbytes >= STREAM_MIN)
             if plan.nblk == 1:
+                return dweight[0], dbias[0]
+            return dweight.sum(0), dbias.sum(0)
+        if plan.backward_path == "columns_fused":
+            shape = (O, C * Q)
+            dbias, dweight = np.empty(shape), np.empty(shape)
+            _k(plan, K.column_backward)(dy, y, relu, x, O, A, C, B, plan.P, plan.S, mean, rstd,
+                                        w, frozen, centered, dbias, dweight, dx, dz)
+            if O == 1:
                 return dweight[0], dbias[0]
             return dweight.sum(0), dbias.sum(0)
         if plan.backward_path == "flat":

@@ -6,10 +6,12 @@ import pytest
 from helpers import (
     FLOATS,
     check_backward,
+    check_forward,
     nc_backward,
     nc_forward,
     param_shape,
     ref_backward,
+    ref_forward,
     with_layout,
 )
 
@@ -177,3 +179,43 @@ def test_gradients_by_central_differences(norm, shape, axis, batch_stats, rng):
     for name, arr, got in (("dx", x, g.dx), ("dweight", w, g.dweight), ("dbias", b, g.dbias)):
         num = fd(arr)
         np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+# Column views split into slices of channels, each a work item that reads its part of x (and
+# dy) once: uneven slices (1000 channels in 7), GroupNorm slices of whole groups over two
+# samples, ReLU + residual, frozen statistics.
+SLICED = [("batch", (256, 1000), 1, {}), ("batch", (40, 3, 1024), -1, {}),
+          ("group", (2, 96, 512), -1, {"num_groups": 64})]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("norm, shape, axis, kw", SLICED)
+def test_sliced_fused_columns_match_oracle(norm, shape, axis, kw, dtype, rng):
+    from normcore._norms import _threads
+    from normcore._plan import plan_batch_norm, plan_group_norm
+    plan = (plan_batch_norm(shape, axis, _threads()) if norm == "batch" else
+            plan_group_norm(shape, kw["num_groups"], axis, _threads()))
+    assert plan.path == plan.backward_path == "columns_fused" and plan.S > 1
+    kw = dict(kw, axis=axis)
+    x, w, b, dy = _inputs(rng, norm, shape, axis, dtype)
+    n = _n(norm, shape, kw)
+    f = nc_forward(norm, x, w, b, **kw)
+    check_forward(norm, f, ref_forward(norm, x, w, b, **kw), x, n=n)
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref_backward(norm, dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd, w,
+                   param_shape(norm, shape, axis), n=n)
+    # the fused epilogue: relu(y + z) and its gradient, against the plain results
+    z = rng.standard_normal(shape).astype(dtype)
+    fz = nc_forward(norm, x, w, b, activation="relu", residual=z, **kw)
+    np.testing.assert_array_equal(fz.y, np.maximum(
+        nc_forward(norm, x, w, b, residual=z, **kw).y, 0))
+    gz = nc_backward(norm, dy, x, fz.mean, fz.rstd, w, activation="relu", y=fz.y,
+                     residual=True, **kw)
+    mask = (fz.y > 0).astype(dtype)
+    ref = ref_backward(norm, dy * mask, x, fz.mean, fz.rstd, w, **kw)
+    check_backward(gz, ref, x, dy, fz.rstd, w, param_shape(norm, shape, axis), n=n)
+    np.testing.assert_array_equal(gz.dresidual, dy * mask)
+    if norm == "batch":     # frozen statistics (eval-mode backward)
+        g = nc_backward(norm, dy, x, f.mean, f.rstd, w, training=False, **kw)
+        ref = ref_backward(norm, dy, x, f.mean, f.rstd, w, training=False, **kw)
+        check_backward(g, ref, x, dy, f.rstd, w, param_shape(norm, shape, axis), n=1)

@@ -43,14 +43,30 @@ def test_canonical_views(planner, args, view):
     (plan_layer_norm, ((8192, 1024), -1), "rows", "rows"),
     (plan_layer_norm, ((2, 1 << 20), -1), "flat", "rows"),        # few long rows
     (plan_instance_norm, ((2, 3, 1 << 20), 1), "flat", "flat"),
-    (plan_instance_norm, ((32, 56, 56, 64), -1), "columns_fused", "columns"),
-    (plan_group_norm, ((32, 56, 56, 64), 32, -1), "columns_fused", "columns"),
-    (plan_instance_norm, ((4, 56, 56, 64), -1), "columns", "columns"),     # too few samples
+    (plan_instance_norm, ((32, 56, 56, 64), -1), "columns_fused", "columns_fused"),
+    (plan_group_norm, ((32, 56, 56, 64), 32, -1), "columns_fused", "columns_fused"),
+    (plan_instance_norm, ((1, 56, 56, 64), -1), "columns", "columns"),     # too few samples
+    (plan_batch_norm, ((256, 1024), 1), "columns_fused", "columns_fused"),  # slices of C
+    (plan_batch_norm, ((8192, 1024), 1), "columns", "columns"),       # too large to slice
+    (plan_batch_norm, ((4, 8, 16), 2), "columns_fused", "columns_fused"),   # serial
 ])
 def test_paths(planner, args, path, backward_path):
     plan = planner(*args, T)
     assert (plan.path, plan.backward_path) == (path, backward_path)
-    assert plan.K >= 1 and plan.nblk >= 1
+    assert plan.K >= 1 and plan.nblk >= 1 and 1 <= plan.S <= plan.C
+
+
+def test_fused_column_slices():
+    """Slices go round the threads, hold whole channels and are not too narrow."""
+    plan = plan_batch_norm((256, 1024), 1, T)
+    assert plan.S == 8 and plan.C * plan.B // plan.S >= 128
+    plan = plan_batch_norm((256, 256), 1, T)             # rows of 256: 2 slices of 128
+    assert plan.S == 2 and plan.path == "columns_fused"
+    plan = plan_group_norm((2, 256, 1024), 32, -1, T)    # O = 2: 4 slices each, of 8 groups
+    assert (plan.O, plan.S, plan.C, plan.B) == (2, 4, 32, 32) and plan.path == "columns_fused"
+    plan = plan_batch_norm((4096, 64), 1, T)              # rows too short to slice
+    assert plan.S == 1 and plan.path == "columns"
+    assert plan_instance_norm((32, 56, 56, 64), -1, T).S == 1      # enough samples
 
 
 def test_plan_moments_views_without_copy_when_possible():
@@ -74,11 +90,14 @@ def _exercise_every_path(dtype, rows):
         f = fwd(x)
         bwd(dy, x, f.mean, f.rstd)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
-    f = nc.batch_norm_forward(xl, axis=-1)
+    f = nc.batch_norm_forward(xl, axis=-1)          # fused when small (columns_fused)
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
+    nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1)
+    nc.moments(xl, axis=(0, 1))                                                 # column_moments
     nc.moments(x, axis=-1)                                                      # rows_moments
     xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
-    nc.instance_norm(xi, axis=-1)
+    f = nc.instance_norm_forward(xi, axis=-1)
+    nc.instance_norm_backward(np.ones_like(xi), xi, f.mean, f.rstd, axis=-1)
 
 
 @pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 1024)])
@@ -89,7 +108,10 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     _exercise_every_path(dtype, rows)
     name = "uint16" if dtype == np.float16 else np.dtype(dtype).name   # float16 travels as bits
     for kernel_name, kernel in cpu.KERNELS.items():
-        # serial-only kernels (the merge) have no twin
+        # serial-only kernels (the merge) have no twin; small column views are always fused,
+        # so the unfused column backward's twins never run
+        if variant == "serial" and kernel_name in ("column_backward_sums", "column_backward_dx"):
+            continue
         kernel = getattr(kernel, "serial", kernel) if variant == "serial" else kernel
         signatures = [str(sig) for sig in kernel.signatures]
         assert signatures, f"{kernel_name} ({variant}) never compiled"
