@@ -13,6 +13,10 @@ from functools import lru_cache
 ROW_MAX = 1 << 16
 # Runs shorter than this go to the column kernels (per-run overhead would dominate).
 RUN_MIN = 64
+# Strided runs shorter than this go flat rather than one statistic at a time: a statistic's
+# short runs, far apart, are latency-bound reads (BatchNorm (256, 256, 14, 14): rows forward
+# 10.5-11.2 ms, flat 6.0-6.4; backward 16-17 against 12; runs of 784: 6.8-7.1 / 5.4-6.1).
+RUN_ROWS = 1024
 # Smallest chunk (elements) worth a parallel work item.
 MIN_ITEM = 1 << 15
 # Work items per thread, for load balance.
@@ -80,7 +84,7 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads):
         path = "rows" if stats >= items or B <= 4096 else "flat"
     elif B >= RUN_MIN:
         # a statistic's A runs of B stay in cache between its passes when they are few enough
-        path = "rows" if stats >= items and A * B <= STAT_CACHE else "flat"
+        path = "rows" if stats >= items and A * B <= STAT_CACHE and B >= RUN_ROWS else "flat"
     else:
         # short runs: the column kernels. A slice of a sample's channels (all its columns:
         # whole statistics) that fits in cache is normalized right after its statistics (x

@@ -209,8 +209,8 @@ def norm_cases(draw, norms=oracle.NORMS, dtypes=FLOATS, layouts=LAYOUTS, sizes="
 
     sizes="small": tiny extents (1-4 samples, 1-6 channels, spatial 1-4), which the plans send
     to the flat, column and short-row kernels. sizes="cached": 8-12 samples and channels and
-    spatial extents 8-20 (1 or 2 dims), which reach the kernels that keep a statistic (rows
-    with A > 1) or a sample (fused columns) in cache."""
+    spatial extents 8-20 or 32-34 (1 or 2 dims), which reach the kernels that keep a statistic
+    (rows with A > 1, runs of 1024 and more) or a sample (fused columns) in cache."""
     norm = draw(st.sampled_from(norms))
     dtype = draw(st.sampled_from(dtypes))
     layout = draw(st.sampled_from(layouts))
@@ -220,8 +220,8 @@ def norm_cases(draw, norms=oracle.NORMS, dtypes=FLOATS, layouts=LAYOUTS, sizes="
         n_spatial = max(n_spatial, 1)
     N = draw(st.integers(1, 4) if small else st.integers(8, 12))
     C = draw(st.integers(1, 6) if small else st.sampled_from([8, 9, 12]))
-    spatial = draw(st.lists(st.integers(1, 4) if small else st.integers(8, 20),
-                            min_size=n_spatial, max_size=n_spatial))
+    extent = st.integers(1, 4) if small else st.one_of(st.integers(8, 20), st.integers(32, 34))
+    spatial = draw(st.lists(extent, min_size=n_spatial, max_size=n_spatial))
     case = {"norm": norm, "dtype": dtype, "layout": layout,
             "seed": draw(st.integers(0, 2**32 - 1)),
             "affine": draw(st.sampled_from(["none", "weight", "bias", "both"])),

@@ -38,6 +38,7 @@ def test_canonical_views(planner, args, view):
 @pytest.mark.parametrize("planner, args, path, backward_path", [
     (plan_batch_norm, ((32, 64, 56, 56), 1), "rows", "rows"),     # a channel stays in cache
     (plan_batch_norm, ((32, 3, 224, 224), 1), "flat", "flat"),    # too few channels
+    (plan_batch_norm, ((256, 256, 14, 14), 1), "flat", "flat"),   # short strided runs
     (plan_batch_norm, ((2048, 64, 32, 32), 1), "flat", "flat"),   # a channel is too large
     (plan_batch_norm, ((32, 56, 56, 64), -1), "columns", "columns"),
     (plan_layer_norm, ((8192, 1024), -1), "rows", "rows"),
