@@ -402,7 +402,7 @@ def dispatch(func):
     @functools.wraps(func)
     def call(*args, **kwargs):
         lead = args[0] if args else next(iter(kwargs.values()), None)
-        if _native(lead):
+        if type(lead) is np.ndarray or _native(lead):
             return func(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         arrays = {k: v for k, v in bound.arguments.items() if _is_array(v) or _is_dask(v)}

@@ -32,7 +32,7 @@ def is_cupy(obj):
 _CPU = None
 
 
-def _cpu_backend():
+def cpu_backend():
     global _CPU
     if _CPU is None:
         from . import _cpu
@@ -54,7 +54,7 @@ def backend_for(name, x):
     """The backend for array `x` (TypeError for anything else). Other Array-API arrays reach
     the front end as normcore._arrayapi.Array handles (the public functions wrap them)."""
     if isinstance(x, (np.ndarray, np.generic)):   # a NumPy scalar is a 0-d array here
-        return _cpu_backend()
+        return cpu_backend()
     if is_cupy(x):
         return _cuda_backend()
     if type(x).__module__ == "normcore._arrayapi":

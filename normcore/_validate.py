@@ -5,11 +5,19 @@ import numbers
 
 import numpy as np
 
-from ._backend import backend_for, describe
+from ._backend import backend_for, cpu_backend, describe
+
+# NumPy's own dtype objects of the CPU dtypes: an identity test is the per-call fast path (a
+# byte-swapped or otherwise unusual but equal dtype takes the full checks).
+_CPU_FAST = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 
 def check_input(name, x):
     """x: an array some backend serves, of a dtype it supports; returns that backend."""
+    if type(x) is np.ndarray:
+        dt = x.dtype
+        if dt is _CPU_FAST[0] or dt is _CPU_FAST[1] or dt is _CPU_FAST[2]:
+            return cpu_backend()
     be = backend_for(name, x)
     if np.dtype(x.dtype) not in be.dtypes:
         expected = " or ".join(d.name for d in be.dtypes)
@@ -49,6 +57,9 @@ def check_param(name, arr, shape, be, x, context, dtype=np.float64):
     given (the CPU kernels' compute dtype)."""
     if arr is None:
         return None
+    if (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape and arr.ndim == 1
+            and be.array_type is np.ndarray and arr.flags.c_contiguous):
+        return arr      # the common case: every check below passes, nothing to convert
     check_array(name, arr, be, x)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a real floating dtype, got dtype {arr.dtype}")
@@ -92,6 +103,9 @@ def check_out(name, out, be, x):
     """None or a writable array like x with x's shape and dtype."""
     if out is None:
         return None
+    if (type(out) is np.ndarray and out.dtype is x.dtype and out.shape == x.shape
+            and be.array_type is np.ndarray and out.flags.writeable):
+        return out      # the common case: every check below passes
     check_array(name, out, be, x)
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"{name}: expected an array of shape {x.shape} and dtype {x.dtype}, "
