@@ -62,6 +62,9 @@ STREAM_RUN = 1024
 COLUMN_BLOCK = 8192
 # Rows whose float16 / float32 column sums add up in float32 before they go to float64.
 BLOCK_ROWS = 32
+# Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
+SHORT_ROW = 512
+SHORT_BLOCK = 128
 
 # 'reassoc' lets LLVM vectorize the reductions; no 'nnan'/'ninf' because a NaN must stay a NaN
 # in its own statistic.
@@ -811,6 +814,34 @@ def stat_moments(x, o, c, A, C, B):
     return n, mean, m2
 
 
+@_jit()
+def short_rows_moments(x, r0, r1, B, mean, m2):
+    """Moments of the rows [r0, r1) of length B <= BLOCK of the flat view x into mean / m2
+    (r1 - r0,) float64: a block of rows per call, so that LLVM sees the rows' loops together
+    rather than one call per row of 128 values."""
+    for r in range(r0, r1):
+        mean[r - r0], m2[r - r0] = block_moments(x[r * B:(r + 1) * B])
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def short_rows_normalize(x, z, relu, y, r0, r1, B, hi, lo, rs, w, bias):
+    """y = relu((x - mean) * rstd * w + bias + z) on the rows [r0, r1) of length B, with a
+    weight and bias per element (LayerNorm) and per-row hi, lo, rs (r1 - r0,) in the compute
+    dtype (see normalize_run)."""
+    for r in range(r0, r1):
+        xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
+        h, low, rsr = hi[r - r0], lo[r - r0], rs[r - r0]
+        if z.size:
+            zs = z[r * B:(r + 1) * B]
+            for i in range(B):
+                v = center(loadc(xs[i]), h, low) * (rsr * w[i]) + bias[i] + loadc(zs[i])
+                ys[i] = store(activate(v, relu), ys)
+        else:
+            for i in range(B):
+                v = center(loadc(xs[i]), h, low) * (rsr * w[i]) + bias[i]
+                ys[i] = store(activate(v, relu), ys)
+
+
 @_jit(parallel=True)
 def rows_moments(x, O, A, C, B, mean_out, var_out):
     """mean and biased var (float64, (O * C,)) of every statistic."""
@@ -818,6 +849,37 @@ def rows_moments(x, O, A, C, B, mean_out, var_out):
         n, mean, m2 = stat_moments(x, r // C, r % C, A, C, B)
         mean_out[r] = mean
         var_out[r] = m2 / n
+
+
+@_jit()
+def short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                       r0, r1):
+    """rows_forward on the rows [r0, r1) of length B <= SHORT_ROW with an affine parameter per
+    element (LayerNorm, RMSNorm), SHORT_BLOCK rows at a time: their statistics, then their
+    normalization, one call each (per-row calls ran LayerNorm (65536, 128) at half the
+    bandwidth)."""
+    mean = np.empty(SHORT_BLOCK)
+    m2 = np.empty(SHORT_BLOCK)
+    hi = np.empty(SHORT_BLOCK, w.dtype)
+    lo = np.empty(SHORT_BLOCK, w.dtype)
+    rs = np.empty(SHORT_BLOCK, w.dtype)
+    for b0 in range(r0, r1, SHORT_BLOCK):
+        b1 = min(b0 + SHORT_BLOCK, r1)
+        short_rows_moments(x, b0, b1, B, mean, m2)
+        for i in range(b1 - b0):
+            mu = mean[i]
+            var = m2[i] / B
+            if not centered:
+                var += mu * mu
+                mu = 0.0
+            rstd = 1.0 / np.sqrt(var + eps)
+            mean_out[b0 + i] = mu
+            rstd_out[b0 + i] = rstd
+            if var_out.size:
+                var_out[b0 + i] = var
+            hi[i], lo[i] = split(mu, x)
+            rs[i] = rstd
+        short_rows_normalize(x, z, relu, y, b0, b1, B, hi, lo, rs, w, bias)
 
 
 @_jit(parallel=True)
@@ -837,6 +899,11 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     """
     R = O * C
     nblk = min(R, ROW_BLOCKS)
+    if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+        for k in prange(nblk):
+            short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out,
+                               var_out, k * R // nblk, (k + 1) * R // nblk)
+        return
     for k in prange(nblk):
         r0 = k * R // nblk
         o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
