@@ -930,6 +930,70 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
             sfence()
 
 
+@_jit()
+def short_rows_sums(dy, y, relu, x, r0, r1, B, hi, lo, rs, w, dbias, dweight, g1, g2):
+    """backward_sums_run on each of the rows [r0, r1) of length B <= BLOCK with a parameter
+    cell per element: dbias / dweight (B,) partials in the compute dtype, the rows' (g1, g2)
+    into g1 / g2 (r1 - r0,) float64; hi, lo, rs per row in the compute dtype."""
+    for r in range(r0, r1):
+        ys = y[r * B:(r + 1) * B] if relu else y
+        g1[r - r0], g2[r - r0] = cell_sums(dy[r * B:(r + 1) * B], ys, relu, x[r * B:(r + 1) * B],
+                                           hi[r - r0], lo[r - r0], rs[r - r0], w, dbias,
+                                           dweight)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def short_rows_dx(dy, y, relu, x, dx, dz, r0, r1, B, hi, lo, rs, bc, cc, w):
+    """dx_run on each of the rows [r0, r1) of length B with a parameter cell per element;
+    per row hi, lo, rs, b = rstd**2 * c1 and cc = rstd * c2 in the compute dtype."""
+    for r in range(r0, r1):
+        xs, dys, dxs = x[r * B:(r + 1) * B], dy[r * B:(r + 1) * B], dx[r * B:(r + 1) * B]
+        ys = y[r * B:(r + 1) * B] if relu else y
+        h, low, rsr, b, c = hi[r - r0], lo[r - r0], rs[r - r0], bc[r - r0], cc[r - r0]
+        if relu:
+            for i in range(B):
+                d = relu_dy(dys, ys, i)
+                dxs[i] = store((rsr * w[i]) * d - b * center(loadc(xs[i]), h, low) - c, dxs)
+        else:
+            for i in range(B):
+                d = loadc(dys[i])
+                dxs[i] = store((rsr * w[i]) * d - b * center(loadc(xs[i]), h, low) - c, dxs)
+        if dz.size:
+            dz_run(dys, ys, relu, dz[r * B:(r + 1) * B])
+
+
+@_jit()
+def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_part,
+                        dweight_part, dx, dz, r0, r1):
+    """rows_backward on the rows [r0, r1) of length B <= SHORT_ROW with a parameter cell per
+    element (LayerNorm, RMSNorm), BLOCK_ROWS rows per call of the sums and of dx (the same
+    arithmetic in the same order as the row-by-row loop, flushes included)."""
+    hi = np.empty(BLOCK_ROWS, w.dtype)
+    lo = np.empty(BLOCK_ROWS, w.dtype)
+    rs = np.empty(BLOCK_ROWS, w.dtype)
+    bc = np.empty(BLOCK_ROWS, w.dtype)
+    cc = np.empty(BLOCK_ROWS, w.dtype)
+    g1 = np.empty(BLOCK_ROWS)
+    g2 = np.empty(BLOCK_ROWS)
+    dbias = np.zeros(dbias_part.size, w.dtype)
+    dweight = np.zeros(dweight_part.size, w.dtype)
+    for b0 in range(r0, r1, BLOCK_ROWS):
+        b1 = min(b0 + BLOCK_ROWS, r1)
+        for i in range(b1 - b0):
+            hi[i], lo[i] = split(mean[b0 + i], x)
+            rs[i] = narrow(rstd[b0 + i], x)
+        short_rows_sums(dy, y, relu, x, b0, b1, B, hi, lo, rs, w, dbias, dweight, g1, g2)
+        flush(dbias, dbias_part)
+        flush(dweight, dweight_part)
+        for i in range(b1 - b0):
+            r = rstd[b0 + i]
+            c1 = 0.0 if frozen else g2[i] / B
+            c2 = 0.0 if frozen or not centered else g1[i] / B
+            bc[i] = narrow(r * r * c1, x)
+            cc[i] = narrow(r * c2, x)
+        short_rows_dx(dy, y, relu, x, dx, dz, b0, b1, B, hi, lo, rs, bc, cc, w)
+
+
 @_jit(parallel=True)
 def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered, nblk,
                   dbias_part, dweight_part, dx, dz, stream):
@@ -943,6 +1007,12 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
     """
     R = O * C
     n = A * B
+    if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+        for k in prange(nblk):
+            short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered,
+                                dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
+                                (k + 1) * R // nblk)
+        return
     for k in prange(nblk):
         dbias = np.zeros(dbias_part.shape[1], w.dtype)
         dweight = np.zeros(dweight_part.shape[1], w.dtype)
