@@ -197,7 +197,8 @@ def _forward_with_running(plan, be, x, weight, bias, running_mean, running_var, 
     check_out("out", out, be, x)
     O = plan.O
     if not batch_stats:
-        frozen = (be.xp.tile(rm, O), be.xp.tile(1.0 / be.xp.sqrt(rv + eps), O))
+        rstd = 1.0 / be.xp.sqrt(rv + eps)
+        frozen = (rm, rstd) if O == 1 else (be.xp.tile(rm, O), be.xp.tile(rstd, O))
         y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen,
                                     epilogue=epilogue)
         return NormForward(y, mean, rstd, running_mean, running_var)

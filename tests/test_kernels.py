@@ -213,7 +213,7 @@ VECTOR_SCRIPT = textwrap.dedent("""
             f = nc.batch_norm_forward(x, axis=axis, activation=activation)
             nc.batch_norm_backward(x, x, f.mean, f.rstd, axis=axis, activation=activation,
                                    y=f.y)
-    x = rng.standard_normal((8, 40)).astype(np.float16)                # per-element weights
+    x = rng.standard_normal((2, 600)).astype(np.float16)   # a weight per element, long rows
     f = nc.layer_norm_forward(x, activation="relu")
     nc.layer_norm_backward(x, x, f.mean, f.rstd, activation="relu", y=f.y)
     for name in ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
