@@ -26,7 +26,7 @@ ITEMS_PER_THREAD = 4
 # inside its share of the 32 MiB L3, which still serves it several times faster than memory.
 STAT_CACHE = 1 << 19
 # The fused column kernels split a sample's rows into slices of channels only for inputs of at
-# most SLICE_MAX elements (whole, they fit in the L2s), each slice at least SLICE_MIN wide. A
+# most SLICE_MAX elements (small enough to stay in cache), slices at least SLICE_MIN wide. A
 # slice's rows are short strided runs that the prefetchers serve poorly from L3 or memory:
 # BatchNorm (2048, 1024) forward 1.3 ms in 8 slices, 0.69 in row chunks, while (256, 1024)
 # took 101 us against 130 (one launch instead of three, no partial moments to merge).

@@ -6,17 +6,16 @@ import numbers
 import numpy as np
 
 from ._backend import backend_for, cpu_backend, describe
-
-# NumPy's own dtype objects of the CPU dtypes: an identity test is the per-call fast path (a
-# byte-swapped or otherwise unusual but equal dtype takes the full checks).
-_CPU_FAST = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+from ._dtypes import CPU_DTYPES
 
 
 def check_input(name, x):
     """x: an array some backend serves, of a dtype it supports; returns that backend."""
     if type(x) is np.ndarray:
+        # NumPy's own dtype objects: an identity test is the per-call fast path (a byte-swapped
+        # or otherwise unusual but equal dtype takes the full checks)
         dt = x.dtype
-        if dt is _CPU_FAST[0] or dt is _CPU_FAST[1] or dt is _CPU_FAST[2]:
+        if dt is CPU_DTYPES[0] or dt is CPU_DTYPES[1] or dt is CPU_DTYPES[2]:
             return cpu_backend()
     be = backend_for(name, x)
     if np.dtype(x.dtype) not in be.dtypes:
