@@ -610,6 +610,34 @@ def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False):
 
 
 @_jit(fastmath=_ELEMENTWISE)
+def affine_runs(xs, zs, ys, relu, B, b, c, C, hi, sc, sh):
+    """affine_run over a chunk of consecutive runs of B values (one parameter cell each), the
+    first from offset b of channel c's run, with per-channel hi, sc, sh (C,) from fold: one
+    call per chunk instead of one per run (BatchNorm channels-first runs of 196). Each run
+    is sliced and looped from 0: `for i in range(pos, pos + e)` over the whole chunk compiled
+    to AVX-512 masked stores here and ran 5x slower."""
+    n = xs.size
+    pos = 0
+    while pos < n:
+        e = min(n - pos, B - b)
+        h = hi[c]
+        s = sc[c]
+        t = sh[c]
+        xr, yr = xs[pos:pos + e], ys[pos:pos + e]
+        if zs.size:
+            zr = zs[pos:pos + e]
+            for i in range(e):
+                v = (loadc(xr[i]) - h) * s + t + loadc(zr[i])
+                yr[i] = store(activate(v, relu), yr)
+        else:
+            for i in range(e):
+                yr[i] = store(activate((loadc(xr[i]) - h) * s + t, relu), yr)
+        pos += e
+        b = 0
+        c = c + 1 if c + 1 < C else 0
+
+
+@_jit(fastmath=_ELEMENTWISE)
 def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=False):
     """y = relu((x - mean) * rstd * w + bias + z) on the piece [b0, b0 + len) of channel c's
     run; zs is empty without a residual. w, bias: parameter cells in the compute dtype."""
@@ -1103,6 +1131,22 @@ def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
     """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
     empty; stream: see rows_forward."""
     L = A * C * B
+    if P == B and B < STREAM_RUN:   # short runs of one cell each: a call per chunk
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            hic = np.empty(C, w.dtype)
+            scc = np.empty(C, w.dtype)
+            shc = np.empty(C, w.dtype)
+            for c in range(C):
+                hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c],
+                                              x)
+            lo = o * L + k * L // K
+            hi = o * L + (k + 1) * L // K
+            c, b = run_piece(k * L // K, C, B)
+            affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic,
+                        scc, shc)
+        return
     for item in prange(O * K):
         o = item // K
         k = item % K

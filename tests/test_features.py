@@ -10,6 +10,7 @@ import normcore as nc
 # (norm, shape, axis, extra kwargs): every kernel path (rows, flat, columns) for every norm
 CASES = [
     ("batch", (4, 6, 5, 3), 1, {}),                 # flat
+    ("batch", (4, 3, 100), 1, {}),                  # flat, runs of one cell per call chunk
     ("batch", (4, 5, 3, 6), -1, {}),                # columns
     ("instance", (3, 4, 200), 1, {}),               # rows, P = B
     ("instance", (2, 7, 3), -1, {}),                # columns
