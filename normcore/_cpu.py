@@ -133,19 +133,10 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
-    ct = _compute(x)
+    kernel = K.column_normalize if plan.path.startswith("columns") else K.flat_normalize
     with guard(plan):
-        if plan.path.startswith("columns"):
-            c, cell = _column_maps(plan)
-            w_j, bias_j = (w, bias) if cell is None else (w[cell], bias[cell])
-            scale = _per_column(rstd, plan, c) * w_j
-            hi, lo = _split(_per_column(mean, plan, c), ct)
-            shift = (bias_j - lo * scale).astype(ct)       # see kernels.cpu.fold
-            _k(plan, K.column_normalize)(x, z, relu, O, A, C * B, plan.K, hi, scale.astype(ct),
-                                         shift, y, y.nbytes >= STREAM_MIN)
-        else:
-            _k(plan, K.flat_normalize)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                       w, bias, y, y.nbytes >= STREAM_MIN)
+        _k(plan, kernel)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y,
+                         y.nbytes >= STREAM_MIN)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
