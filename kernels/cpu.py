@@ -757,6 +757,30 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
     return g1, g2
 
 
+@_jit()
+def scalar_sums_runs(dys, xs, B, b, c, C, mean, sdy, sdyx):
+    """Add sum(dy) and sum(dy * (x - mean)) of each run of a chunk of consecutive runs of B
+    values (one cell each, the first from offset b of channel c's run) to sdy[c], sdyx[c]
+    (float64, per channel; mean (C,) float64): one call per chunk (see affine_runs)."""
+    n = xs.size
+    pos = 0
+    while pos < n:
+        e = min(n - pos, B - b)
+        m = mean[c]
+        xr, gr = xs[pos:pos + e], dys[pos:pos + e]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(e):
+            d = np.float64(loadc(gr[i]))
+            s1 += d
+            s2 += d * (load(xr[i]) - m)
+        sdy[c] += s1
+        sdyx[c] += s2
+        pos += e
+        b = 0
+        c = c + 1 if c + 1 < C else 0
+
+
 @_jit(fastmath=_ELEMENTWISE)
 def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False):
     """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
@@ -776,6 +800,27 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
             dxs[i] = store(a * loadc(dys[i]) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
     if dzs.size:
         dz_run(dys, ys, relu, dzs)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def dx_scalar_runs(dys, xs, dxs, B, b, c, C, a, hi, nb, sh):
+    """dx_scalar_run (no ReLU, no residual) over a chunk of consecutive runs of B values, the
+    first from offset b of channel c's run, with per-channel a, hi, nb, sh (C,): one call per
+    chunk instead of one per run, each run sliced and looped from 0 (see affine_runs)."""
+    n = xs.size
+    pos = 0
+    while pos < n:
+        e = min(n - pos, B - b)
+        ac = a[c]
+        h = hi[c]
+        s = nb[c]
+        t = sh[c]
+        xr, gr, dr = xs[pos:pos + e], dys[pos:pos + e], dxs[pos:pos + e]
+        for i in range(e):
+            dr[i] = store(ac * loadc(gr[i]) + ((loadc(xr[i]) - h) * s + t), dr)
+        pos += e
+        b = 0
+        c = c + 1 if c + 1 < C else 0
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -1172,6 +1217,23 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
                        dweight_part):
     """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P)."""
     L = A * C * B
+    if P == B and B < STREAM_RUN and not relu:
+        # short runs of one cell each: a call per chunk (as in flat_normalize)
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            dbias = dbias_part[o, k]
+            dweight = dweight_part[o, k]
+            dbias[:] = 0.0
+            dweight[:] = 0.0
+            lo = o * L + k * L // K
+            hi = o * L + (k + 1) * L // K
+            c, b = run_piece(k * L // K, C, B)
+            scalar_sums_runs(dy[lo:hi], x[lo:hi], B, b, c, C, mean[o * C:(o + 1) * C], dbias,
+                             dweight)
+            for c in range(C):
+                dweight[c] *= rstd[o * C + c]
+        return
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -1198,6 +1260,26 @@ def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx
     """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64; stream:
     see rows_backward."""
     L = A * C * B
+    if P == B and B < STREAM_RUN and not relu and not dz.size:
+        # short runs of one cell each: coefficients per channel, a call per chunk (as in
+        # flat_normalize)
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            a = np.empty(C, w.dtype)
+            hic = np.empty(C, w.dtype)
+            nbc = np.empty(C, w.dtype)
+            shc = np.empty(C, w.dtype)
+            for c in range(C):
+                r = rstd[o * C + c]
+                a[c] = narrow(r * w[c], x)
+                hic[c], nbc[c], shc[c] = fold(mean[o * C + c], -(r * r * c1[o * C + c]),
+                                              -(r * c2[o * C + c]), x)
+            lo = o * L + k * L // K
+            hi = o * L + (k + 1) * L // K
+            c, b = run_piece(k * L // K, C, B)
+            dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc)
+        return
     for item in prange(O * K):
         o = item // K
         k = item % K

@@ -219,3 +219,30 @@ def test_sliced_fused_columns_match_oracle(norm, shape, axis, kw, dtype, rng):
         g = nc_backward(norm, dy, x, f.mean, f.rstd, w, training=False, **kw)
         ref = ref_backward(norm, dy, x, f.mean, f.rstd, w, training=False, **kw)
         check_backward(g, ref, x, dy, f.rstd, w, param_shape(norm, shape, axis), n=1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(31, 11, 15, 20), (13, 9, 700)])
+def test_flat_chunks_of_short_runs_match_oracle(shape, dtype, rng):
+    """Channels-first BatchNorm with runs of 64-1023 values: the flat kernels take a work
+    item's chunk of runs in one call (normalize, backward sums, dx), chunks starting inside a
+    run and channels with their own weights; the ReLU epilogue keeps the per-run kernels."""
+    from normcore._norms import _threads
+    from normcore._plan import plan_batch_norm
+    plan = plan_batch_norm(shape, 1, _threads())
+    assert plan.path == plan.backward_path == "flat" and not plan.serial
+    assert 64 <= plan.B < 1024 and plan.P == plan.B
+    L = plan.A * plan.C * plan.B
+    assert any(k * L // plan.K % plan.B for k in range(plan.K))     # a chunk starts mid-run
+    x, w, b, dy = _inputs(rng, "batch", shape, 1, dtype)
+    n = _n("batch", shape, {"axis": 1})
+    f = nc_forward("batch", x, w, b, axis=1)
+    check_forward("batch", f, ref_forward("batch", x, w, b, axis=1), x, n=n)
+    got = nc_backward("batch", dy, x, f.mean, f.rstd, w, axis=1)
+    check_backward(got, ref_backward("batch", dy, x, f.mean, f.rstd, w, axis=1), x, dy,
+                   f.rstd, w, (shape[1],), n=n)
+    fz = nc_forward("batch", x, w, b, axis=1, activation="relu")
+    gz = nc_backward("batch", dy, x, fz.mean, fz.rstd, w, axis=1, activation="relu", y=fz.y)
+    mask = (fz.y > 0).astype(dtype)
+    check_backward(gz, ref_backward("batch", dy * mask, x, fz.mean, fz.rstd, w, axis=1), x, dy,
+                   fz.rstd, w, (shape[1],), n=n)
