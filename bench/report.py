@@ -61,10 +61,13 @@ def markdown(data):
     m, v = data["machine"], data["machine"]["versions"]
     threads = ", ".join(f"{k} {n}" for k, n in m["threads"].items())
     bw = ", ".join(f"{d} {g:.1f} GB/s" for d, g in data["copy_gbps"].items())
+    runtimes = ", ".join(f"`{Path(r).name}`" for r in m["openmp_runtimes"]) \
+        if "openmp_runtimes" in m else "not recorded"
     lines = [
         f"Measured with `{' '.join(['python bench/run.py'] + data['argv'])}` "
         f"on {m['cpu']} ({m['usable_cpus']} cores; "
-        f"threads: {threads}; OpenMP wait policy {m.get('omp_wait_policy', 'not recorded')}), "
+        f"threads: {threads}; OpenMP wait policy {m.get('omp_wait_policy', 'not recorded')}; "
+        f"OpenMP runtimes: {runtimes}), "
         f"NumPy {v['numpy']}, Numba {v['numba']}, "
         f"PyTorch {v.get('torch', 'not installed')}, normcore {v.get('normcore', '?')} at "
         f"`{m['commit']}`, {m['date'][:10]}. Copy bandwidth (the fastest of np.copyto and "

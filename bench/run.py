@@ -95,6 +95,7 @@ def machine_info(threads):
     except OSError:
         commit = ""
     return {"cpu": cpu.get("model name", platform.processor()), "cache": cpu.get("cache size"),
+            "openmp_runtimes": openmp_runtimes(),
             "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "platform": platform.platform(), "versions": versions,
@@ -102,8 +103,21 @@ def machine_info(threads):
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def openmp_runtimes():
+    """The OpenMP runtimes mapped into this process (Linux). Numba's omp layer links
+    libgomp.so.1.0.0 by file name and torch's wheel bundles its own libgomp.so.1: with torch
+    imported first, both load, and two pools of spinning threads share the cores."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f
+                           if "libgomp" in line or "libiomp" in line})
+    except OSError:
+        return []
+
+
 def set_threads():
-    """Give torch numba's thread count; return both."""
+    """Give torch numba's thread count; return both. numba's thread pool starts first, so that
+    torch, imported after it, uses the same libgomp (see openmp_runtimes)."""
     import numba
     threads = {"numba": numba.get_num_threads()}
     try:
