@@ -866,9 +866,10 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
 # ---------------------------------------------------------------------------------------------
 # Rows: one thread per statistic (o, c), over its A runs of B (one contiguous row when
 # A == 1: LayerNorm, InstanceNorm and GroupNorm channels-first; A strided runs of 1024 values
-# or more for BatchNorm channels-first, see _plan.RUN_ROWS). The statistic's values stay in
-# cache between the passes, so the forward reads x from memory once (2E, not 3E) and the
-# backward reads x and dy once (3E, not 5E). Short LayerNorm rows go in blocks of rows.
+# or more for BatchNorm channels-first, see _plan.RUN_ROWS; its float16 / float32 forward
+# goes flat from _plan.FLAT_FORWARD values). The statistic's values stay in cache between the
+# passes, so the forward reads x from memory once (2E, not 3E) and the backward reads x and
+# dy once (3E, not 5E). Short LayerNorm rows go in blocks of rows.
 # ---------------------------------------------------------------------------------------------
 
 

@@ -252,7 +252,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     >>> f = batch_norm_forward(x, w, b, running_mean=rm, running_var=rv)
     """
     be = check_input("x", x)
-    plan = plan_batch_norm(x.shape, axis, _threads())
+    plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _forward_with_running(
         plan, be, x, weight, bias, running_mean, running_var, eps=eps, momentum=momentum,
         activation=activation, residual=residual, out=out, batch_stats=bool(training),
@@ -288,7 +288,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
     >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     be = check_input("x", x)
-    plan = plan_batch_norm(x.shape, axis, _threads())
+    plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _backward(plan, be, dy, x, mean, rstd, weight, not training, dx_out,
                      _context((x.shape, "axis", axis)), activation=activation, y=y,
                      residual=residual)

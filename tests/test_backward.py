@@ -246,3 +246,23 @@ def test_flat_chunks_of_short_runs_match_oracle(shape, dtype, rng):
     mask = (fz.y > 0).astype(dtype)
     check_backward(gz, ref_backward("batch", dy * mask, x, fz.mean, fz.rstd, w, axis=1), x, dy,
                    fz.rstd, w, (shape[1],), n=n)
+
+
+def test_large_narrow_batch_norm_forward_flat_backward_rows(rng):
+    """float32 BatchNorm of 2**22+ elements with long runs: the flat forward (x streamed
+    twice) and the rows backward (a channel kept in cache) of one plan (float16: see
+    test_features.test_float16_matches_float32_compute)."""
+    dtype = np.float32
+    from normcore._norms import _threads
+    from normcore._plan import FLAT_FORWARD, plan_batch_norm
+    shape = (16, 64, 64, 64)
+    plan = plan_batch_norm(shape, 1, _threads(), np.dtype(dtype).itemsize)
+    assert np.prod(shape) >= FLAT_FORWARD
+    assert (plan.path, plan.backward_path) == ("flat", "rows")
+    x, w, b, dy = _inputs(rng, "batch", shape, 1, dtype)
+    n = _n("batch", shape, {"axis": 1})
+    f = nc_forward("batch", x, w, b, axis=1)
+    check_forward("batch", f, ref_forward("batch", x, w, b, axis=1), x, n=n)
+    got = nc_backward("batch", dy, x, f.mean, f.rstd, w, axis=1)
+    check_backward(got, ref_backward("batch", dy, x, f.mean, f.rstd, w, axis=1), x, dy,
+                   f.rstd, w, (shape[1],), n=n)

@@ -1,4 +1,5 @@
 """Plans are pure Python; every registered kernel is exercised for float32 and float64."""
+import functools
 import os
 import platform
 import subprocess
@@ -14,6 +15,7 @@ from normcore._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm
 from normcore.kernels import cpu
 
 T = 2  # thread count the plans below are made for
+_bn_float32 = functools.partial(plan_batch_norm, itemsize=4)
 
 
 @pytest.mark.parametrize("planner, args, view", [
@@ -37,6 +39,8 @@ def test_canonical_views(planner, args, view):
 
 @pytest.mark.parametrize("planner, args, path, backward_path", [
     (plan_batch_norm, ((32, 64, 56, 56), 1), "rows", "rows"),     # a channel stays in cache
+    (_bn_float32, ((32, 64, 56, 56), 1), "flat", "rows"),         # the forward streams x
+    (_bn_float32, ((16, 32, 64, 64), 1), "rows", "rows"),         # below FLAT_FORWARD
     (plan_batch_norm, ((32, 3, 224, 224), 1), "flat", "flat"),    # too few channels
     (plan_batch_norm, ((256, 256, 14, 14), 1), "flat", "flat"),   # short strided runs
     (plan_batch_norm, ((2048, 64, 32, 32), 1), "flat", "flat"),   # a channel is too large
