@@ -18,11 +18,12 @@ RUN_MIN = 64
 # 10.5-11.2 ms, flat 6.0-6.4; backward 16-17 against 12; runs of 784: 6.8-7.1 / 5.4-6.1).
 RUN_ROWS = 1024
 # ... and float16 / float32 inputs of at least FLAT_FORWARD elements take the flat forward even
-# with long runs (the backward keeps the rows): streaming x twice measured faster than the rows
+# with long runs (the float32 backward keeps the rows): streaming x twice beat the rows
 # forward's one read, rows / flat 1.16-1.42 float32 and 1.15-1.50 float16 on BatchNorm
 # (32, 64, 56, 56), (16, 128, 56, 56), (128, 64, 32, 32) (one exception: (8, 256, 64, 64)
-# float32, 0.91), while the flat backward was 0.66-1.01 in float32; float64 stays on the rows
-# (flat forward 0.86 on (32, 64, 56, 56)). Below 2**22 elements the two are within noise.
+# float32, 0.91), while the flat backward was 0.66-1.01 in float32 (1.02-1.54 in float16: its
+# backward goes flat too); float64 stays on the rows (flat forward 0.86 on (32, 64, 56, 56)).
+# Below 2**22 elements the two are within noise.
 FLAT_FORWARD = 1 << 22
 # Smallest chunk (elements) worth a parallel work item.
 MIN_ITEM = 1 << 15
@@ -93,9 +94,10 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         path = "rows" if stats >= items or B <= 4096 else "flat"
     elif B >= RUN_MIN:
         # a statistic's A runs of B stay in cache between its passes when they are few enough
-        rows_backward = stats >= items and A * B <= STAT_CACHE and B >= RUN_ROWS
-        narrow_and_large = itemsize <= 4 and O * A * C * B >= FLAT_FORWARD
-        path = "rows" if rows_backward and not narrow_and_large else "flat"
+        rows = stats >= items and A * B <= STAT_CACHE and B >= RUN_ROWS
+        large = O * A * C * B >= FLAT_FORWARD
+        path = "rows" if rows and not (large and itemsize <= 4) else "flat"
+        rows_backward = rows and not (large and itemsize <= 2)
     else:
         # short runs: the column kernels. A slice of a sample's channels (all its columns:
         # whole statistics) that fits in cache is normalized right after its statistics (x

@@ -16,6 +16,7 @@ from normcore.kernels import cpu
 
 T = 2  # thread count the plans below are made for
 _bn_float32 = functools.partial(plan_batch_norm, itemsize=4)
+_bn_float16 = functools.partial(plan_batch_norm, itemsize=2)
 
 
 @pytest.mark.parametrize("planner, args, view", [
@@ -41,6 +42,7 @@ def test_canonical_views(planner, args, view):
     (plan_batch_norm, ((32, 64, 56, 56), 1), "rows", "rows"),     # a channel stays in cache
     (_bn_float32, ((32, 64, 56, 56), 1), "flat", "rows"),         # the forward streams x
     (_bn_float32, ((16, 32, 64, 64), 1), "rows", "rows"),         # below FLAT_FORWARD
+    (_bn_float16, ((32, 64, 56, 56), 1), "flat", "flat"),
     (plan_batch_norm, ((32, 3, 224, 224), 1), "flat", "flat"),    # too few channels
     (plan_batch_norm, ((256, 256, 14, 14), 1), "flat", "flat"),   # short strided runs
     (plan_batch_norm, ((2048, 64, 32, 32), 1), "flat", "flat"),   # a channel is too large
