@@ -221,6 +221,19 @@ def test_sliced_fused_columns_match_oracle(norm, shape, axis, kw, dtype, rng):
         check_backward(g, ref, x, dy, f.rstd, w, param_shape(norm, shape, axis), n=1)
 
 
+def _batch_matches_oracle(shape, dtype, rng):
+    """Channels-first BatchNorm forward and backward against the oracle; returns the inputs
+    (x, w, b, dy) and the reduction length."""
+    x, w, b, dy = _inputs(rng, "batch", shape, 1, dtype)
+    n = _n("batch", shape, {"axis": 1})
+    f = nc_forward("batch", x, w, b, axis=1)
+    check_forward("batch", f, ref_forward("batch", x, w, b, axis=1), x, n=n)
+    got = nc_backward("batch", dy, x, f.mean, f.rstd, w, axis=1)
+    check_backward(got, ref_backward("batch", dy, x, f.mean, f.rstd, w, axis=1), x, dy,
+                   f.rstd, w, (shape[1],), n=n)
+    return x, w, b, dy, n
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", [(31, 11, 15, 20), (13, 9, 700)])
 def test_flat_chunks_of_short_runs_match_oracle(shape, dtype, rng):
@@ -234,13 +247,7 @@ def test_flat_chunks_of_short_runs_match_oracle(shape, dtype, rng):
     assert 64 <= plan.B < 1024 and plan.P == plan.B
     L = plan.A * plan.C * plan.B
     assert any(k * L // plan.K % plan.B for k in range(plan.K))     # a chunk starts mid-run
-    x, w, b, dy = _inputs(rng, "batch", shape, 1, dtype)
-    n = _n("batch", shape, {"axis": 1})
-    f = nc_forward("batch", x, w, b, axis=1)
-    check_forward("batch", f, ref_forward("batch", x, w, b, axis=1), x, n=n)
-    got = nc_backward("batch", dy, x, f.mean, f.rstd, w, axis=1)
-    check_backward(got, ref_backward("batch", dy, x, f.mean, f.rstd, w, axis=1), x, dy,
-                   f.rstd, w, (shape[1],), n=n)
+    x, w, b, dy, n = _batch_matches_oracle(shape, dtype, rng)
     fz = nc_forward("batch", x, w, b, axis=1, activation="relu")
     gz = nc_backward("batch", dy, x, fz.mean, fz.rstd, w, axis=1, activation="relu", y=fz.y)
     mask = (fz.y > 0).astype(dtype)
@@ -252,17 +259,10 @@ def test_large_narrow_batch_norm_forward_flat_backward_rows(rng):
     """float32 BatchNorm of 2**22+ elements with long runs: the flat forward (x streamed
     twice) and the rows backward (a channel kept in cache) of one plan (float16: see
     test_features.test_float16_matches_float32_compute)."""
-    dtype = np.float32
     from normcore._norms import _threads
     from normcore._plan import FLAT_FORWARD, plan_batch_norm
     shape = (16, 64, 64, 64)
-    plan = plan_batch_norm(shape, 1, _threads(), np.dtype(dtype).itemsize)
+    plan = plan_batch_norm(shape, 1, _threads(), 4)
     assert np.prod(shape) >= FLAT_FORWARD
     assert (plan.path, plan.backward_path) == ("flat", "rows")
-    x, w, b, dy = _inputs(rng, "batch", shape, 1, dtype)
-    n = _n("batch", shape, {"axis": 1})
-    f = nc_forward("batch", x, w, b, axis=1)
-    check_forward("batch", f, ref_forward("batch", x, w, b, axis=1), x, n=n)
-    got = nc_backward("batch", dy, x, f.mean, f.rstd, w, axis=1)
-    check_backward(got, ref_backward("batch", dy, x, f.mean, f.rstd, w, axis=1), x, dy,
-                   f.rstd, w, (shape[1],), n=n)
+    _batch_matches_oracle(shape, np.float32, rng)
