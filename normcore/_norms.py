@@ -209,20 +209,28 @@ def _forward_with_running(plan, be, x, weight, bias, running_mean, running_var, 
     if rm is not None:
         # written only now, after every check has passed: a call that raises modifies nothing
         n = plan.n
-        batch_mean = mean.astype(be.xp.float64)
+        batch_mean = mean.astype(be.xp.float64).reshape(-1)          # InstanceNorm: (N, C)
         batch_var = var64 * (n / (n - 1))                               # unbiased
         if O > 1:       # InstanceNorm: the average over the samples (a mean over one: 3.6 us)
             batch_mean = batch_mean.reshape(O, -1).mean(0)
             batch_var = batch_var.reshape(O, -1).mean(0)
-        _update_running(running_mean, running_var, batch_mean, batch_var, momentum)
+        _update_running(running_mean, running_var, batch_mean, batch_var, momentum,
+                        old=(rm, rv))
     return NormForward(y, mean, rstd, running_mean, running_var)
 
 
-def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum):
-    """new = (1 - momentum) * old + momentum * batch, in place, computed before writing."""
-    new_mean = (1.0 - momentum) * running_mean.astype(batch_mean.dtype) + momentum * batch_mean
-    new_var = ((1.0 - momentum) * running_var.astype(batch_mean.dtype)
-               + momentum * batch_var_unbiased)
+def _update_running(running_mean, running_var, batch_mean, batch_var_unbiased, momentum, *,
+                    old=None):
+    """new = (1 - momentum) * old + momentum * batch, in place, computed before writing.
+    old: the running statistics already converted to batch_mean's dtype (check_running's
+    float64 vectors), else converted here."""
+    if old is None:
+        old = (running_mean.astype(batch_mean.dtype), running_var.astype(batch_mean.dtype))
+    keep = 1.0 - momentum
+    new_mean = old[0] * keep        # a new array: old[0] may be running_mean itself
+    new_mean += momentum * batch_mean
+    new_var = old[1] * keep
+    new_var += momentum * batch_var_unbiased
     running_mean[...] = new_mean
     running_var[...] = new_var
 
