@@ -781,14 +781,21 @@ def scalar_sums_runs(dys, xs, B, b, c, C, mean, sdy, sdyx):
         c = c + 1 if c + 1 < C else 0
 
 
+@_jit(inline="always")
+def dx_scalar_coefficients(mean, rstd, wq, c1, c2, arr):
+    """(a, hi, nb, sh) of dx = a * dy + ((x - hi) * nb + sh) for a scalar weight wq (see
+    dx_scalar_run), in the compute dtype of arr."""
+    hi, nb, sh = fold(mean, -(rstd * rstd * c1), -(rstd * c2), arr)
+    return narrow(rstd * wq, arr), hi, nb, sh
+
+
 @_jit(fastmath=_ELEMENTWISE)
 def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False):
     """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
     a * dy - b * (x - mean) - cc in the precision of xs; dz = dy (after ReLU's mask) when dzs
     is not empty."""
-    a = narrow(rstd * wq, xs)
     # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
-    hi, nb, sh = fold(mean, -(rstd * rstd * c1), -(rstd * c2), xs)
+    a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, wq, c1, c2, xs)
     if (stream and xs.size >= STREAM_RUN and not relu and not dzs.size
             and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh))):
         return
@@ -1272,10 +1279,9 @@ def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx
             nbc = np.empty(C, w.dtype)
             shc = np.empty(C, w.dtype)
             for c in range(C):
-                r = rstd[o * C + c]
-                a[c] = narrow(r * w[c], x)
-                hic[c], nbc[c], shc[c] = fold(mean[o * C + c], -(r * r * c1[o * C + c]),
-                                              -(r * c2[o * C + c]), x)
+                oc = o * C + c
+                a[c], hic[c], nbc[c], shc[c] = dx_scalar_coefficients(mean[oc], rstd[oc], w[c],
+                                                                      c1[oc], c2[oc], x)
             lo = o * L + k * L // K
             hi = o * L + (k + 1) * L // K
             c, b = run_piece(k * L // K, C, B)
