@@ -15,6 +15,7 @@ from ._norms import (NormBackward, NormForward, batch_norm,
                      instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
                      layer_norm_backward, layer_norm_forward, rms_norm, rms_norm_backward,
                      rms_norm_forward)
+from ._outputs import set_output_cache
 from ._welford import Moments, PopulationStats, merge_moments, welford
 from ._arrayapi import dispatch as _dispatch
 
@@ -28,13 +29,13 @@ __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
     "layer_norm", "layer_norm_forward", "layer_norm_backward",
     "rms_norm", "rms_norm_forward", "rms_norm_backward",
-    "batch_norm_scale_shift", "fold_batch_norm",
+    "batch_norm_scale_shift", "fold_batch_norm", "set_output_cache",
 ]
 
 # Every function that takes arrays also takes other Array-API arrays (and dask arrays where
 # normcore._dask has it); NumPy and CuPy calls go straight through.
 for _name in __all__:
     if _name not in ("NormForward", "NormBackward", "Moments", "PopulationStats",
-                     "merge_moments"):
+                     "merge_moments", "set_output_cache"):
         globals()[_name] = _dispatch(globals()[_name])
 del _name

@@ -23,6 +23,7 @@ from collections import namedtuple
 import numba
 import numpy as np
 
+from . import _outputs
 from ._dtypes import stats_dtype
 from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
 from ._validate import (check_eps, check_input, check_like_x, check_momentum, check_out,
@@ -63,10 +64,15 @@ def _flat(be, x):
     return be.xp.ascontiguousarray(x).reshape(-1)
 
 
+def _empty(be, shape, dtype):
+    """A fresh output: large NumPy ones from normcore._outputs' cache of freed outputs."""
+    return _outputs.empty(shape, dtype) if be.name == "cpu" else be.xp.empty(shape, dtype)
+
+
 def _output(be, out, x):
     """(result array, flat contiguous buffer the kernels write into)."""
     if out is None:
-        res = be.xp.empty(x.shape, x.dtype)
+        res = _empty(be, x.shape, x.dtype)
         return res, res.reshape(-1)
     if out.flags.c_contiguous:
         return out, out.reshape(-1)
@@ -162,7 +168,7 @@ def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context, *,
     if w is None:
         w = be.xp.ones(cells, dt)
     dx, dxbuf = _output(be, dx_out, x)
-    dz = be.xp.empty(x.shape, x.dtype) if residual and relu else None
+    dz = _empty(be, x.shape, x.dtype) if residual and relu else None
     if x.size:
         dweight, dbias = be.ops.backward(
             plan, _flat(be, dy), _flat(be, x), dxbuf, mean64, rstd64, w, frozen,
