@@ -1,10 +1,11 @@
 """Make the README's performance table from a bench/run.py results file.
 
-    python bench/report.py [bench/results/latest.json] [--print]
+    python bench/report.py [bench/results/latest.json] [--keep bench/results/keep.json] [--print]
 
-Rewrites the text between <!-- bench:start --> and <!-- bench:end --> in README.md when
-both markers are there, else (or with --print) prints the table. Every number comes from
-the JSON.
+The second file, when there (a run with --malloc keep), adds each peer's ratio measured
+without page faults on fresh outputs. Rewrites the text between <!-- bench:start --> and
+<!-- bench:end --> in README.md when both markers are there, else (or with --print) prints
+the table. Every number comes from the JSON files.
 """
 import argparse
 import json
@@ -30,21 +31,37 @@ def fmt_ratio(r):
     return "–" if r is None else f"{r:.2f}×"
 
 
-def device_table(results):
-    """One row per (case, op, dtype): normcore's times (fresh outputs, then out=), GB/s and
-    % copy of its fastest variant, each peer's time, and each peer's time over normcore's."""
-    ours = list(dict.fromkeys(r["impl"] for r in results if "speedup" in r))
-    peers = list(dict.fromkeys(r["impl"] for r in results if "speedup" not in r))
-    head = (["case", "shape", "op", "dtype"] + [f"`{n}`" for n in ours] + ["GB/s", "% copy"]
-            + [f"`{n}`" for n in peers] + [f"×{n}" for n in peers])
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "--:|" * (len(head) - 4)]
+def _groups(results):
     groups = {}
     for r in results:
         groups.setdefault((r["case"], r["op"], r["dtype"]), {})[r["impl"]] = r
-    for (case, op, dtype), rows in groups.items():
+    return groups
+
+
+def _speedups(rows, ours, peers):
+    """Each peer's median over normcore's (fresh outputs) in one group, None when missing."""
+    mine = [rows[n] for n in ours if n in rows]
+    return [mine[0]["speedup"].get(n) if mine else None for n in peers]
+
+
+def device_table(results, kept=()):
+    """One row per (case, op, dtype): normcore's times (fresh outputs, then out=), GB/s and
+    % copy of its fastest variant, each peer's time, and each peer's time over normcore's
+    (then the same ratio from the --malloc keep run `kept`, for the peers it has)."""
+    ours = list(dict.fromkeys(r["impl"] for r in results if "speedup" in r))
+    peers = list(dict.fromkeys(r["impl"] for r in results if "speedup" not in r))
+    kept_groups = _groups(kept)
+    kept_peers = [n for n in peers if any(r["impl"] == n for r in kept)]
+    head = (["case", "shape", "op", "dtype"] + [f"`{n}`" for n in ours] + ["GB/s", "% copy"]
+            + [f"`{n}`" for n in peers] + [f"×{n}" for n in peers]
+            + [f"×{n} keep" for n in kept_peers])
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "--:|" * (len(head) - 4)]
+    for key, rows in _groups(results).items():
+        case, op, dtype = key
         mine = [rows[n] for n in ours if n in rows]
         best = min(mine, key=lambda r: r["median_s"]) if mine else None
-        ratios = [mine[0]["speedup"].get(n) if mine else None for n in peers]
+        ratios = _speedups(rows, ours, peers)
+        ratios += _speedups(kept_groups.get(key, {}), ours, kept_peers)
         invalid = " ⚠ invalid" if any(not r.get("valid", True) for r in rows.values()) else ""
         invalid += " †" if mine and mine[0]["other_load"] > NOISY else ""
         cells = ([case + invalid, "×".join(map(str, next(iter(rows.values()))["shape"])),
@@ -57,7 +74,30 @@ def device_table(results):
     return lines
 
 
-def markdown(data):
+def summary(results, label):
+    """Per peer and dtype: geomean of normcore's speedup (fresh outputs) and rows below 1.5x."""
+    fresh = next((r["impl"] for r in results if "speedup" in r), None)
+    ratios = {}
+    for r in results:
+        if r["impl"] == fresh:
+            for peer, x in r["speedup"].items():
+                ratios.setdefault((peer, r["dtype"]), []).append(x)
+    return [f"{label} ×{peer} {dtype}: geomean {np.exp(np.mean(np.log(v))):.2f}, "
+            f"{sum(x < 1.5 for x in v)} of {len(v)} below 1.5×"
+            for (peer, dtype), v in ratios.items() if peer != "numpy"]
+
+
+def keep_note(keep):
+    """What the ×peer keep columns are, from the --malloc keep run's own record."""
+    command = " ".join(["python bench/run.py"] + keep["argv"])
+    bandwidth = ", ".join(f"{g:.1f} GB/s" for g in keep["copy_gbps"].values())
+    return (f"; ×peer keep is the same ratio from `{command}` (copy bandwidth {bandwidth}), "
+            f"a run under GLIBC_TUNABLES={keep['machine'].get('glibc_tunables', '?')}, where "
+            "glibc keeps what the process frees and no peer page-faults its fresh outputs: "
+            "the kernels' and the calls' own speed.")
+
+
+def markdown(data, keep=None):
     m, v = data["machine"], data["machine"]["versions"]
     threads = ", ".join(f"{k} {n}" for k, n in m["threads"].items())
     bw = ", ".join(f"{d} {g:.1f} GB/s" for d, g in data["copy_gbps"].items())
@@ -79,18 +119,23 @@ def markdown(data):
         "per element: forward 2E, training BatchNorm forward 3E, backward 3E, training "
         "BatchNorm backward 5E), for normcore's faster variant; % copy is that over the copy "
         "bandwidth. ×peer is the peer's median time over normcore's with fresh outputs "
-        "(> 1: normcore is faster).",
+        "(> 1: normcore is faster)" + (keep_note(keep) if keep else "."),
     ]
     for device in data["copy_gbps"]:
         results = [r for r in data["results"] if r["device"] == device]
         if results:
             lines += ["", f"**{device.upper()}**" if len(data["copy_gbps"]) > 1 else ""]
-            lines += device_table(results)
+            kept = [r for r in keep["results"] if r["device"] == device] if keep else []
+            lines += device_table(results, kept)
+    lines += [""] + [line + "." for line in summary(data["results"], "With glibc's defaults:")]
+    if keep:
+        lines += [line + "." for line in summary(keep["results"], "Keeping freed memory:")]
     first = [f["first_call_s"] for f in data.get("first_calls", []) if f["impl"] == "normcore"]
     if first:
         lines += ["", f"First normcore call per case, op and dtype on a small array (JIT "
                       f"compile, or loading Numba's cache), not included above: median "
-                      f"{np.median(first):.2f} s, max {max(first):.2f} s, total {sum(first):.1f} s."]
+                      f"{np.median(first):.2f} s, max {max(first):.2f} s, "
+                      f"total {sum(first):.1f} s."]
     noisy = [r for r in data["results"] if r["other_load"] > NOISY]
     if noisy:
         lines += ["", f"† measured while other processes used more than {NOISY:.0%} of the "
@@ -116,10 +161,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("json", nargs="?", type=Path,
                    default=ROOT / "bench" / "results" / "latest.json")
+    p.add_argument("--keep", type=Path, default=ROOT / "bench" / "results" / "keep.json",
+                   help="results of a --malloc keep run, when the file is there")
     p.add_argument("--print", action="store_true", help="print the table, leave README.md alone")
     args = p.parse_args(argv)
     path = args.json
-    table = markdown(json.loads(path.read_text()))
+    keep = json.loads(args.keep.read_text()) if args.keep.exists() else None
+    table = markdown(json.loads(path.read_text()), keep)
     readme = ROOT / "README.md"
     if not args.print and update_readme(table, readme):
         print(f"updated {readme} from {path}")

@@ -4,6 +4,7 @@
     python bench/run.py --quick               # fewer cases, float32, fewer repeats, < 1 min
     python bench/run.py --case ln_ --op fwd --dtype float32
     python bench/run.py --validate            # check every peer against NumPy, no timing
+    python bench/run.py --malloc keep --impl normcore,torch   # no page faults for anyone
 
 For each (case, dtype, op): every peer first runs once on a small version of the case and
 is checked against the NumPy peer run in float64 (the first normcore call there, the JIT
@@ -13,6 +14,13 @@ case and timed, round-robin over the peers within each repeat. A sample is the m
 GB/s is cases.min_bytes over the median; "copy" is that as a fraction of the bandwidth of a
 copy between two 256 MiB arrays (bytes read + written; the fastest of np.copyto and copies on
 all threads with plain and with streaming stores), measured in the same run.
+
+Allocator: with glibc's defaults every allocation of 32 MiB or more is a fresh mapping, so a
+peer returning fresh outputs pays a page fault per 4 KiB of them on every call (PyTorch's
+LayerNorm (8192, 1024) forward: 14-16 ms, 3.0-3.4 ms without; normcore keeps its own freed
+outputs, see normcore._outputs). ``--malloc keep`` re-runs this script with GLIBC_TUNABLES set
+so that glibc keeps and reuses what the process frees: no peer pays those faults, and the
+times compare the kernels and per-call work alone (results in bench/results/keep.json).
 """
 import argparse
 import collections
@@ -35,6 +43,8 @@ import peers as pr  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2}  # max |err| / max(1, max |ref|)
 MIN_SAMPLE_S = 2e-3
+# glibc keeps freed blocks below 1 GiB on its heap (and never trims below 4 GiB): see --malloc
+KEEP_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
 
 def parse_args(argv=None):
@@ -58,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--wait-quiet", type=float,
                    help="seconds the run may spend, in all, waiting for other processes to go "
                         "idle before each case (at most 30 s at a time; default 60, quick 5)")
+    p.add_argument("--malloc", choices=["default", "keep"], default="default",
+                   help="keep: run under GLIBC_TUNABLES=" + KEEP_TUNABLES + " (no page faults on "
+                        "fresh outputs for any peer; default results file keep.json)")
     p.add_argument("--json", type=Path,
-                   help="results file (default bench/results/latest.json; quick.json with --quick)")
+                   help="results file (default bench/results/latest.json; quick.json with "
+                        "--quick, keep.json with --malloc keep)")
     a = p.parse_args(argv)
     a.case = [s for c in a.case for s in c.split(",") if s]
     a.impl = [s for c in a.impl for s in c.split(",") if s]
@@ -67,7 +81,8 @@ def parse_args(argv=None):
     a.repeats = a.repeats or (5 if a.quick else 15)
     a.max_seconds = a.max_seconds or (0.5 if a.quick else 2.0)
     a.wait_quiet = (5.0 if a.quick else 60.0) if a.wait_quiet is None else a.wait_quiet
-    a.json = a.json or RESULTS / ("quick.json" if a.quick else "latest.json")
+    a.json = a.json or RESULTS / ("quick.json" if a.quick else
+                                  "keep.json" if a.malloc == "keep" else "latest.json")
     return a
 
 
@@ -98,6 +113,7 @@ def machine_info(threads):
             "openmp_runtimes": openmp_runtimes(),
             "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "platform": platform.platform(), "versions": versions,
             "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -416,8 +432,20 @@ def validate_only(peers, todo):
     return 1 if failures else 0
 
 
+def keep_memory(argv):
+    """Re-execute this script with KEEP_TUNABLES (glibc reads them only at process start)."""
+    if os.environ.get("GLIBC_TUNABLES") == KEEP_TUNABLES:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=KEEP_TUNABLES)
+    argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.malloc == "keep":
+        keep_memory(argv)
     threads = set_threads()
     peers = []
     for p in pr.PEERS:
