@@ -1037,68 +1037,68 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
 
 
 @_jit()
-def short_rows_sums(dy, y, relu, x, r0, r1, B, hi, lo, rs, w, dbias, dweight, g1, g2):
-    """backward_sums_run on each of the rows [r0, r1) of length B <= BLOCK with a parameter
-    cell per element: dbias / dweight (B,) partials in the compute dtype, the rows' (g1, g2)
-    into g1 / g2 (r1 - r0,) float64; hi, lo, rs per row in the compute dtype."""
-    for r in range(r0, r1):
-        ys = y[r * B:(r + 1) * B] if relu else y
-        g1[r - r0], g2[r - r0] = cell_sums(dy[r * B:(r + 1) * B], ys, relu, x[r * B:(r + 1) * B],
-                                           hi[r - r0], lo[r - r0], rs[r - r0], w, dbias,
-                                           dweight)
+def short_row_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight):
+    """cell_sums of one row, in a function of its own like short_row_dx."""
+    return cell_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight)
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def short_rows_dx(dy, y, relu, x, dx, dz, r0, r1, B, hi, lo, rs, bc, cc, w):
-    """dx_run on each of the rows [r0, r1) of length B with a parameter cell per element;
-    per row hi, lo, rs, b = rstd**2 * c1 and cc = rstd * c2 in the compute dtype."""
-    for r in range(r0, r1):
-        xs, dys, dxs = x[r * B:(r + 1) * B], dy[r * B:(r + 1) * B], dx[r * B:(r + 1) * B]
-        ys = y[r * B:(r + 1) * B] if relu else y
-        h, low, rsr, b, c = hi[r - r0], lo[r - r0], rs[r - r0], bc[r - r0], cc[r - r0]
-        if relu:
-            for i in range(B):
-                d = relu_dy(dys, ys, i)
-                dxs[i] = store((rsr * w[i]) * d - b * center(loadc(xs[i]), h, low) - c, dxs)
-        else:
-            for i in range(B):
-                d = loadc(dys[i])
-                dxs[i] = store((rsr * w[i]) * d - b * center(loadc(xs[i]), h, low) - c, dxs)
-        if dz.size:
-            dz_run(dys, ys, relu, dz[r * B:(r + 1) * B])
+def short_row_dx(dys, ys, relu, xs, dxs, dzs, hi, lo, rs, b, c, w):
+    """dx_run on one row with a parameter cell per element: dx = rs * w * dy - b * (x - mean)
+    - c with the mean as hi + lo, b = rstd**2 * c1 and c = rstd * c2, all in the compute dtype;
+    dz = dy (after ReLU's mask) when dzs is not empty."""
+    if relu:
+        for i in range(xs.size):
+            d = relu_dy(dys, ys, i)
+            dxs[i] = store((rs * w[i]) * d - b * center(loadc(xs[i]), hi, lo) - c, dxs)
+    else:
+        for i in range(xs.size):
+            d = loadc(dys[i])
+            dxs[i] = store((rs * w[i]) * d - b * center(loadc(xs[i]), hi, lo) - c, dxs)
+    if dzs.size:
+        dz_run(dys, ys, relu, dzs)
 
 
 @_jit()
 def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1):
     """rows_backward on the rows [r0, r1) of length B <= SHORT_ROW with a parameter cell per
-    element (LayerNorm, RMSNorm), BLOCK_ROWS rows per call of the sums and of dx (the same
-    formulas and flush points as the row-by-row loop; a row's float64 (g1, g2) may add up in
-    another order, which moved the last bit of some float64 dx)."""
-    hi = np.empty(BLOCK_ROWS, w.dtype)
-    lo = np.empty(BLOCK_ROWS, w.dtype)
-    rs = np.empty(BLOCK_ROWS, w.dtype)
-    bc = np.empty(BLOCK_ROWS, w.dtype)
-    cc = np.empty(BLOCK_ROWS, w.dtype)
-    g1 = np.empty(BLOCK_ROWS)
-    g2 = np.empty(BLOCK_ROWS)
+    element (LayerNorm, RMSNorm). relu reaches the row loop as a constant (two compiled
+    loops): passed through as a run-time flag, the row helpers took 1.3x as long."""
+    if relu:
+        short_rows_loop(dy, y, True, x, B, mean, rstd, w, frozen, centered, dbias_part,
+                        dweight_part, dx, dz, r0, r1)
+    else:
+        short_rows_loop(dy, y, False, x, B, mean, rstd, w, frozen, centered, dbias_part,
+                        dweight_part, dx, dz, r0, r1)
+
+
+@_jit()
+def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_part,
+                    dweight_part, dx, dz, r0, r1):
+    """short_rows_backward's loop: a row's sums, then its dx while the row is in L1 (32 rows
+    of sums, then their dx from L2, took 1.3-1.6x as long); the float32 parameter partials
+    are flushed every BLOCK_ROWS rows as in the row-by-row loop."""
+    w = borrow(w)
     dbias = np.zeros(dbias_part.size, w.dtype)
     dweight = np.zeros(dweight_part.size, w.dtype)
-    for b0 in range(r0, r1, BLOCK_ROWS):
-        b1 = min(b0 + BLOCK_ROWS, r1)
-        for i in range(b1 - b0):
-            hi[i], lo[i] = split(mean[b0 + i], x)
-            rs[i] = narrow(rstd[b0 + i], x)
-        short_rows_sums(dy, y, relu, x, b0, b1, B, hi, lo, rs, w, dbias, dweight, g1, g2)
-        flush(dbias, dbias_part)
-        flush(dweight, dweight_part)
-        for i in range(b1 - b0):
-            r = rstd[b0 + i]
-            c1 = 0.0 if frozen else g2[i] / B
-            c2 = 0.0 if frozen or not centered else g1[i] / B
-            bc[i] = narrow(r * r * c1, x)
-            cc[i] = narrow(r * c2, x)
-        short_rows_dx(dy, y, relu, x, dx, dz, b0, b1, B, hi, lo, rs, bc, cc, w)
+    for r in range(r0, r1):
+        if (r - r0) % BLOCK_ROWS == 0 and r > r0:
+            flush(dbias, dbias_part)
+            flush(dweight, dweight_part)
+        s = r * B
+        xs, dys = x[s:s + B], dy[s:s + B]
+        ys = y[s:s + B] if relu else y
+        hi, lo = split(mean[r], x)
+        rs = narrow(rstd[r], x)
+        g1, g2 = short_row_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight)
+        c1 = 0.0 if frozen else g2 / B
+        c2 = 0.0 if frozen or not centered else g1 / B
+        r2 = rstd[r] * rstd[r]
+        short_row_dx(dys, ys, relu, xs, dx[s:s + B], dz[s:s + B] if dz.size else dz, hi, lo, rs,
+                     narrow(r2 * c1, x), narrow(rstd[r] * c2, x), w)
+    flush(dbias, dbias_part)
+    flush(dweight, dweight_part)
 
 
 @_jit(parallel=True)

@@ -30,13 +30,6 @@ _state = {"max_bytes": MAX_BYTES, "idle_bytes": 0, "hits": 0, "misses": 0}
 _holder = [None]                # the thread inside a critical section
 
 
-class _Lease(np.ndarray):
-    """The bytes of one block while an output uses them."""
-
-    def __del__(self):
-        _release(self.base)
-
-
 def _release(block):
     # Runs from __del__, in whichever thread dropped the last view, possibly from a garbage
     # collection that started inside this thread's own critical section below: then the block
@@ -58,6 +51,13 @@ def _release(block):
                 _holder[0] = None
     except Exception:   # interpreter shutdown: module globals already gone
         pass
+
+
+class _Lease(np.ndarray):
+    """The bytes of one block while an output uses them."""
+
+    def __del__(self, release=_release):   # bound now: module globals are gone at exit
+        release(self.base)
 
 
 def _take(nbytes):

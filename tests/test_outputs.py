@@ -2,6 +2,7 @@
 only once nothing views it, the cache stays within its limit, and threads share it safely.
 Most tests lower POOL_MIN so that small arrays take the cached path."""
 import gc
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -152,3 +153,13 @@ def test_default_size_threshold(rng):
 def test_set_output_cache_rejects(value):
     with pytest.raises(ValueError, match="max_bytes: expected a non-negative int"):
         nc.set_output_cache(value)
+
+
+def test_release_outlives_the_module_globals(cache, monkeypatch, rng):
+    """At interpreter exit module globals become None before the last outputs die."""
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    y = nc.layer_norm(rng.standard_normal((64, 256), dtype=np.float32))
+    monkeypatch.setattr(cache, "_release", None)
+    del y
+    assert not raised and cache.cache_info()["idle_blocks"] == 1
