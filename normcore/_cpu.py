@@ -196,7 +196,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         if plan.backward_path == "columns_fused":
             shape = (O, C * Q)
             dbias, dweight = np.empty(shape), np.empty(shape)
-            _k(plan, K.column_backward)(dy, y, relu, x, O, A, C, B, plan.P, plan.S, mean, rstd,
+            _k(plan, K.column_backward)(dy, y, relu, x, O, A, C, B, plan.P, plan.Sb, mean, rstd,
                                         w, frozen, centered, dbias, dweight, dx, dz)
             if O == 1:
                 return dweight[0], dbias[0]

@@ -40,6 +40,11 @@ STAT_CACHE = 1 << 19
 # took 101 us against 130 (one launch instead of three, no partial moments to merge).
 SLICE_MAX = 1 << 19
 SLICE_MIN = 128
+# The fused column backward's slices are about this many columns wide (still one per thread
+# at least): its row loops cost more per row than the forward's, and BatchNorm 2-D backward
+# kernels took, in slices of 128 / 512 columns, (256, 1024) 93 / 82 us, (512, 1024) 293 /
+# 195, (1024, 512) 343 / 272 (256 columns); (64, 4096) 150 in slices of 512 (173 in 2048).
+BACKWARD_SLICE = 512
 # Inputs of at most this many elements run on the calling thread. The break-even point depends
 # on how libgomp's threads wait between launches, which the process environment decides (and
 # which normcore leaves alone: PyTorch shares the same libgomp). Spinning (the default), a
@@ -62,6 +67,7 @@ class Plan:
     backward_path: str     # "rows" | "flat" | "columns" | "columns_fused"
     K: int                 # work items per o for the flat / column kernels
     S: int                 # channel slices per o for the fused column kernels
+    Sb: int                # ... for the fused column backward
     nblk: int              # row blocks for rows_backward
     serial: bool           # small enough for the kernels' serial twins
     stats_shape: tuple     # shape of the saved mean / rstd
@@ -88,7 +94,7 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
     items = ITEMS_PER_THREAD * threads
     per_o = A * C * B
     serial = O * A * C * B <= SERIAL_MAX
-    S = 1
+    S = Sb = 1
     rows_backward = False
     if A == 1:      # one contiguous row per statistic; a few long rows go flat for parallelism
         path = "rows" if stats >= items or B <= 4096 else "flat"
@@ -109,6 +115,9 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         fused = (serial or O * S >= threads) and A * math.ceil(C / S) * B <= STAT_CACHE
         path = "columns_fused" if fused else "columns"
         S = S if fused else 1
+        if fused and S > 1:
+            Sb = min(C, max(math.ceil(threads / O), math.ceil(C * B / BACKWARD_SLICE)))
+            Sb = Sb if A * math.ceil(C / Sb) * B <= STAT_CACHE else S
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
     backward_path = "rows" if path == "rows" or rows_backward or (A == 1 and P == 1) else path
@@ -119,7 +128,7 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         if backward_path == "columns":
             K = min(K, A)
         nblk = max(1, min(stats, items))
-    return Plan(O, A, C, B, P, path, backward_path, K, S, nblk, serial, stats_shape,
+    return Plan(O, A, C, B, P, path, backward_path, K, S, Sb, nblk, serial, stats_shape,
                 param_shape)
 
 

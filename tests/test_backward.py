@@ -185,7 +185,8 @@ def test_gradients_by_central_differences(norm, shape, axis, batch_stats, rng):
 # dy) once: uneven slices (1000 channels in 7), GroupNorm slices of whole groups over two
 # samples, ReLU + residual, frozen statistics.
 SLICED = [("batch", (256, 1000), 1, {}), ("batch", (40, 3, 1024), -1, {}),
-          ("group", (2, 96, 512), -1, {"num_groups": 64})]
+          ("group", (2, 96, 512), -1, {"num_groups": 64}),
+          ("batch", (200, 1300), 1, {})]            # the backward's slices uneven too (3)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

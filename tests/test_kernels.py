@@ -67,10 +67,13 @@ def test_fused_column_slices():
     """Slices go round the threads, hold whole channels and are not too narrow."""
     plan = plan_batch_norm((256, 1024), 1, T)
     assert plan.S == 8 and plan.C * plan.B // plan.S >= 128
+    assert plan.Sb == 2                                  # the backward's: 512 columns
+    assert plan_batch_norm((64, 4096), 1, T).Sb == 8
     plan = plan_batch_norm((256, 256), 1, T)             # rows of 256: 2 slices of 128
     assert plan.S == 2 and plan.path == "columns_fused"
     plan = plan_group_norm((2, 256, 1024), 32, -1, T)    # O = 2: 4 slices each, of 8 groups
     assert (plan.O, plan.S, plan.C, plan.B) == (2, 4, 32, 32) and plan.path == "columns_fused"
+    assert plan.Sb == 2
     plan = plan_batch_norm((4096, 64), 1, T)              # rows too short to slice
     assert plan.S == 1 and plan.path == "columns"
     assert plan_instance_norm((32, 56, 56, 64), -1, T).S == 1      # enough samples
