@@ -1114,7 +1114,6 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
-    n = A * B
     if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
         for k in prange(nblk):
             short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered,
@@ -1122,39 +1121,53 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
                                 (k + 1) * R // nblk)
         return
     for k in prange(nblk):
-        dbias = np.zeros(dbias_part.shape[1], w.dtype)
-        dweight = np.zeros(dweight_part.shape[1], w.dtype)
         r0 = k * R // nblk
         r1 = (k + 1) * R // nblk
-        o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
-        for r in range(r0, r1):
-            if (r - r0) % BLOCK_ROWS == 0 and r > r0:
-                flush(dbias, dbias_part[k])
-                flush(dweight, dweight_part[k])
-            g1 = 0.0
-            g2 = 0.0
-            for a in range(A):
-                lo = ((o * A + a) * C + c) * B
-                ys = y[lo:lo + B] if relu else y
-                s1, s2 = backward_sums_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], mean[r],
-                                           rstd[r], w, dbias, dweight, c, 0, B, P)
-                g1 += s1
-                g2 += s2
-            c1 = 0.0 if frozen else g2 / n
-            c2 = 0.0 if frozen or not centered else g1 / n
-            for a in range(A):
-                lo = ((o * A + a) * C + c) * B
-                ys = y[lo:lo + B] if relu else y
-                dzs = dz[lo:lo + B] if dz.size else dz
-                dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean[r],
-                       rstd[r], w, c1, c2, c, 0, B, P, stream)
-            c += 1
-            if c == C:
-                o, c = o + 1, 0
-        if stream:
-            sfence()
-        flush(dbias, dbias_part[k])
-        flush(dweight, dweight_part[k])
+        if relu:    # a constant for the helpers (see short_rows_backward)
+            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, frozen, centered,
+                                dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
+        else:
+            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, frozen, centered,
+                                dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
+
+
+@_jit()
+def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, frozen, centered,
+                        dbias_part, dweight_part, dx, dz, stream, r0, r1):
+    """rows_backward's statistics [r0, r1) (of the flattened (o, c)), their parameter sums
+    into dbias_part / dweight_part."""
+    n = A * B
+    dbias = np.zeros(dbias_part.size, w.dtype)
+    dweight = np.zeros(dweight_part.size, w.dtype)
+    o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
+    for r in range(r0, r1):
+        if (r - r0) % BLOCK_ROWS == 0 and r > r0:
+            flush(dbias, dbias_part)
+            flush(dweight, dweight_part)
+        g1 = 0.0
+        g2 = 0.0
+        for a in range(A):
+            lo = ((o * A + a) * C + c) * B
+            ys = y[lo:lo + B] if relu else y
+            s1, s2 = backward_sums_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], mean[r],
+                                       rstd[r], w, dbias, dweight, c, 0, B, P)
+            g1 += s1
+            g2 += s2
+        c1 = 0.0 if frozen else g2 / n
+        c2 = 0.0 if frozen or not centered else g1 / n
+        for a in range(A):
+            lo = ((o * A + a) * C + c) * B
+            ys = y[lo:lo + B] if relu else y
+            dzs = dz[lo:lo + B] if dz.size else dz
+            dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean[r],
+                   rstd[r], w, c1, c2, c, 0, B, P, stream)
+        c += 1
+        if c == C:
+            o, c = o + 1, 0
+    if stream:
+        sfence()
+    flush(dbias, dbias_part)
+    flush(dweight, dweight_part)
 
 
 @_jit()
