@@ -63,6 +63,12 @@ def _threads():
 def _flat(be, x):
     if type(x) is np.ndarray and x.flags.c_contiguous:   # without ascontiguousarray's 0.3 us
         return x.reshape(-1)
+    if be.name == "cpu" and x.nbytes >= _outputs.POOL_MIN:
+        # the contiguous copy of a large strided input lives for the call only: from the
+        # output cache, it is not page-faulted in afresh every call
+        copy = _outputs.empty(x.shape, x.dtype)
+        np.copyto(copy, x)
+        return copy.reshape(-1)
     return be.xp.ascontiguousarray(x).reshape(-1)
 
 

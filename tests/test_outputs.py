@@ -52,6 +52,21 @@ def test_a_view_keeps_its_block(cache, rng):
     assert cache.cache_info()["idle_blocks"] == 4
 
 
+def test_strided_inputs_are_copied_into_cached_blocks(cache, rng):
+    x = rng.standard_normal((8, 16, 64), dtype=np.float32)
+    view = np.moveaxis(x, 1, -1)                        # channels-last view, not contiguous
+    expected = nc.batch_norm(np.ascontiguousarray(view), axis=-1)
+    nc.set_output_cache(0)
+    nc.set_output_cache(1 << 20)
+    y = nc.batch_norm(view, axis=-1)
+    np.testing.assert_array_equal(y, expected)
+    assert cache.cache_info()["idle_blocks"] == 1        # the copy, back after the call
+    first = cache.cache_info()["hits"]
+    del y
+    nc.batch_norm(view, axis=-1)
+    assert cache.cache_info()["hits"] == first + 2      # the copy and the output reused
+
+
 def test_backward_outputs_and_residual_gradient(cache, rng):
     x = rng.standard_normal((8, 16, 64), dtype=np.float32)
     dy = rng.standard_normal(x.shape, dtype=np.float32)
