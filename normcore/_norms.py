@@ -60,10 +60,21 @@ def _threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
+def _cached(be, x):
+    """Whether a fresh array like x comes from normcore._outputs' cache (large NumPy ones;
+    smaller sizes are glibc's heap's, which reuses them already)."""
+    return be.name == "cpu" and x.nbytes >= _outputs.POOL_MIN
+
+
+def _empty(be, x):
+    """A fresh array of x's shape and dtype."""
+    return _outputs.empty(x.shape, x.dtype) if _cached(be, x) else be.xp.empty(x.shape, x.dtype)
+
+
 def _flat(be, x):
     if type(x) is np.ndarray and x.flags.c_contiguous:   # without ascontiguousarray's 0.3 us
         return x.reshape(-1)
-    if be.name == "cpu" and x.nbytes >= _outputs.POOL_MIN:
+    if _cached(be, x):
         # the contiguous copy of a large strided input lives for the call only: from the
         # output cache, it is not page-faulted in afresh every call
         copy = _outputs.empty(x.shape, x.dtype)
@@ -72,17 +83,10 @@ def _flat(be, x):
     return be.xp.ascontiguousarray(x).reshape(-1)
 
 
-def _empty(be, shape, dtype):
-    """A fresh output: large NumPy ones from normcore._outputs' cache of freed outputs."""
-    return _outputs.empty(shape, dtype) if be.name == "cpu" else be.xp.empty(shape, dtype)
-
-
 def _output(be, out, x):
     """(result array, flat contiguous buffer the kernels write into)."""
     if out is None:
-        res = (_outputs.empty(x.shape, x.dtype)
-               if be.name == "cpu" and x.nbytes >= _outputs.POOL_MIN
-               else be.xp.empty(x.shape, x.dtype))
+        res = _empty(be, x)
         return res, res.reshape(-1)
     if out.flags.c_contiguous:
         return out, out.reshape(-1)
@@ -178,7 +182,7 @@ def _backward(plan, be, dy, x, mean, rstd, weight, frozen, dx_out, context, *,
     if w is None:
         w = be.xp.ones(cells, dt)
     dx, dxbuf = _output(be, dx_out, x)
-    dz = _empty(be, x.shape, x.dtype) if residual and relu else None
+    dz = _empty(be, x) if residual and relu else None
     if x.size:
         dweight, dbias = be.ops.backward(
             plan, _flat(be, dy), _flat(be, x), dxbuf, mean64, rstd64, w, frozen,

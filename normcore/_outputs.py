@@ -13,6 +13,7 @@ block) and lease.base the mmap. NumPy collapses a view's base to the first array
 its data or differs in type, so views of the output keep the output alive, the output keeps
 the lease alive, and the lease's __del__ runs only when no view of the block is left.
 """
+import contextlib
 import mmap
 import os
 import threading
@@ -30,25 +31,31 @@ _state = {"max_bytes": MAX_BYTES, "idle_bytes": 0, "hits": 0, "misses": 0}
 _holder = [None]                # the thread inside a critical section
 
 
+@contextlib.contextmanager
+def _critical():
+    """The lock, with the holding thread recorded for _release."""
+    with _lock:
+        _holder[0] = threading.get_ident()
+        try:
+            yield
+        finally:
+            _holder[0] = None
+
+
 def _release(block):
     # Runs from __del__, in whichever thread dropped the last view, possibly from a garbage
-    # collection that started inside this thread's own critical section below: then the block
-    # is simply unmapped (waiting for the lock would wait forever, and re-entering it would
-    # move the list under the loop in _take).
+    # collection that started inside this thread's own critical section: then the block is
+    # simply unmapped (waiting for the lock would wait forever, and re-entering it would move
+    # the list under the loop in _take).
     try:
-        me = threading.get_ident()
-        if _holder[0] == me:
+        if _holder[0] == threading.get_ident():
             return
-        with _lock:
-            _holder[0] = me
-            try:
-                if len(block) <= _state["max_bytes"]:
-                    _idle.append(block)
-                    _state["idle_bytes"] += len(block)
-                    while _state["idle_bytes"] > _state["max_bytes"]:
-                        _state["idle_bytes"] -= len(_idle.pop(0))
-            finally:
-                _holder[0] = None
+        with _critical():
+            if len(block) <= _state["max_bytes"]:
+                _idle.append(block)
+                _state["idle_bytes"] += len(block)
+                while _state["idle_bytes"] > _state["max_bytes"]:
+                    _state["idle_bytes"] -= len(_idle.pop(0))
     except Exception:   # interpreter shutdown: module globals already gone
         pass
 
@@ -62,17 +69,13 @@ class _Lease(np.ndarray):
 
 def _take(nbytes):
     block = None
-    with _lock:
-        _holder[0] = threading.get_ident()
-        try:
-            for i in range(len(_idle) - 1, -1, -1):
-                if len(_idle[i]) == nbytes:
-                    block = _idle.pop(i)
-                    _state["idle_bytes"] -= nbytes
-                    break
-            _state["hits" if block is not None else "misses"] += 1
-        finally:
-            _holder[0] = None
+    with _critical():
+        for i in range(len(_idle) - 1, -1, -1):
+            if len(_idle[i]) == nbytes:
+                block = _idle.pop(i)
+                _state["idle_bytes"] -= nbytes
+                break
+        _state["hits" if block is not None else "misses"] += 1
     if block is None:
         block = mmap.mmap(-1, nbytes)
         try:
@@ -105,16 +108,12 @@ def set_output_cache(max_bytes):
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"max_bytes: expected a non-negative int, got {max_bytes!r}")
     dropped = []
-    with _lock:
-        _holder[0] = threading.get_ident()
-        try:
-            previous = _state["max_bytes"]
-            _state["max_bytes"] = max_bytes
-            while _state["idle_bytes"] > max_bytes:
-                dropped.append(_idle.pop(0))
-                _state["idle_bytes"] -= len(dropped[-1])
-        finally:
-            _holder[0] = None
+    with _critical():
+        previous = _state["max_bytes"]
+        _state["max_bytes"] = max_bytes
+        while _state["idle_bytes"] > max_bytes:
+            dropped.append(_idle.pop(0))
+            _state["idle_bytes"] -= len(dropped[-1])
     del dropped         # unmapped outside the lock
     return previous
 

@@ -229,7 +229,7 @@ VECTOR_SCRIPT = textwrap.dedent("""
     f = nc.layer_norm_forward(x, activation="relu")
     nc.layer_norm_backward(x, x, f.mean, f.rstd, activation="relu", y=f.y)
     names = ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
-             "dx_columns", "short_rows_backward", "short_row_dx")
+             "dx_columns", "short_row_sums", "short_row_dx")
     for name in names:
         fn = getattr(K, name)
         asm = "".join(fn.inspect_asm(sig) for sig in fn.signatures if "uint16" in str(sig))
