@@ -50,15 +50,22 @@ def check_momentum(momentum):
     return float(momentum)
 
 
-def check_param(name, arr, shape, be, x, context, dtype=np.float64):
+_F64 = np.dtype(np.float64)
+
+
+def check_param(name, arr, shape, be, x, context, dtype=_F64):
     """weight / bias / statistics: None or a floating array of `shape` (a tuple) like x;
     returns it as a contiguous float64 vector (or None); NumPy arrays in `dtype` instead when
     given (the CPU kernels' compute dtype)."""
     if arr is None:
         return None
-    if (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape and arr.ndim == 1
+    if (type(arr) is np.ndarray and arr.shape == shape and arr.ndim == 1
             and be.array_type is np.ndarray and arr.flags.c_contiguous):
-        return arr      # the common case: every check below passes, nothing to convert
+        # the common cases: every check below passes; nothing to convert, or a conversion
+        if arr.dtype is dtype:
+            return arr
+        if arr.dtype.kind == "f":
+            return arr.astype(dtype)
     check_array(name, arr, be, x)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a real floating dtype, got dtype {arr.dtype}")
@@ -116,6 +123,8 @@ def check_out(name, out, be, x):
 
 def check_like_x(name, arr, be, x):
     """dy: same array type, shape and dtype as x."""
+    if type(arr) is type(x) is np.ndarray and arr.dtype is x.dtype and arr.shape == x.shape:
+        return arr      # the common case: every check below passes
     check_array(name, arr, be, x)
     if arr.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} like x, got {arr.dtype}")
