@@ -182,6 +182,20 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
     return mean64.astype(stats_dtype), rstd64.astype(stats_dtype), var64
 
 
+def update_running(running_mean, running_var, old, mean, var, O, unbias, momentum):
+    """The running statistics' update (see kernels/cpu.py: update_running) in one kernel call,
+    when both are contiguous float32 / float64 NumPy vectors; returns whether it was done
+    (else the caller's array formula does it). old: (mean, var) read from them in float64;
+    mean: the batch means in the saved statistics' dtype, var: the biased variances in
+    float64, O * C values each."""
+    for r in (running_mean, running_var):
+        if not (type(r) is np.ndarray and r.ndim == 1 and r.dtype.char in "fd"
+                and r.flags.c_contiguous):
+            return False
+    K.update_running(running_mean, running_var, old[0], old[1], mean, var, O, unbias, momentum)
+    return True
+
+
 def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=None,
              centered=True):
     """dx into `dx` (and the residual's gradient into `dz` when given); returns (dweight,

@@ -223,6 +223,24 @@ def test_batch_norm_strided_running_stats_updated_in_place(rng):
     assert np.array_equal(buf_m[1::2], np.zeros(3)) and np.array_equal(buf_v[1::2], np.ones(3))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_running_stats_kernel_equals_the_array_formula(norm, dtype, rng):
+    """Contiguous float32 / float64 running statistics are updated by one kernel, strided ones
+    by NumPy array operations: the same float64 arithmetic in the same order, bit for bit
+    (InstanceNorm's kernel also averages over the samples)."""
+    x = _x(rng, (5, 7, 3), dtype)
+    rm = rng.standard_normal(7).astype(dtype)
+    rv = (0.5 + rng.random(7)).astype(dtype)
+    buf_m, buf_v = np.zeros(14, dtype), np.zeros(14, dtype)
+    buf_m[::2], buf_v[::2] = rm, rv
+    fwd = nc.batch_norm_forward if norm == "batch" else nc.instance_norm_forward
+    fwd(x, running_mean=rm, running_var=rv, momentum=0.3)
+    fwd(x, running_mean=buf_m[::2], running_var=buf_v[::2], momentum=0.3)
+    np.testing.assert_array_equal(rm, buf_m[::2])
+    np.testing.assert_array_equal(rv, buf_v[::2])
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape,axis", [((4, 3), 1), ((3, 4, 5), 1), ((3, 5, 4), -1),
                                         ((2, 3, 4, 2), 2), ((0, 3, 2), 1)])
