@@ -146,9 +146,8 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
     kernel = K.column_normalize if plan.path.startswith("columns") else K.flat_normalize
-    with guard(plan):
-        _k(plan, kernel)(x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y,
-                         y.nbytes >= STREAM_MIN)
+    _run(plan, kernel, x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y,
+         y.nbytes >= STREAM_MIN)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
