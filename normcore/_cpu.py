@@ -181,6 +181,17 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
     return mean64.astype(stats_dtype), rstd64.astype(stats_dtype), var64
 
 
+def frozen_stats(running_mean, running_var, eps, O, stats_dtype):
+    """Eval-mode statistics from the running ones ((C,) float64 vectors), in one kernel call:
+    (mean64, rstd64) for the kernels, repeated for the O samples, and the saved (mean, rstd)
+    in stats_dtype."""
+    R = O * running_mean.size
+    mean64, rstd64 = np.empty(R), np.empty(R)
+    mean, rstd = np.empty(R, stats_dtype), np.empty(R, stats_dtype)
+    K.frozen_stats(running_mean, running_var, eps, mean64, rstd64, mean, rstd)
+    return mean64, rstd64, mean, rstd
+
+
 def update_running(running_mean, running_var, old, mean, var, O, unbias, momentum):
     """The running statistics' update (see kernels/cpu.py: update_running) in one kernel call,
     when both are contiguous float32 / float64 NumPy vectors; returns whether it was done

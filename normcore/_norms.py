@@ -143,18 +143,19 @@ def _epilogue(activation, residual, be, x):
 
 def _forward(plan, be, x, w, b, eps, out, frozen_stats=None, want_var=False,
              epilogue=(False, None), centered=True):
-    """Shared forward: frozen_stats = (mean64, rstd64) per statistic, or None for batch stats.
-    Returns (y, mean, rstd, var64) with saved stats in the stats dtype, shaped per plan."""
+    """Shared forward: frozen_stats = (mean64, rstd64, mean, rstd) per statistic (float64 for
+    the kernels, and the saved ones in the stats dtype), or None for batch stats. Returns
+    (y, mean, rstd, var64) with saved stats in the stats dtype, shaped per plan."""
     xp = be.xp
     sdt = stats_dtype(x.dtype)
     relu, z = epilogue
     y, ybuf = _output(be, out, x)
     R = plan.O * plan.C
     if frozen_stats is not None:
-        mean64, rstd64 = frozen_stats
+        mean64, rstd64, mean, rstd = frozen_stats
         if x.size:
             be.ops.normalize(plan, _flat(be, x), ybuf, mean64, rstd64, w, b, z=z, relu=relu)
-        mean, rstd, var64 = mean64.astype(sdt), rstd64.astype(sdt), None
+        var64 = None
     elif x.size:
         mean, rstd, var64 = be.ops.forward_train(plan, _flat(be, x), ybuf, w, b, eps, sdt,
                                                  want_var, z=z, relu=relu, centered=centered)
@@ -227,8 +228,13 @@ def _forward_with_running(plan, be, x, weight, bias, running_mean, running_var, 
     check_out("out", out, be, x)
     O = plan.O
     if not batch_stats:
-        rstd = 1.0 / be.xp.sqrt(rv + eps)
-        frozen = (rm, rstd) if O == 1 else (be.xp.tile(rm, O), be.xp.tile(rstd, O))
+        sdt = stats_dtype(x.dtype)
+        if be.name == "cpu":    # one kernel call instead of five to seven array operations
+            frozen = be.ops.frozen_stats(rm, rv, eps, O, sdt)
+        else:
+            rstd = 1.0 / be.xp.sqrt(rv + eps)
+            mean64, rstd64 = (rm, rstd) if O == 1 else (be.xp.tile(rm, O), be.xp.tile(rstd, O))
+            frozen = (mean64, rstd64, mean64.astype(sdt), rstd64.astype(sdt))
         y, mean, rstd, _ = _forward(plan, be, x, w, b, eps, out, frozen_stats=frozen,
                                     epilogue=epilogue)
         return NormForward(y, mean, rstd, running_mean, running_var)

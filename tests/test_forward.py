@@ -259,6 +259,9 @@ def test_batch_norm_eval_uses_running_stats(shape, axis, dtype, rng):
     np.testing.assert_array_equal(rv, rv0)
     assert got.mean.shape == (C,) and got.mean.dtype == dtype
     np.testing.assert_array_equal(got.mean, rm0)
+    # the saved rstd is the float64 formula, rounded once
+    rstd = 1.0 / np.sqrt(rv0.astype(np.float64) + 1e-3)
+    np.testing.assert_array_equal(got.rstd, rstd.astype(dtype))
     check_forward("batch", got, ref, x, n=1)
     y = nc.batch_norm(x, w, b, running_mean=rm, running_var=rv, training=False, axis=axis,
                       eps=1e-3)
@@ -320,6 +323,8 @@ def test_instance_norm_frozen_stats(shape, axis, dtype, rng):
     np.testing.assert_array_equal(rv, rv0)
     assert got.mean.shape == (N, C) and got.rstd.shape == (N, C)
     np.testing.assert_array_equal(got.mean, np.broadcast_to(rm0, (N, C)))
+    rstd = 1.0 / np.sqrt(rv0.astype(np.float64) + 1e-5)
+    np.testing.assert_array_equal(got.rstd, np.broadcast_to(rstd.astype(dtype), (N, C)))
     check_forward("instance", got, ref, x, n=1)
 
 

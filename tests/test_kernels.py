@@ -108,6 +108,7 @@ def _exercise_every_path(dtype, rows):
     xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
     rm, rv = np.zeros(3, dtype), np.ones(3, dtype)                              # update_running
     nc.batch_norm(x, running_mean=rm, running_var=rv)
+    nc.batch_norm(x, running_mean=rm, running_var=rv, training=False)           # frozen_stats
     f = nc.instance_norm_forward(xi, axis=-1)
     nc.instance_norm_backward(np.ones_like(xi), xi, f.mean, f.rstd, axis=-1)
 
@@ -127,10 +128,9 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
         kernel = getattr(kernel, "serial", kernel) if variant == "serial" else kernel
         signatures = [str(sig) for sig in kernel.signatures]
         assert signatures, f"{kernel_name} ({variant}) never compiled"
-        # merge works on float64 partials only; float16 running statistics take the NumPy
-        # formula (update_running's arrays are float32 / float64 only)
-        if kernel_name != "merge_moments" and (kernel_name, name) != ("update_running",
-                                                                        "uint16"):
+        # the merge and the running statistics' kernels take statistics, not data (float16
+        # running statistics take the NumPy formula)
+        if kernel_name not in ("merge_moments", "update_running", "frozen_stats"):
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
 
 
