@@ -147,13 +147,13 @@ def markdown(data, keep=None):
                      if line or not (i and lines[i - 1] == "")) + "\n"
 
 
-def update_readme(table, readme):
+def update_readme(table, readme, start=START, end=END):
     """Replace the text between the markers; False when the markers are missing."""
     text = readme.read_text() if readme.exists() else ""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1))
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{table}{end}", text, count=1))
     return True
 
 

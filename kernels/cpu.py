@@ -1109,10 +1109,10 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
                   dbias_part, dweight_part, dx, dz, stream):
     """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache.
 
-    mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64). dbias_part,
-    dweight_part:
-    (nblk, C * B // P) zeroed partial sums, one row per block of statistics, summed by the
-    caller; each block adds BLOCK_ROWS statistics at a time in the compute dtype (w's) first.
+    mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64).
+    dbias_part, dweight_part: (nblk, C * B // P) zeroed partial sums, one row per block of
+    statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
+    compute dtype (w's) first.
     y: the saved output (read with relu only); dz: the residual's gradient, or empty.
     stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
     """
@@ -1835,17 +1835,21 @@ def update_running(running_mean, running_var, old_mean, old_var, mean, var, O, u
                    momentum):
     """running = (1 - momentum) * old + momentum * batch per channel c < C: the batch
     statistics are mean[o * C + c] and the unbiased unbias * var[o * C + c], averaged over the
-    O samples (InstanceNorm; O == 1 for BatchNorm). running_*: (C,) float32 / float64;
-    old_*: the running statistics in float64, possibly running_* themselves (a channel is
-    read before it is written). Float64 arithmetic in the order of the NumPy formula it
-    replaces, which took ten array operations (BatchNorm over 1024 channels: 15.7 -> 3.6 us).
+    O >= 1 samples (InstanceNorm; O == 1 for BatchNorm). running_*: (C,) float32 / float64,
+    not overlapping; old_*: the running statistics in float64, possibly running_* themselves
+    (a channel's old values are read before its new ones are written). Float64 arithmetic in
+    the order of the NumPy formula it replaces, which took ten array operations (BatchNorm
+    over 1024 channels: 15.7 -> 3.6 us); the samples add up in order, where NumPy's mean over a
+    single channel (C == 1) pairs them, which can differ in the last bit.
     """
     C = running_mean.size
     keep = 1.0 - momentum
     if O == 1:
         for c in range(C):
-            running_mean[c] = old_mean[c] * keep + momentum * np.float64(mean[c])
-            running_var[c] = old_var[c] * keep + momentum * (var[c] * unbias)
+            new_mean = old_mean[c] * keep + momentum * np.float64(mean[c])
+            new_var = old_var[c] * keep + momentum * (var[c] * unbias)
+            running_mean[c] = new_mean
+            running_var[c] = new_var
         return
     for c in range(C):
         m = 0.0
@@ -1853,8 +1857,10 @@ def update_running(running_mean, running_var, old_mean, old_var, mean, var, O, u
         for o in range(O):
             m += np.float64(mean[o * C + c])
             v += var[o * C + c] * unbias
-        running_mean[c] = old_mean[c] * keep + momentum * (m / O)
-        running_var[c] = old_var[c] * keep + momentum * (v / O)
+        new_mean = old_mean[c] * keep + momentum * (m / O)
+        new_var = old_var[c] * keep + momentum * (v / O)
+        running_mean[c] = new_mean
+        running_var[c] = new_var
 
 
 @_jit(fastmath=False)

@@ -1,12 +1,11 @@
 """Executes a Plan on NumPy arrays with the Numba CPU kernels.
 
 Arrays arrive flat and C-contiguous (x, y, dy, dx), weight / bias as vectors of C * Q cells in
-the compute dtype (the front end converts them while checking them) and statistics in float64;
-small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise kernels
+the compute dtype (the front end converts them while checking them) and statistics in float64
+(the row backward also takes float32 saved statistics as they are); small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise kernels
 compute in float32 for float16 / float32 data (see kernels/cpu.py): their per-column arrays are
 handed over in that compute dtype too, the mean split as hi + lo.
 """
-import contextlib
 import threading
 from functools import lru_cache
 
@@ -19,7 +18,6 @@ from .kernels import cpu as K
 # numba's workqueue threading layer aborts when two threads enter parallel regions at once;
 # with it, calls are serialized. The omp and tbb layers are safe to call concurrently.
 _workqueue_lock = threading.Lock()
-_NO_LOCK = contextlib.nullcontext()
 _serialize = None      # known once the first parallel region has chosen the layer
 
 
@@ -34,15 +32,11 @@ def _serialize_needed():
     return _serialize
 
 
-def _k(plan, kernel):
-    """The kernel's serial twin for inputs too small to repay a parallel launch."""
-    return getattr(kernel, "serial", kernel) if plan.serial else kernel
-
-
 def _run(plan, kernel, *args):
-    """kernel(*args) on the plan's terms: the serial twin for a serial plan, under the
-    workqueue lock where the layer needs it. One call instead of guard() + _k() + a `with`
-    (nullcontext's __enter__ / __exit__ are Python calls): ~0.4 us of a 4 us call."""
+    """kernel(*args) on the plan's terms: its serial twin for inputs too small to repay a
+    parallel launch (the twins never enter a parallel region), else under the workqueue lock
+    where the layer needs it. One call, not a lock context around the kernels: a `with` on a
+    nullcontext is two more Python calls (~0.4 us of a 4 us call all told)."""
     if plan.serial:
         return kernel.serial(*args)
     if _serialize_needed():
@@ -51,18 +45,13 @@ def _run(plan, kernel, *args):
     return kernel(*args)
 
 
-def guard(plan):
-    """The workqueue lock when the plan runs parallel kernels on a layer that needs it, else a
-    no-op context (the serial twins never enter a parallel region)."""
-    return _workqueue_lock if not plan.serial and _serialize_needed() else _NO_LOCK
-
-
 def _bits(a):
     """float16 arrays go to the kernels as their uint16 bit patterns."""
     return a.view(np.uint16) if a.dtype.char == "e" else a
 
 
 _F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
 # Outputs of at least this many bytes are written with non-temporal stores where a kernel can
 # (float32, no residual or ReLU; see kernels/cpu.py: affine_run): they would not stay in the
 # 32 MiB L3 anyway, and skipping the read of each line before writing it saved ~20% on 64 MiB.
@@ -118,24 +107,23 @@ def moments(plan, x, narrow=False):
     on long runs)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
-    with guard(plan):
-        if plan.path == "rows":
-            mean = np.empty(O * C)
-            var = np.empty(O * C)
-            _k(plan, K.rows_moments)(x, O, A, C, B, mean, var)
-            return mean, var
-        mean = np.empty((O, C))
-        var = np.empty((O, C))
-        if plan.path == "flat":
-            shape = (O, plan.K, C)
-            count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-            _k(plan, K.flat_moments)(x, O, A, C, B, plan.K, count, pmean, pm2)
-            _k(plan, K.merge_moments)(count, pmean, pm2, 1, mean, var)
-        else:
-            shape = (O, plan.K, C * B)
-            count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-            _k(plan, K.column_moments)(x, O, A, C * B, plan.K, narrow, count, pmean, pm2)
-            _k(plan, K.merge_moments)(count, pmean, pm2, B, mean, var)
+    if plan.path == "rows":
+        mean = np.empty(O * C)
+        var = np.empty(O * C)
+        _run(plan, K.rows_moments, x, O, A, C, B, mean, var)
+        return mean, var
+    mean = np.empty((O, C))
+    var = np.empty((O, C))
+    if plan.path == "flat":
+        shape = (O, plan.K, C)
+        count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
+        _run(plan, K.flat_moments, x, O, A, C, B, plan.K, count, pmean, pm2)
+        K.merge_moments(count, pmean, pm2, 1, mean, var)
+    else:
+        shape = (O, plan.K, C * B)
+        count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
+        _run(plan, K.column_moments, x, O, A, C * B, plan.K, narrow, count, pmean, pm2)
+        K.merge_moments(count, pmean, pm2, B, mean, var)
     return mean.reshape(-1), var.reshape(-1)
 
 
@@ -199,9 +187,12 @@ def update_running(running_mean, running_var, old, mean, var, O, unbias, momentu
     mean: the batch means in the saved statistics' dtype, var: the biased variances in
     float64, O * C values each."""
     for r in (running_mean, running_var):
-        if not (type(r) is np.ndarray and r.ndim == 1 and r.dtype.char in "fd"
+        # NumPy's own float32 / float64 dtypes: a byte-swapped one would not type in Numba
+        if not (type(r) is np.ndarray and r.ndim == 1 and (r.dtype is _F32 or r.dtype is _F64)
                 and r.flags.c_contiguous):
             return False
+    if np.may_share_memory(running_mean, running_var):
+        return False    # the array formula computes both before writing either
     K.update_running(running_mean, running_var, old[0], old[1], mean, var, O, unbias, momentum)
     return True
 
@@ -213,9 +204,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
 
     mean, rstd: statistics (O * C values) in float64 or in the parameters' dtype w.dtype (the
     saved statistics' dtype: the row kernels read them as they are, the other paths convert
-    them to float64); with
-    `frozen` they are constants. With relu, y is the forward's output and dy is masked by
-    y > 0. centered=False is RMSNorm.
+    them to float64); with `frozen` they are constants. With relu, y is the forward's output
+    and dy is masked by y > 0. centered=False is RMSNorm.
     """
     O, A, C, B, P = plan.O, plan.A, plan.C, plan.B, plan.P
     Q = B // P
@@ -233,45 +223,44 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         return dweight.sum(0), dbias.sum(0)
     mean, rstd = mean.astype(_F64, copy=False), rstd.astype(_F64, copy=False)
     ct = _compute(x)
-    with guard(plan):
-        if plan.backward_path == "columns_fused":
-            shape = (O, C * Q)
-            dbias, dweight = np.empty(shape), np.empty(shape)
-            _k(plan, K.column_backward)(dy, y, relu, x, O, A, C, B, plan.P, plan.Sb, mean, rstd,
-                                        w, frozen, centered, dbias, dweight, dx, dz)
-            if O == 1:
-                return dweight[0], dbias[0]
-            return dweight.sum(0), dbias.sum(0)
-        if plan.backward_path == "flat":
-            shape = (O, plan.K, C * Q)
-            sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            _k(plan, K.flat_backward_sums)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                           w, sdy, sdyxhat)
-            sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
-        else:
-            J = C * B
-            c, cell = _column_maps(plan)
-            hi, lo = _split(_per_column(mean, plan, c), ct)
-            rstd_j = _per_column(rstd, plan, c)
-            shape = (O, plan.K, J)
-            sdy, sdyxhat = np.empty(shape), np.empty(shape)
-            _k(plan, K.column_backward_sums)(dy, y, relu, x, O, A, J, plan.K, hi, lo.astype(ct),
-                                             rstd_j, sdy, sdyxhat)
-            # columns -> parameter cells: j = (c * Q + q) * P + p
-            sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
-            sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
-        n = A * B
-        wq = w.reshape(C, Q)
-        zeros = np.zeros(O * C)
-        c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
-        c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
-        if plan.backward_path == "flat":
-            _k(plan, K.flat_backward_dx)(dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-                                         w, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
-        else:
-            a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
-            b = rstd_j * rstd_j * _per_column(c1, plan, c)
-            cc = (rstd_j * _per_column(c2, plan, c) - b * lo).astype(ct)   # see cpu.fold
-            _k(plan, K.column_backward_dx)(dy, y, relu, x, O, A, J, plan.K, hi, a, b.astype(ct),
-                                           cc, dx, dz, dx.nbytes >= STREAM_MIN)
+    if plan.backward_path == "columns_fused":
+        shape = (O, C * Q)
+        dbias, dweight = np.empty(shape), np.empty(shape)
+        _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, plan.P, plan.Sb, mean, rstd,
+             w, frozen, centered, dbias, dweight, dx, dz)
+        if O == 1:
+            return dweight[0], dbias[0]
+        return dweight.sum(0), dbias.sum(0)
+    if plan.backward_path == "flat":
+        shape = (O, plan.K, C * Q)
+        sdy, sdyxhat = np.empty(shape), np.empty(shape)
+        _run(plan, K.flat_backward_sums, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
+             w, sdy, sdyxhat)
+        sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
+    else:
+        J = C * B
+        c, cell = _column_maps(plan)
+        hi, lo = _split(_per_column(mean, plan, c), ct)
+        rstd_j = _per_column(rstd, plan, c)
+        shape = (O, plan.K, J)
+        sdy, sdyxhat = np.empty(shape), np.empty(shape)
+        _run(plan, K.column_backward_sums, dy, y, relu, x, O, A, J, plan.K, hi, lo.astype(ct),
+             rstd_j, sdy, sdyxhat)
+        # columns -> parameter cells: j = (c * Q + q) * P + p
+        sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
+        sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
+    n = A * B
+    wq = w.reshape(C, Q)
+    zeros = np.zeros(O * C)
+    c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
+    c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
+    if plan.backward_path == "flat":
+        _run(plan, K.flat_backward_dx, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
+             w, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
+    else:
+        a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
+        b = rstd_j * rstd_j * _per_column(c1, plan, c)
+        cc = (rstd_j * _per_column(c2, plan, c) - b * lo).astype(ct)   # see cpu.fold
+        _run(plan, K.column_backward_dx, dy, y, relu, x, O, A, J, plan.K, hi, a, b.astype(ct),
+             cc, dx, dz, dx.nbytes >= STREAM_MIN)
     return sdyxhat.sum(0), sdy.sum(0)

@@ -227,6 +227,9 @@ def _forward_with_running(plan, be, x, weight, bias, running_mean, running_var, 
     epilogue = _epilogue(activation, residual, be, x)
     check_out("out", out, be, x)
     O = plan.O
+    if batch_stats and rm is not None and O == 0:
+        raise ValueError(f"x: expected at least one sample to update the running statistics "
+                         f"with, got none for {context}")
     if not batch_stats:
         sdt = stats_dtype(x.dtype)
         if be.name == "cpu":    # one kernel call instead of five to seven array operations

@@ -225,20 +225,34 @@ def test_batch_norm_strided_running_stats_updated_in_place(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("norm", ["batch", "instance"])
-def test_running_stats_kernel_equals_the_array_formula(norm, dtype, rng):
-    """Contiguous float32 / float64 running statistics are updated by one kernel, strided ones
-    by NumPy array operations: the same float64 arithmetic in the same order, bit for bit
-    (InstanceNorm's kernel also averages over the samples)."""
-    x = _x(rng, (5, 7, 3), dtype)
+def test_running_stats_kernel_equals_the_array_formula(norm, dtype, rng, monkeypatch):
+    """Contiguous float32 / float64 running statistics are updated by one kernel, strided and
+    byte-swapped ones by NumPy array operations: the same float64 arithmetic in the same
+    order, bit for bit (InstanceNorm's kernel also averages over the samples)."""
+    from normcore.kernels import cpu
+    kernel, calls = cpu.update_running, []
+    monkeypatch.setattr(cpu, "update_running", lambda *a: calls.append(1) or kernel(*a))
+    x = _x(rng, (9, 7, 3), dtype)
     rm = rng.standard_normal(7).astype(dtype)
     rv = (0.5 + rng.random(7)).astype(dtype)
     buf_m, buf_v = np.zeros(14, dtype), np.zeros(14, dtype)
     buf_m[::2], buf_v[::2] = rm, rv
+    swapped_m, swapped_v = rm.astype(rm.dtype.newbyteorder()), rv.astype(rv.dtype.newbyteorder())
     fwd = nc.batch_norm_forward if norm == "batch" else nc.instance_norm_forward
     fwd(x, running_mean=rm, running_var=rv, momentum=0.3)
-    fwd(x, running_mean=buf_m[::2], running_var=buf_v[::2], momentum=0.3)
-    np.testing.assert_array_equal(rm, buf_m[::2])
-    np.testing.assert_array_equal(rv, buf_v[::2])
+    assert len(calls) == 1
+    for m, v in ((buf_m[::2], buf_v[::2]), (swapped_m, swapped_v)):
+        fwd(x, running_mean=m, running_var=v, momentum=0.3)
+        np.testing.assert_array_equal(rm, m)
+        np.testing.assert_array_equal(rv, v)
+    assert len(calls) == 1
+
+
+def test_instance_norm_running_stats_need_a_sample():
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match="at least one sample"):
+        nc.instance_norm(np.zeros((0, 3, 4)), running_mean=rm, running_var=rv)
+    assert np.array_equal(rm, np.zeros(3)) and np.array_equal(rv, np.ones(3))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
