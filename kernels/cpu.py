@@ -1039,9 +1039,12 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
             sfence()
 
 
-@_jit()
+@_jit(inline="always")
 def short_row_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight):
-    """cell_sums of one row, in a function of its own like short_row_dx."""
+    """cell_sums of one row, inlined into the row loop: as a function of its own (a call per
+    row of 128 values) the LayerNorm backward took 1.22x as long on (2048, 128), (65536, 128)
+    and (4096, 512) (A/B in one process, float32). short_row_dx stays a call: inlined, it
+    would take the row loop's reassociating fastmath flags."""
     return cell_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight)
 
 
