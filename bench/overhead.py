@@ -5,8 +5,9 @@ Python front end (validation, plan lookup, allocation, the small per-statistic k
 
     python bench/overhead.py [--rounds 21] [--json PATH] [--print]
 
-Every thunk runs ``--number`` times per sample, in interleaved rounds (one sample of each per
-round, in a rotated order); medians of the per-call times. The kernel-call share comes from
+Timed by bench/run.py's measure (samples of >= 2 ms, interleaved rounds in a rotated order,
+rounds while other processes held the CPU dropped); medians of the per-call times. The
+kernel-call share comes from
 replaying, in the same rounds, the calls normcore's CPU backend made through ``_cpu._run`` for
 one call, with the same arguments. Results: ``bench/results/overhead.json``, and a table written
 between <!-- overhead:start --> and <!-- overhead:end --> in README.md (printed with --print).
@@ -15,7 +16,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numba
@@ -24,6 +24,7 @@ import numpy as np
 import normcore as nc
 from normcore import _cpu
 from report import ROOT, update_readme
+from run import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 F32 = np.float32
@@ -100,22 +101,6 @@ def kernel_calls(call):
     return replay
 
 
-def measure(thunks, rounds, number):
-    samples = {k: [] for k in thunks}
-    names = list(thunks)
-    for f in thunks.values():
-        for _ in range(number):
-            f()     # warm-up: compilation or the cache, first-call allocations
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            f = thunks[name]
-            t0 = time.perf_counter()
-            for _ in range(number):
-                f()
-            samples[name].append((time.perf_counter() - t0) / number)
-    return {k: float(np.median(v)) for k, v in samples.items()}
-
-
 def markdown(result):
     m = result["machine"]
     lines = ["| call (float32) | normcore | kernel calls | front end | torch | ×torch |",
@@ -125,7 +110,7 @@ def markdown(result):
                        else "- | -")
         lines.append(f"| {r['call']} | {r['normcore_us']:.1f} µs | {r['kernels_us']:.1f} µs | "
                      f"{r['front_end_us']:.1f} µs | {torch_cells} |")
-    lines += ["", f"Medians of {result['rounds']} interleaved rounds of {result['number']} calls; "
+    lines += ["", f"Medians of up to {result['rounds']} interleaved rounds, samples of >= 2 ms; "
                   f"{m['threads']} threads, Python {m['python']}, NumPy {m['numpy']}, Numba "
                   f"{m['numba']}, torch {m['torch']}."]
     return "\n".join(lines) + "\n"
@@ -134,7 +119,7 @@ def markdown(result):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=21)
-    ap.add_argument("--number", type=int, default=2000, help="calls per sample")
+    ap.add_argument("--max-seconds", type=float, default=10.0, help="per call, at least 3 rounds")
     ap.add_argument("--json", default=str(RESULTS / "overhead.json"))
     ap.add_argument("--print", action="store_true", help="leave README.md alone")
     args = ap.parse_args(argv)
@@ -151,7 +136,8 @@ def main(argv=None):
         thunks = {"normcore": call, "kernels": kernel_calls(call)}
         if peer is not None:
             thunks["torch"] = peer
-        t = measure(thunks, args.rounds, args.number)
+        samples = measure(thunks, args.rounds, args.max_seconds)[0]
+        t = {k: float(np.median(v)) for k, v in samples.items()}
         row = {"call": name, "normcore_us": t["normcore"] * 1e6, "kernels_us": t["kernels"] * 1e6,
                "front_end_us": (t["normcore"] - t["kernels"]) * 1e6,
                "torch_us": t["torch"] * 1e6 if "torch" in t else None}
@@ -164,7 +150,7 @@ def main(argv=None):
                           "numba": numba.__version__, "cpu": platform.processor(),
                           "threads": numba.config.NUMBA_NUM_THREADS,
                           "torch": torch.__version__ if torch else None},
-              "rounds": args.rounds, "number": args.number, "results": rows}
+              "rounds": args.rounds, "results": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"# wrote {args.json}")

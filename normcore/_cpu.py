@@ -2,9 +2,10 @@
 
 Arrays arrive flat and C-contiguous (x, y, dy, dx), weight / bias as vectors of C * Q cells in
 the compute dtype (the front end converts them while checking them) and statistics in float64
-(the row backward also takes float32 saved statistics as they are); small per-statistic arithmetic (O * C values) is done here in NumPy. The elementwise kernels
-compute in float32 for float16 / float32 data (see kernels/cpu.py): their per-column arrays are
-handed over in that compute dtype too, the mean split as hi + lo.
+(the row backward also takes float32 saved statistics as they are); small per-statistic
+arithmetic (O * C values) is done here in NumPy or in small serial kernels. The elementwise
+kernels compute in float32 for float16 / float32 data (see kernels/cpu.py): their per-column
+arrays are handed over in that compute dtype too, the mean split as hi + lo.
 """
 import threading
 from functools import lru_cache
@@ -151,7 +152,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         var = np.empty(R) if want_var else _EMPTY64
         if x.dtype.char == "e":
             x, y = x.view(np.uint16), y.view(np.uint16)
-        z = _EMPTY[x.dtype] if z is None else _bits(z)
+        z = _none_like(x) if z is None else _bits(z)
         stream = y.nbytes >= STREAM_MIN
         if path == "rows":
             _run(plan, K.rows_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
@@ -211,8 +212,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     Q = B // P
     if x.dtype.char == "e":
         dy, x, dx = dy.view(np.uint16), x.view(np.uint16), dx.view(np.uint16)
-    y = _bits(y) if relu else _EMPTY[dy.dtype]
-    dz = _EMPTY[dx.dtype] if dz is None else _bits(dz)
+    y = _bits(y) if relu else _none_like(dy)
+    dz = _none_like(dx) if dz is None else _bits(dz)
     if plan.backward_path == "rows":
         nblk = plan.nblk
         dbias, dweight = np.zeros((nblk, C * Q)), np.zeros((nblk, C * Q))

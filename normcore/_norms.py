@@ -86,8 +86,7 @@ def _flat(be, x):
 def _output(be, out, x):
     """(result array, flat contiguous buffer the kernels write into)."""
     if out is None:
-        res = (_outputs.empty(x.shape, x.dtype) if be.name == "cpu"      # _empty, inline
-               and x.nbytes >= _outputs.POOL_MIN else be.xp.empty(x.shape, x.dtype))
+        res = _empty(be, x)
         return res, res.reshape(-1)
     if out.flags.c_contiguous:
         return out, out.reshape(-1)

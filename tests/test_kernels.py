@@ -234,7 +234,7 @@ VECTOR_SCRIPT = textwrap.dedent("""
     x = rng.standard_normal((8, 40)).astype(np.float16)    # short rows, in blocks
     f = nc.layer_norm_forward(x, activation="relu")
     nc.layer_norm_backward(x, x, f.mean, f.rstd, activation="relu", y=f.y)
-    # short_row_sums is inlined: its loop is compiled inside short_rows_loop
+    # the short rows' sums (cell_sums, inlined) are compiled inside short_rows_loop
     names = ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
              "dx_columns", "short_rows_loop", "short_row_dx")
     for name in names:
