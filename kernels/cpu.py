@@ -148,7 +148,12 @@ def _float32_to_half_bits(typingctx, value):
     return types.uint16(types.float32), codegen
 
 
-_V8 = ir.VectorType(ir.FloatType(), 8)
+# Lanes of a streamed window: 16 float32 (a whole 64-byte line per non-temporal store) for the
+# forward's formulas, which read one streamed array (A/B against windows of 8, in one process:
+# LayerNorm (16384, 1024) forward 1.08x, InstanceNorm (32, 64, 56, 56) eval 1.16x, BatchNorm
+# (8192, 1024) eval 1.00-1.09x); 8 for the dx formulas, which read two (x and dy): at 16 the
+# LayerNorm (16384, 1024) backward took 1.12-1.18x as long in three runs of four.
+LANES = 16
 
 
 def _f32_run(a):
@@ -157,31 +162,34 @@ def _f32_run(a):
         and a.layout == "C"
 
 
-def _stream8(formula):
-    """An intrinsic (ys, i, arrays, p, columns, scalars): ys[i:i + 8] = formula(builder,
-    vectors of the arrays at [i, i + 8) then of the columns at [p, p + 8), the scalars splat to
-    8 lanes), all float32, with a non-temporal store (ys + i must be 32-byte aligned).
-    arrays, columns, scalars: tuples."""
+def _stream_window(formula, lanes=LANES):
+    """An intrinsic (ys, i, arrays, p, columns, scalars): ys[i:i + lanes] = formula(builder,
+    vectors of the arrays at [i, i + lanes) then of the columns at [p, p + lanes), the scalars
+    splat to `lanes` lanes), all float32, with a non-temporal store (ys + i must be
+    4 * lanes-byte aligned). arrays, columns, scalars: tuples. The intrinsic's `.lanes` tells
+    the streaming helpers its width."""
+
+    vec = ir.VectorType(ir.FloatType(), lanes)
 
     @intrinsic
-    def stream8(typingctx, ys, i, arrays, p, columns, scalars):
+    def stream_window(typingctx, ys, i, arrays, p, columns, scalars):
         if not (_f32_run(ys) and ys.mutable and all(_f32_run(a) for a in arrays)
                 and all(_f32_run(a) for a in columns)
                 and all(t == types.float32 for t in scalars)):
             return None
 
         def codegen(context, builder, signature, args):
-            lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+            zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
 
             def at(arrty, arr, index):
                 a = context.make_array(arrty)(context, builder, arr)
                 return builder.bitcast(builder.gep(a.data, [index], inbounds=True),
-                                       _V8.as_pointer())
+                                       vec.as_pointer())
 
             def splat(value):
-                v = builder.insert_element(ir.Constant(_V8, ir.Undefined), value,
+                v = builder.insert_element(ir.Constant(vec, ir.Undefined), value,
                                            ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(v, ir.Constant(_V8, ir.Undefined), lanes)
+                return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), zeros)
 
             vecs = [builder.load(at(t, builder.extract_value(args[arg], k), args[index]),
                                  align=4)
@@ -189,33 +197,34 @@ def _stream8(formula):
                     for k, t in enumerate(signature.args[arg])]
             sc = [splat(builder.extract_value(args[5], k)) for k in range(len(signature.args[5]))]
             st = builder.store(formula(builder, vecs, sc), at(signature.args[0], args[0], args[1]),
-                               align=32)
+                               align=4 * lanes)
             st.set_metadata("nontemporal",
                             builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
             return context.get_dummy_value()
 
         return types.void(ys, i, arrays, p, columns, scalars), codegen
 
-    return stream8
+    stream_window.lanes = lanes
+    return stream_window
 
 
 # (x - hi) * sc + sh
-_affine8_stream = _stream8(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], s[0]), s[1]), s[2]))
+_affine_window = _stream_window(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], s[0]), s[1]), s[2]))
 # ((x - hi) - lo) * (rs * w) + bias
-_normalize8_stream = _stream8(lambda b, v, s: b.fadd(
+_normalize_window = _stream_window(lambda b, v, s: b.fadd(
     b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2]))
 # a * dy + ((x - hi) * nb + sh)
-_dx_scalar8_stream = _stream8(lambda b, v, s: b.fadd(
-    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])))
+_dx_scalar_window = _stream_window(lambda b, v, s: b.fadd(
+    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])), 8)
 # (rs * w) * dy - b * ((x - hi) - lo) - cc
-_dx8_stream = _stream8(lambda b, v, s: b.fsub(b.fsub(
-    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]))
+_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
+    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]), 8)
 # columns: (x - hi) * scale + shift; vectors x, hi, scale, shift
-_columns_affine8_stream = _stream8(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]),
+_columns_affine_window = _stream_window(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]),
                                                           v[3]))
 # columns: a * dy - b * (x - hi) - c; vectors x, dy, hi, a, b, c
-_columns_dx8_stream = _stream8(lambda b, v, s: b.fsub(b.fsub(
-    b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]))
+_columns_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
+    b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]), 8)
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -486,14 +495,16 @@ def dz_run(dys, ys, relu, dzs):
 # y under a test: the ReLU loops read it always (relu_dy), the others never.
 
 
-def _streaming(stream8, element):
+def _streaming(stream_window, element):
     """A jit-only helper (ys, arrays, scalars) -> bool that writes ys[j] = element(j, arrays,
-    scalars) for every j with non-temporal stores: a scalar head up to a 32-byte boundary of
-    ys, stream8 on 8 values at a time, a scalar tail. False (nothing written) unless ys and
-    the arrays are float32."""
+    scalars) for every j with non-temporal stores: a scalar head up to a 64-byte boundary of
+    ys, stream_window on its `lanes` values at a time, a scalar tail. False (nothing written)
+    unless ys and the arrays are float32."""
 
     def helper(ys, arrays, scalars):
         raise NotImplementedError
+
+    L = stream_window.lanes
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, scalars):
@@ -502,13 +513,13 @@ def _streaming(stream8, element):
 
         def impl(ys, arrays, scalars):
             n = ys.size
-            head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
+            head = min(n, (-ys.ctypes.data) % (4 * L) // 4)
             for j in range(head):
                 ys[j] = element(j, arrays, scalars)
             i = head
-            while i + 8 <= n:
-                stream8(ys, i, arrays, i, (), scalars)
-                i += 8
+            while i + L <= n:
+                stream_window(ys, i, arrays, i, (), scalars)
+                i += L
             for j in range(i, n):
                 ys[j] = element(j, arrays, scalars)
             return True
@@ -518,17 +529,19 @@ def _streaming(stream8, element):
     return helper
 
 
-def _streaming_columns(stream8, element):
-    """As _streaming for a block of whole rows of J columns, flat: ys[j] = element(j, j % J,
-    arrays, columns), where the arrays run with ys and the columns (per-column coefficients)
-    are tiled, J + 8 values long (see tile8), so that the 8 columns of any aligned window are
-    contiguous even where it spans two rows. A block streams as one run: a row of 64 values
-    would be 4 scalar values, 7 windows and 4 scalar values on NumPy's 16-byte-aligned
-    buffers, and plain stores to lines that non-temporal ones also write cost more than they
-    save."""
+def _streaming_columns(stream_window, element):
+    """As _streaming for a block of whole rows of J >= LANES columns, flat: ys[j] =
+    element(j, j % J, arrays, columns), where the arrays run with ys and the columns
+    (per-column coefficients) are tiled, J + LANES values long (see tile_columns), so that the
+    columns of any aligned window are contiguous even where it spans two rows. A block
+    streams as one run: a row of 64 values would be 12 scalar values, 3 windows and 4 scalar
+    values on NumPy's 16-byte-aligned buffers, and plain stores to lines that non-temporal
+    ones also write cost more than they save."""
 
     def helper(ys, arrays, columns, J):
         raise NotImplementedError
+
+    L = stream_window.lanes
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, columns, J):
@@ -538,15 +551,15 @@ def _streaming_columns(stream8, element):
 
         def impl(ys, arrays, columns, J):
             n = ys.size
-            head = min(n, (32 - ys.ctypes.data % 32) % 32 // 4)
+            head = min(n, (-ys.ctypes.data) % (4 * L) // 4)
             for j in range(head):
                 ys[j] = element(j, j % J, arrays, columns)
             i = head
             p = head % J
-            while i + 8 <= n:
-                stream8(ys, i, arrays, p, columns, ())
-                i += 8
-                p += 8
+            while i + L <= n:
+                stream_window(ys, i, arrays, p, columns, ())
+                i += L
+                p += L
                 while p >= J:
                     p -= J
             for j in range(i, n):
@@ -559,16 +572,17 @@ def _streaming_columns(stream8, element):
 
 
 @_jit()
-def tile8(column):
-    """column followed by its first 8 values (J >= 8): any 8 columns from p < J, in order."""
+def tile_columns(column):
+    """column followed by its first LANES values (J >= LANES): any LANES columns from p < J,
+    in order."""
     J = column.size
-    tiled = np.empty(J + 8, column.dtype)
+    tiled = np.empty(J + LANES, column.dtype)
     tiled[:J] = column
-    tiled[J:] = column[:8]
+    tiled[J:] = column[:LANES]
     return tiled
 
 
-# Each formula twice, once per value and once per 8 lanes (the same operations in the same
+# Each formula twice, once per value and once per window (the same operations in the same
 # order, so streamed and plain results agree bit for bit).
 @_jit(fastmath=_ELEMENTWISE)
 def _affine1(j, v, s):
@@ -601,17 +615,17 @@ def _columns_dx1(j, p, v, c):
 
 
 # ys = (x - hi) * sc + sh: arrays (x,), scalars (hi, sc, sh)
-stream_affine = _streaming(_affine8_stream, _affine1)
+stream_affine = _streaming(_affine_window, _affine1)
 # ys = ((x - hi) - lo) * (rs * w) + bias: arrays (x, w, bias), scalars (hi, lo, rs)
-stream_normalize = _streaming(_normalize8_stream, _normalize1)
+stream_normalize = _streaming(_normalize_window, _normalize1)
 # dx = a * dy + ((x - hi) * nb + sh): arrays (x, dy), scalars (a, hi, nb, sh)
-stream_dx_scalar = _streaming(_dx_scalar8_stream, _dx_scalar1)
+stream_dx_scalar = _streaming(_dx_scalar_window, _dx_scalar1)
 # dx = (rs * w) * dy - b * ((x - hi) - lo) - cc: arrays (x, dy, w), scalars (hi, lo, rs, b, cc)
-stream_dx = _streaming(_dx8_stream, _dx1)
+stream_dx = _streaming(_dx_window, _dx1)
 # ys = (x - hi) * scale + shift: arrays (x,), columns (hi, scale, shift), tiled
-stream_columns_affine = _streaming_columns(_columns_affine8_stream, _columns_affine1)
+stream_columns_affine = _streaming_columns(_columns_affine_window, _columns_affine1)
 # dx = a * dy - b * (x - hi) - c: arrays (x, dy), columns (hi, a, b, c), tiled
-stream_columns_dx = _streaming_columns(_columns_dx8_stream, _columns_dx1)
+stream_columns_dx = _streaming_columns(_columns_dx_window, _columns_dx1)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -1005,7 +1019,7 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     so that the fence after streamed stores comes once per block: once per row of 128 made
     LayerNorm (65536, 128) 2.7x slower.
     """
-    x, z, y = borrow(x), borrow(z), borrow(y)
+    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
     if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
@@ -1477,10 +1491,11 @@ def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
     mean's low part folded into shift, see fold); z may be empty. stream (whole rows only):
     as in affine_run (the caller fences)."""
     W = j1 - j0
-    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu
+    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= LANES and not relu
             and not z.size
             and stream_columns_affine(y[r0 * J:r1 * J], (x[r0 * J:r1 * J],),
-                                      (tile8(hi), tile8(scale), tile8(shift)), J)):
+                                      (tile_columns(hi), tile_columns(scale),
+                                       tile_columns(shift)), J)):
         return
     if z.size:
         for r in range(r0, r1):
@@ -1691,10 +1706,11 @@ def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
     scalar (3.7 ms against 0.12 on 256 x 1024). stream (whole rows only): as in affine_run
     (the caller fences)."""
     W = j1 - j0
-    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= 8 and not relu
+    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= LANES and not relu
             and not dz.size
             and stream_columns_dx(dx[r0 * J:r1 * J], (x[r0 * J:r1 * J], dy[r0 * J:r1 * J]),
-                                  (tile8(hi), tile8(a), tile8(b), tile8(c)), J)):
+                                  (tile_columns(hi), tile_columns(a), tile_columns(b),
+                                   tile_columns(c)), J)):
         return
     for r in range(r0, r1):
         lo = r * J + j0

@@ -145,7 +145,7 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
 ])
 def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
     """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
-    32-byte boundary, 8-wide body, scalar tail): bit for bit the plain loops' results."""
+    64-byte boundary, LANES-wide body, scalar tail): bit for bit the plain loops' results."""
     from normcore import _cpu
     x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
     assert x.nbytes >= _cpu.STREAM_MIN
@@ -165,7 +165,7 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
     dy = np.random.default_rng(5).standard_normal(shape, dtype=np.float32)
 
     def run():
-        f = fwd(x)         # runs of odd length: most start off a 32-byte boundary
+        f = fwd(x)         # runs of odd length: most start off a 64-byte boundary
         out = [f.y, bwd(dy, x, f.mean, f.rstd).dx]
         if norm == "batch":
             rm, rv = f.mean.astype(np.float32) + 0.25, np.full(C, 2.0, np.float32)
@@ -188,7 +188,7 @@ def test_streaming_helpers_emit_non_temporal_stores():
     f32 = np.float32
     hi, lo, sc, sh = f32(0.5), f32(1e-8), f32(1.5), f32(0.25)
 
-    J = 40    # rows of 40 columns: aligned windows of 8 span two rows
+    J = 40    # rows of 40 columns: aligned windows of 16 span two rows
 
     @numba.njit
     def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6):
@@ -196,7 +196,8 @@ def test_streaming_helpers_emit_non_temporal_stores():
         cpu.stream_normalize(y2, (x, w, b), (hi, lo, sc))
         cpu.stream_dx_scalar(y3, (x, d), (sc, hi, -sc, sh))
         cpu.stream_dx(y4, (x, d, w), (hi, lo, sc, sc, sh))
-        h, a, s, t = cpu.tile8(cols[0]), cpu.tile8(cols[1]), cpu.tile8(cols[2]), cpu.tile8(cols[3])
+        h, a, s, t = (cpu.tile_columns(cols[0]), cpu.tile_columns(cols[1]),
+                      cpu.tile_columns(cols[2]), cpu.tile_columns(cols[3]))
         cpu.stream_columns_affine(y5, (x,), (h, a, s), J)
         cpu.stream_columns_dx(y6, (x, d), (h, a, s, t), J)
         cpu.sfence()
