@@ -138,6 +138,7 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
 @pytest.mark.parametrize("norm, shape, axis", [
     ("instance", (2, 4, 524289), 1),      # rows, odd lengths
     ("batch", (64, 3, 32771), 1),         # flat
+    ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
     ("layer", (4099, 1025), -1),          # weight per element
     ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
@@ -189,9 +190,10 @@ def test_streaming_helpers_emit_non_temporal_stores():
     hi, lo, sc, sh = f32(0.5), f32(1e-8), f32(1.5), f32(0.25)
 
     J = 40    # rows of 40 columns: aligned windows of 16 span two rows
+    B, b0, c0 = 17, 5, 38    # runs of 17 values of the J channels, from offset 5 of the 39th
 
     @numba.njit
-    def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6):
+    def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6, y7):
         cpu.stream_affine(y1, (x,), (hi, sc, sh))
         cpu.stream_normalize(y2, (x, w, b), (hi, lo, sc))
         cpu.stream_dx_scalar(y3, (x, d), (sc, hi, -sc, sh))
@@ -200,21 +202,26 @@ def test_streaming_helpers_emit_non_temporal_stores():
                       cpu.tile_columns(cols[2]), cpu.tile_columns(cols[3]))
         cpu.stream_columns_affine(y5, (x,), (h, a, s), J)
         cpu.stream_columns_dx(y6, (x, d), (h, a, s, t), J)
+        streamed = cpu.stream_affine_runs(y7, (x,), B, b0, c0, J, (cols[0], cols[1], cols[2]))
         cpu.sfence()
+        return streamed
 
     rng = np.random.default_rng(5)
     x, d, w, b = (rng.standard_normal(1001, dtype=np.float32)[1:] for _ in range(4))
     cols = rng.standard_normal((4, J), dtype=np.float32)
-    ys = [np.empty(1001, np.float32)[1:] for _ in range(6)]
-    each(x, d, w, b, cols, *ys)
+    ys = [np.empty(1001, np.float32)[1:] for _ in range(7)]
+    assert each(x, d, w, b, cols, *ys)
     # within an ulp or two of NumPy's (which rounds each product before the sum)
     h, a, s, t = (np.tile(c, 1000 // J) for c in cols)
+    run = (c0 + (b0 + np.arange(1000)) // B) % J         # the channel of each value
+    hr, ar, sr = cols[0][run], cols[1][run], cols[2][run]
     wants = [(x - hi) * sc + sh, ((x - hi) - lo) * (sc * w) + b, sc * d + ((x - hi) * -sc + sh),
-             (sc * w) * d - sc * ((x - hi) - lo) - sh, (x - h) * a + s, a * d - s * (x - h) - t]
+             (sc * w) * d - sc * ((x - hi) - lo) - sh, (x - h) * a + s, a * d - s * (x - h) - t,
+             (x - hr) * ar + sr]
     for got, want in zip(ys, wants):
         np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
+        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 7
 
 
 VECTOR_SCRIPT = textwrap.dedent("""
