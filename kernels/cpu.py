@@ -154,12 +154,37 @@ def _float32_to_half_bits(typingctx, value):
 # (8192, 1024) eval 1.00-1.09x); 8 for the dx formulas, which read two (x and dy): at 16 the
 # LayerNorm (16384, 1024) backward took 1.12-1.18x as long in three runs of four.
 LANES = 16
+DX_LANES = 8
 
 
 def _f32_run(a):
     """A contiguous 1-d float32 array type (read-only or not)."""
     return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 \
         and a.layout == "C"
+
+
+def _splat(builder, value, vec):
+    """`value` in every lane of the vector type `vec` (LLVM IR)."""
+    v = builder.insert_element(ir.Constant(vec, ir.Undefined), value,
+                               ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vec.count),
+                                              [0] * vec.count))
+
+
+def _vector_at(context, builder, arrty, arr, index, vec):
+    """A pointer to the vector `vec` at arr[index] (LLVM IR)."""
+    a = context.make_array(arrty)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [index], inbounds=True), vec.as_pointer())
+
+
+def _write_window(context, builder, arrty, arr, index, value):
+    """arr[index:index + lanes] = the float32 vector `value`, a non-temporal store (the
+    address must be aligned to the vector's size)."""
+    store = builder.store(value, _vector_at(context, builder, arrty, arr, index, value.type),
+                          align=4 * value.type.count)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32),
+                                                                                1)]))
 
 
 def _stream_window(formula, lanes=LANES):
@@ -179,27 +204,15 @@ def _stream_window(formula, lanes=LANES):
             return None
 
         def codegen(context, builder, signature, args):
-            zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-
-            def at(arrty, arr, index):
-                a = context.make_array(arrty)(context, builder, arr)
-                return builder.bitcast(builder.gep(a.data, [index], inbounds=True),
-                                       vec.as_pointer())
-
-            def splat(value):
-                v = builder.insert_element(ir.Constant(vec, ir.Undefined), value,
-                                           ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), zeros)
-
-            vecs = [builder.load(at(t, builder.extract_value(args[arg], k), args[index]),
-                                 align=4)
+            vecs = [builder.load(_vector_at(context, builder, t,
+                                            builder.extract_value(args[arg], k), args[index],
+                                            vec), align=4)
                     for arg, index in ((2, 1), (4, 3))
                     for k, t in enumerate(signature.args[arg])]
-            sc = [splat(builder.extract_value(args[5], k)) for k in range(len(signature.args[5]))]
-            st = builder.store(formula(builder, vecs, sc), at(signature.args[0], args[0], args[1]),
-                               align=4 * lanes)
-            st.set_metadata("nontemporal",
-                            builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+            sc = [_splat(builder, builder.extract_value(args[5], k), vec)
+                  for k in range(len(signature.args[5]))]
+            _write_window(context, builder, signature.args[0], args[0], args[1],
+                          formula(builder, vecs, sc))
             return context.get_dummy_value()
 
         return types.void(ys, i, arrays, p, columns, scalars), codegen
@@ -219,16 +232,17 @@ _normalize_window = _stream_window(lambda b, v, s: b.fadd(
     b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2]))
 # a * dy + ((x - hi) * nb + sh)
 _dx_scalar_window = _stream_window(lambda b, v, s: b.fadd(
-    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])), 8)
+    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])), DX_LANES)
 # (rs * w) * dy - b * ((x - hi) - lo) - cc
 _dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
-    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]), 8)
+    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]),
+    DX_LANES)
 # columns: (x - hi) * scale + shift; vectors x, hi, scale, shift
 _columns_affine_window = _stream_window(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]),
                                                           v[3]))
 # columns: a * dy - b * (x - hi) - c; vectors x, dy, hi, a, b, c
 _columns_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
-    b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]), 8)
+    b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]), DX_LANES)
 
 
 def _runs_window(formula, lanes=LANES):
@@ -249,29 +263,19 @@ def _runs_window(formula, lanes=LANES):
             return None
 
         def codegen(context, builder, signature, args):
-            zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-
-            def splat(value, ty):
-                v = builder.insert_element(ir.Constant(ty, ir.Undefined), value,
-                                           ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(v, ir.Constant(ty, ir.Undefined), zeros)
-
-            def at(arrty, arr):
-                a = context.make_array(arrty)(context, builder, arr)
-                return builder.bitcast(builder.gep(a.data, [args[1]], inbounds=True),
-                                       vec.as_pointer())
-
-            edge = splat(context.cast(builder, args[3], signature.args[3], types.int64), index)
+            edge = _splat(builder, context.cast(builder, args[3], signature.args[3],
+                                                types.int64), index)
             low = builder.icmp_signed("<", ir.Constant(index, list(range(lanes))), edge)
-            coefficients = [builder.select(low, splat(builder.extract_value(args[4], k), vec),
-                                           splat(builder.extract_value(args[5], k), vec))
+            coefficients = [builder.select(low,
+                                           _splat(builder, builder.extract_value(args[4], k), vec),
+                                           _splat(builder, builder.extract_value(args[5], k), vec))
                             for k in range(len(signature.args[4]))]
-            vecs = [builder.load(at(t, builder.extract_value(args[2], k)), align=4)
+            vecs = [builder.load(_vector_at(context, builder, t,
+                                            builder.extract_value(args[2], k), args[1], vec),
+                                 align=4)
                     for k, t in enumerate(signature.args[2])]
-            st = builder.store(formula(builder, vecs, coefficients),
-                               at(signature.args[0], args[0]), align=4 * lanes)
-            st.set_metadata("nontemporal",
-                            builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+            _write_window(context, builder, signature.args[0], args[0], args[1],
+                          formula(builder, vecs, coefficients))
             return context.get_dummy_value()
 
         return types.void(ys, i, arrays, first, c0, c1), codegen
@@ -556,9 +560,9 @@ def dz_run(dys, ys, relu, dzs):
 
 def _streaming(stream_window, element):
     """A jit-only helper (ys, arrays, scalars) -> bool that writes ys[j] = element(j, arrays,
-    scalars) for every j with non-temporal stores: a scalar head up to a 64-byte boundary of
-    ys, stream_window on its `lanes` values at a time, a scalar tail. False (nothing written)
-    unless ys and the arrays are float32."""
+    scalars) for every j with non-temporal stores: a scalar head up to a window boundary of ys
+    (4 * lanes bytes), stream_window on its `lanes` values at a time, a scalar tail. False
+    (nothing written) unless ys and the arrays are float32."""
 
     def helper(ys, arrays, scalars):
         raise NotImplementedError
@@ -589,9 +593,9 @@ def _streaming(stream_window, element):
 
 
 def _streaming_columns(stream_window, element):
-    """As _streaming for a block of whole rows of J >= LANES columns, flat: ys[j] =
+    """As _streaming for a block of whole rows of J >= lanes columns, flat: ys[j] =
     element(j, j % J, arrays, columns), where the arrays run with ys and the columns
-    (per-column coefficients) are tiled, J + LANES values long (see tile_columns), so that the
+    (per-column coefficients) are tiled, J + lanes values long (see tile_columns), so that the
     columns of any aligned window are contiguous even where it spans two rows. A block
     streams as one run: a row of 64 values would be 12 scalar values, 3 windows and 4 scalar
     values on NumPy's 16-byte-aligned buffers, and plain stores to lines that non-temporal
@@ -631,13 +635,13 @@ def _streaming_columns(stream_window, element):
 
 
 @_jit()
-def tile_columns(column):
-    """column followed by its first LANES values (J >= LANES): any LANES columns from p < J,
+def tile_columns(column, lanes=LANES):
+    """column followed by its first `lanes` values (J >= lanes): any `lanes` columns from p < J,
     in order."""
     J = column.size
-    tiled = np.empty(J + LANES, column.dtype)
+    tiled = np.empty(J + lanes, column.dtype)
     tiled[:J] = column
-    tiled[J:] = column[:LANES]
+    tiled[J:] = column[:lanes]
     return tiled
 
 
@@ -780,7 +784,7 @@ def affine_runs(xs, zs, ys, relu, B, b, c, C, hi, sc, sh, stream=False):
     as one run of windows (see stream_affine_runs; the caller fences): BatchNorm
     (256, 256, 14, 14) eval 1.2-1.3x and training forward 1.1-1.2x faster than with plain
     stores (in one process), bit for bit the same values."""
-    if (stream and not relu and not zs.size
+    if (stream and xs.size >= STREAM_RUN and not relu and not zs.size
             and stream_affine_runs(ys, (xs,), B, b, c, C, (hi, sc, sh))):
         return
     n = xs.size
@@ -1147,7 +1151,7 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     so that the fence after streamed stores comes once per block: once per row of 128 made
     LayerNorm (65536, 128) 2.7x slower.
     """
-    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+    x, z, y = borrow(x), borrow(z), borrow(y)
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
     if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
@@ -1836,11 +1840,11 @@ def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
     scalar (3.7 ms against 0.12 on 256 x 1024). stream (whole rows only): as in affine_run
     (the caller fences)."""
     W = j1 - j0
-    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= LANES and not relu
+    if (stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= DX_LANES and not relu
             and not dz.size
             and stream_columns_dx(dx[r0 * J:r1 * J], (x[r0 * J:r1 * J], dy[r0 * J:r1 * J]),
-                                  (tile_columns(hi), tile_columns(a), tile_columns(b),
-                                   tile_columns(c)), J)):
+                                  (tile_columns(hi, DX_LANES), tile_columns(a, DX_LANES),
+                                   tile_columns(b, DX_LANES), tile_columns(c, DX_LANES)), J)):
         return
     for r in range(r0, r1):
         lo = r * J + j0
@@ -2017,8 +2021,10 @@ def frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
     took five to seven array operations. The channels go first in a loop of their own, which
     LLVM vectorizes (sqrt and division are exact in vector form): with the samples' copies
     inside it the loop stayed scalar, 5.0 us for 1024 channels (now 1.5) and 38 us for 8
-    samples of them (now 12)."""
+    samples of them (now 12). No samples (InstanceNorm eval of N == 0): nothing to write."""
     C = running_mean.size
+    if mean.size == 0:
+        return
     for c in range(C):
         mean[c] = running_mean[c]
         rstd[c] = 1.0 / np.sqrt(running_var[c] + eps)

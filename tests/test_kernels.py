@@ -146,7 +146,8 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
 ])
 def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
     """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
-    64-byte boundary, LANES-wide body, scalar tail): bit for bit the plain loops' results."""
+    window boundary, windows of LANES (y) or DX_LANES (dx) values, scalar tail): bit for bit
+    the plain loops' results."""
     from normcore import _cpu
     x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
     assert x.nbytes >= _cpu.STREAM_MIN
@@ -181,6 +182,25 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("samples", [0, 1, 3])
+def test_frozen_stats_writes_its_samples_only(samples):
+    """The eval statistics' kernel, run as plain Python (py_func) so that NumPy checks every
+    index: `samples` samples of C channels, nothing written without samples (InstanceNorm
+    eval of an empty batch), bit for bit the float64 formula."""
+    C = 5
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+    mean, rstd = np.empty(samples * C), np.empty(samples * C)
+    mean_out, rstd_out = np.empty(samples * C, np.float32), np.empty(samples * C, np.float32)
+    cpu.frozen_stats.py_func(rm, rv, 1e-5, mean, rstd, mean_out, rstd_out)
+    want = np.tile(1.0 / np.sqrt(rv + 1e-5), samples)
+    assert np.array_equal(mean, np.tile(rm, samples)) and np.array_equal(rstd, want)
+    assert np.array_equal(rstd_out, want.astype(np.float32))
+    assert np.array_equal(mean_out, np.tile(rm, samples).astype(np.float32))
+    x = np.ones((0, C, 4), np.float32)
+    f = nc.instance_norm_forward(x, running_mean=rm, running_var=rv, use_input_stats=False)
+    assert f.y.shape == x.shape and f.mean.shape == f.rstd.shape == (0, C)
+
+
 def test_streaming_helpers_emit_non_temporal_stores():
     """The stream_* helpers compute the plain formulas and compile to vmovntps
     (x86-64): a silent fallback to ordinary stores would pass the test above."""
@@ -193,7 +213,13 @@ def test_streaming_helpers_emit_non_temporal_stores():
     B, b0, c0 = 17, 5, 38    # runs of 17 values of the J channels, from offset 5 of the 39th
 
     @numba.njit
-    def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6, y7):
+    def runs(x, cols, y7):
+        streamed = cpu.stream_affine_runs(y7, (x,), B, b0, c0, J, (cols[0], cols[1], cols[2]))
+        cpu.sfence()
+        return streamed
+
+    @numba.njit
+    def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6):
         cpu.stream_affine(y1, (x,), (hi, sc, sh))
         cpu.stream_normalize(y2, (x, w, b), (hi, lo, sc))
         cpu.stream_dx_scalar(y3, (x, d), (sc, hi, -sc, sh))
@@ -202,15 +228,14 @@ def test_streaming_helpers_emit_non_temporal_stores():
                       cpu.tile_columns(cols[2]), cpu.tile_columns(cols[3]))
         cpu.stream_columns_affine(y5, (x,), (h, a, s), J)
         cpu.stream_columns_dx(y6, (x, d), (h, a, s, t), J)
-        streamed = cpu.stream_affine_runs(y7, (x,), B, b0, c0, J, (cols[0], cols[1], cols[2]))
         cpu.sfence()
-        return streamed
 
     rng = np.random.default_rng(5)
     x, d, w, b = (rng.standard_normal(1001, dtype=np.float32)[1:] for _ in range(4))
     cols = rng.standard_normal((4, J), dtype=np.float32)
     ys = [np.empty(1001, np.float32)[1:] for _ in range(7)]
-    assert each(x, d, w, b, cols, *ys)
+    each(x, d, w, b, cols, *ys[:6])
+    assert runs(x, cols, ys[6])
     # within an ulp or two of NumPy's (which rounds each product before the sum)
     h, a, s, t = (np.tile(c, 1000 // J) for c in cols)
     run = (c0 + (b0 + np.arange(1000)) // B) % J         # the channel of each value
@@ -221,7 +246,8 @@ def test_streaming_helpers_emit_non_temporal_stores():
     for got, want in zip(ys, wants):
         np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 7
+        assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
+        assert runs.inspect_asm(runs.signatures[0]).count("vmovntps") >= 1
 
 
 VECTOR_SCRIPT = textwrap.dedent("""
