@@ -67,6 +67,15 @@ class _Lease(np.ndarray):
         release(self.base)
 
 
+# Private anonymous memory, as malloc's: mmap.mmap(-1, n) maps it shared (shmem), and kernels
+# wrote into such blocks slower here (BatchNorm (256, 256, 14, 14) eval 2.97-3.25 ms against
+# 2.51-2.87 private and 2.48 into np.empty's memory, in one process; with fresh outputs,
+# A/B against shared blocks: its eval 1.15-1.21x, training forward 1.07-1.20x, LayerNorm
+# (8192, 1024) / (16384, 1024) forward 0.80-1.15x / 0.96-1.05x).
+_PRIVATE = ({"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS}
+            if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS") else {})
+
+
 def _take(nbytes):
     block = None
     with _critical():
@@ -77,7 +86,7 @@ def _take(nbytes):
                 break
         _state["hits" if block is not None else "misses"] += 1
     if block is None:
-        block = mmap.mmap(-1, nbytes)
+        block = mmap.mmap(-1, nbytes, **_PRIVATE)
         try:
             block.madvise(mmap.MADV_HUGEPAGE)     # as NumPy does for its allocations of 4 MiB+
         except (AttributeError, OSError):
