@@ -178,6 +178,19 @@ def _vector_at(context, builder, arrty, arr, index, vec):
     return builder.bitcast(builder.gep(a.data, [index], inbounds=True), vec.as_pointer())
 
 
+def _load_windows(context, builder, tuple_type, arrays, index, vec):
+    """The vectors `vec` at [index, index + lanes) of each array of the tuple `arrays`."""
+    return [builder.load(_vector_at(context, builder, t, builder.extract_value(arrays, k),
+                                    index, vec), align=4)
+            for k, t in enumerate(tuple_type)]
+
+
+def _splat_each(builder, tuple_type, scalars, vec):
+    """Each scalar of the tuple `scalars` in every lane of `vec`."""
+    return [_splat(builder, builder.extract_value(scalars, k), vec)
+            for k in range(len(tuple_type))]
+
+
 def _write_window(context, builder, arrty, arr, index, value):
     """arr[index:index + lanes] = the float32 vector `value`, a non-temporal store (the
     address must be aligned to the vector's size)."""
@@ -204,13 +217,9 @@ def _stream_window(formula, lanes=LANES):
             return None
 
         def codegen(context, builder, signature, args):
-            vecs = [builder.load(_vector_at(context, builder, t,
-                                            builder.extract_value(args[arg], k), args[index],
-                                            vec), align=4)
-                    for arg, index in ((2, 1), (4, 3))
-                    for k, t in enumerate(signature.args[arg])]
-            sc = [_splat(builder, builder.extract_value(args[5], k), vec)
-                  for k in range(len(signature.args[5]))]
+            vecs = (_load_windows(context, builder, signature.args[2], args[2], args[1], vec)
+                    + _load_windows(context, builder, signature.args[4], args[4], args[3], vec))
+            sc = _splat_each(builder, signature.args[5], args[5], vec)
             _write_window(context, builder, signature.args[0], args[0], args[1],
                           formula(builder, vecs, sc))
             return context.get_dummy_value()
@@ -266,14 +275,10 @@ def _runs_window(formula, lanes=LANES):
             edge = _splat(builder, context.cast(builder, args[3], signature.args[3],
                                                 types.int64), index)
             low = builder.icmp_signed("<", ir.Constant(index, list(range(lanes))), edge)
-            coefficients = [builder.select(low,
-                                           _splat(builder, builder.extract_value(args[4], k), vec),
-                                           _splat(builder, builder.extract_value(args[5], k), vec))
-                            for k in range(len(signature.args[4]))]
-            vecs = [builder.load(_vector_at(context, builder, t,
-                                            builder.extract_value(args[2], k), args[1], vec),
-                                 align=4)
-                    for k, t in enumerate(signature.args[2])]
+            coefficients = [builder.select(low, here, after) for here, after in zip(
+                _splat_each(builder, signature.args[4], args[4], vec),
+                _splat_each(builder, signature.args[5], args[5], vec))]
+            vecs = _load_windows(context, builder, signature.args[2], args[2], args[1], vec)
             _write_window(context, builder, signature.args[0], args[0], args[1],
                           formula(builder, vecs, coefficients))
             return context.get_dummy_value()
