@@ -90,8 +90,9 @@ def select(cases, names=None, norms=None, quick=False):
 
 def make_inputs(case, dtype, seed=0):
     """x, dy, affine parameters and running statistics for one case (NumPy arrays).
-    Parameters have x's dtype; running statistics the statistics dtype (float64 for
-    float64 input, float32 otherwise)."""
+    Parameters and running statistics have the statistics dtype (float64 for float64 input,
+    float32 otherwise: mixed precision keeps float16 models' parameters in float32, and
+    PyTorch's CPU kernels take no other), so that every peer gets the same arrays."""
     rng = np.random.default_rng(seed)
     dtype = np.dtype(dtype)
     stats_dtype = np.float64 if dtype == np.float64 else np.float32
@@ -102,8 +103,8 @@ def make_inputs(case, dtype, seed=0):
     return dict(
         x=x,
         dy=dy,
-        weight=(1 + 0.1 * rng.standard_normal(pshape)).astype(dtype),
-        bias=(0.1 * rng.standard_normal(pshape)).astype(dtype),
+        weight=(1 + 0.1 * rng.standard_normal(pshape)).astype(stats_dtype),
+        bias=(0.1 * rng.standard_normal(pshape)).astype(stats_dtype),
         running_mean=(0.5 + 0.1 * rng.standard_normal(c)).astype(stats_dtype),
         running_var=rng.uniform(3.0, 5.0, c).astype(stats_dtype),
     )

@@ -1,16 +1,17 @@
 """Per-call cost of tiny calls, where the arithmetic is negligible: normcore against PyTorch's
-own CPU ops (``torch.ops.aten.native_*``, as autograd calls them), and where normcore's time
-goes: the Numba kernel calls (dispatch, argument unboxing and the work) against the rest, the
-Python front end (validation, plan lookup, allocation, the small per-statistic kernels).
+own CPU ops (``native_*``, as autograd calls them; by their C++ bindings where torch has them,
+see bench/peers.py: TorchPeer), and where normcore's time goes: the Numba kernel calls
+(dispatch, argument unboxing and the work) against the rest, the Python front end
+(validation, plan lookup, allocation).
 
     python bench/overhead.py [--rounds 21] [--json PATH] [--print]
 
 Timed by bench/run.py's measure (samples of >= 2 ms, interleaved rounds in a rotated order,
 rounds while other processes held the CPU dropped); medians of the per-call times. The
-kernel-call share comes from
-replaying, in the same rounds, the calls normcore's CPU backend made through ``_cpu._run`` for
-one call, with the same arguments. Results: ``bench/results/overhead.json``, and a table written
-between <!-- overhead:start --> and <!-- overhead:end --> in README.md (printed with --print).
+kernel-call share comes from replaying, in the same rounds, the compiled kernels' calls that
+one call made, with the same arguments. Results: ``bench/results/overhead.json``, and a table
+written between <!-- overhead:start --> and <!-- overhead:end --> in README.md (printed with
+--print).
 """
 import argparse
 import json
@@ -22,7 +23,8 @@ import numba
 import numpy as np
 
 import normcore as nc
-from normcore import _cpu
+from normcore.kernels import cpu as K
+from peers import _Ops
 from report import ROOT, update_readme
 from run import measure
 
@@ -60,7 +62,7 @@ def cases(torch):
                 lambda: nc.batch_norm_backward(dyb, xb, fb.mean, fb.rstd, wb), None))
     if torch is None:
         return out
-    aten = torch.ops.aten
+    aten = _Ops(torch)
     t = {k: torch.from_numpy(v) for k, v in dict(x=x, dy=dy, w=w, b=b, m=m.reshape(4, 1),
                                                    r=r.reshape(4, 1), xb=xb, dyb=dyb, wb=wb,
                                                    bb=bb, rm=rm.copy(), rv=rv.copy(),
@@ -81,19 +83,28 @@ def cases(torch):
 
 
 def kernel_calls(call):
-    """A thunk replaying the kernel calls that one `call` makes through _cpu._run."""
+    """A thunk replaying the kernel calls (parallel kernels and their serial twins, each
+    compiled kernel of normcore.kernels.cpu.KERNELS) that one `call` makes, with the same
+    arguments."""
     recorded = []
-    run = _cpu._run
+    saved = {name: getattr(K, name) for name in K.KERNELS}
 
-    def recording(plan, kernel, *args):
-        recorded.append((getattr(kernel, "serial", kernel) if plan.serial else kernel, args))
-        return run(plan, kernel, *args)
+    def recording(kernel):
+        def record(*args):
+            recorded.append((kernel, args))
+            return kernel(*args)
+        return record
 
-    _cpu._run = recording
+    for name, kernel in saved.items():
+        stand_in = recording(kernel)
+        if hasattr(kernel, "serial"):
+            stand_in.serial = recording(kernel.serial)
+        setattr(K, name, stand_in)
     try:
         call()
     finally:
-        _cpu._run = run
+        for name, kernel in saved.items():
+            setattr(K, name, kernel)
 
     def replay():
         for kernel, args in recorded:

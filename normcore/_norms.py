@@ -23,7 +23,7 @@ from collections import namedtuple
 import numba
 import numpy as np
 
-from . import _outputs
+from . import _outputs, _small
 from ._dtypes import stats_dtype
 from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
 from ._validate import (check_eps, check_input, check_like_x, check_momentum, check_out,
@@ -302,6 +302,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
     >>> f = batch_norm_forward(x, w, b, running_mean=rm, running_var=rv)
     """
+    if type(x) is np.ndarray and activation is None and residual is None:
+        f = _small.batch_norm_forward(x, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, axis, out, NormForward)
+        if f is not None:
+            return f
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _forward_with_running(
@@ -338,6 +343,11 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
 
     >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
     """
+    if type(x) is np.ndarray and activation is None and y is None and residual is False:
+        grads = _small.batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out,
+                                           NormBackward)
+        if grads is not None:
+            return grads
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _backward(plan, be, dy, x, mean, rstd, weight, not training, dx_out,
@@ -464,6 +474,10 @@ def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, activati
 
     >>> f = layer_norm_forward(x, w, b)
     """
+    if type(x) is np.ndarray and activation is None and residual is None:
+        f = _small.layer_norm_forward(x, weight, bias, axis, eps, out, NormForward)
+        if f is not None:
+            return f
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     context = _context((x.shape, "axis", axis))
@@ -492,6 +506,11 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, activation=N
 
     >>> dx, dweight, dbias = layer_norm_backward(dy, x, f.mean, f.rstd, w)
     """
+    if type(x) is np.ndarray and activation is None and y is None and residual is False:
+        grads = _small.layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out,
+                                           NormBackward)
+        if grads is not None:
+            return grads
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,

@@ -1,0 +1,257 @@
+"""The small-call path (normcore._small): LayerNorm and BatchNorm calls it serves give what the
+general path gives, bit for bit, and every call it must not serve reaches the general path."""
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normcore as nc
+from normcore import _small
+from normcore._plan import plan_layer_norm
+
+
+def _general(monkeypatch):
+    """Route every call to the general path from here on."""
+    monkeypatch.setattr(_small, "_prepare", lambda key: None)
+    monkeypatch.setattr(_small, "_signatures", {})
+
+
+def _served(mp):
+    """A list that records, for each call into the small path, whether it served it."""
+    served = []
+    for name in ("layer_norm_forward", "layer_norm_backward", "batch_norm_forward",
+                 "batch_norm_backward"):
+        def recording(*args, _small_call=getattr(_small, name)):
+            result = _small_call(*args)
+            served.append(result is not None)
+            return result
+        mp.setattr(_small, name, recording)
+    return served
+
+
+def _read_only(a):
+    a.setflags(write=False)
+    return a
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert type(g) is type(w) and g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(g, w, equal_nan=True)
+
+
+@st.composite
+def ln_calls(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)))
+    if draw(st.booleans()):     # one long row (O == 1, B > 4096): the flat kernels'
+        shape = (1, 4500) if draw(st.booleans()) else (2, 4500)
+    k = draw(st.integers(1, len(shape)))
+    axis = -1 if k == 1 and draw(st.booleans()) else tuple(range(-k, 0))
+    dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
+    params = draw(st.sampled_from(["same", "float64", "none", "weight only"]))
+    seed = draw(st.integers(0, 2**16))
+    return shape, axis, np.dtype(dtype), params, seed, draw(st.booleans())
+
+
+def _inputs(shape, axis, dtype, params, seed, outs=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ps = shape[-1:] if axis == -1 else shape[len(shape) - len(axis):]
+    pdt = np.float64 if params == "float64" else dtype
+    w = (rng.random(ps) + 0.5).astype(pdt)
+    b = rng.random(ps).astype(pdt)
+    if params == "none":
+        w = b = None
+    elif params == "weight only":
+        b = None
+    return x, dy, w, b
+
+
+@given(ln_calls())
+def test_small_calls_match_the_general_path(call):
+    shape, axis, dtype, params, seed, outs = call
+    x, dy, w, b = _inputs(*call)
+    out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
+    _small._signatures.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        served = _served(mp)
+        f = nc.layer_norm_forward(x, w, b, axis=axis, out=out)
+        g = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis, dx_out=dx_out)
+    if outs:
+        assert f.y is out and g.dx is dx_out
+    # the small path served both calls where the plan is the row kernels' (a test of a path
+    # that it skipped could not fail)
+    plan = plan_layer_norm(shape, axis, numba.config.NUMBA_NUM_THREADS)
+    rows = plan.path == plan.backward_path == "rows"
+    assert served == [rows, rows]
+    with pytest.MonkeyPatch.context() as mp:
+        _general(mp)
+        f0 = nc.layer_norm_forward(x, w, b, axis=axis)
+        g0 = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis)
+    _same(f, f0)
+    _same(g, g0)
+
+
+@st.composite
+def bn_calls(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=2, max_size=4)))
+    if draw(st.booleans()):     # long spatial runs (the row / flat kernels), or many rows
+        shape = draw(st.sampled_from([(2, 3, 16, 16), (3, 2, 1100), (64, 40), (300, 8)]))
+    axis = draw(st.sampled_from([1, -1]))
+    dtype = np.dtype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
+    params = draw(st.sampled_from(["same", "float64", "none", "weight only"]))
+    running = draw(st.sampled_from([None, np.float32, np.float64]))
+    training = draw(st.booleans()) or running is None
+    return shape, axis, dtype, params, draw(st.integers(0, 2**16)), draw(st.booleans()), \
+        running, training
+
+
+@given(bn_calls())
+def test_small_batch_norm_calls_match_the_general_path(call):
+    shape, axis, dtype, params, seed, outs, running, training = call
+    x, dy, _, _ = _inputs(shape, -1, dtype, params, seed)
+    C = shape[axis]
+    rng = np.random.default_rng(seed)
+    w, b = rng.random(C) + 0.5, rng.random(C)
+    if params != "float64":
+        w, b = w.astype(dtype), b.astype(dtype)
+    if params == "none":
+        w = b = None
+    elif params == "weight only":
+        b = None
+    stats = None if running is None else (rng.random(C).astype(running),
+                                          (rng.random(C) + 0.5).astype(running))
+    n = x.size // C
+
+    def calls():
+        rm, rv = (None, None) if stats is None else (stats[0].copy(), stats[1].copy())
+        out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
+        f = nc.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=training,
+                                  axis=axis, out=out)
+        g = nc.batch_norm_backward(dy, x, f.mean, f.rstd, w, training=training, axis=axis,
+                                   dx_out=dx_out)
+        if outs:
+            assert f.y is out and g.dx is dx_out
+        return f, g
+
+    if training and n <= 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            calls()
+        return
+    _small._signatures.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        served = _served(mp)
+        f, g = calls()
+    assert served == [True, True]       # (a test of a path that it skipped could not fail)
+    with pytest.MonkeyPatch.context() as mp:
+        _general(mp)
+        f0, g0 = calls()
+    _same(f, f0)
+    _same(g, g0)
+
+
+def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
+    """Calls outside the common case (a strided out=, an epilogue, strided x or dy, saved
+    statistics in another dtype, overlapping running statistics, flags given as ints, sizes
+    for the thread pool) go to the general path: the small path is not consulted or
+    declines, and the general path gives what it gives without the small path."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = rng.random(32).astype(np.float32), rng.random(32).astype(np.float32)
+    f = nc.layer_norm_forward(x, w, b)
+    fb = nc.batch_norm_forward(x, w, b)
+    wide = rng.standard_normal((64, 1024)).astype(np.float32)     # 2**16 values: parallel
+    stats = np.stack([np.zeros(32), np.ones(32)]).astype(np.float32)
+
+    def running(kind):
+        s = stats.copy()
+        return {"views": (s[0], s[1]), "same": (s[0], s[0]),
+                "float16": tuple(s.astype(np.float16))}[kind]
+
+    calls = [lambda: nc.layer_norm_forward(x, w, b, out=np.empty((32, 6), np.float32).T),
+             lambda: nc.layer_norm_forward(x, w, b, activation="relu"),
+             lambda: nc.layer_norm_forward(x, w, b, residual=x),
+             lambda: nc.layer_norm_forward(np.asfortranarray(x), w, b),
+             lambda: nc.layer_norm_forward(x[:, ::2], w[::2], b[::2]),
+             lambda: nc.layer_norm_forward(x, w[::-1], b),
+             lambda: nc.layer_norm_forward(x, w, b, eps=1),
+             lambda: nc.layer_norm_forward(wide, None, None),
+             lambda: nc.layer_norm_forward(x[:0], w, b),
+             lambda: nc.layer_norm_backward(dy, x, f.mean.astype(np.float64), f.rstd, w),
+             lambda: nc.layer_norm_backward(np.asfortranarray(dy), x, f.mean, f.rstd, w),
+             lambda: nc.batch_norm_forward(x, w, b, training=1),
+             lambda: nc.batch_norm_forward(x, w, b, momentum=0),
+             lambda: nc.batch_norm_forward(x, w, b, activation="relu"),
+             lambda: nc.batch_norm_forward(wide),
+             lambda: nc.batch_norm_forward(x, w, b, *(), **dict(zip(
+                 ("running_mean", "running_var"), running("same")))),
+             lambda: nc.batch_norm_forward(x, w, b, training=False, **dict(zip(
+                 ("running_mean", "running_var"), running("float16")))),
+             lambda: nc.batch_norm_backward(dy, x, fb.mean, fb.rstd.astype(np.float64), w),
+             lambda: nc.batch_norm_backward(dy, x, fb.mean, fb.rstd, w, training=0)]
+    with pytest.MonkeyPatch.context() as mp:
+        served = _served(mp)
+        got = [call() for call in calls]
+        assert not any(served)
+        nc.batch_norm_forward(x, w, b, *(), **dict(zip(("running_mean", "running_var"),
+                                                        running("views"))))
+        assert served[-1] and not any(served[:-1])
+    _general(monkeypatch)
+    for g, call in zip(got, calls):
+        _same(g, call())
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: nc.layer_norm_forward(x, w[:-1]),
+    lambda x, w: nc.layer_norm_forward(x, w.astype(np.int32)),
+    lambda x, w: nc.layer_norm_forward(x, w, eps=0.0),
+    lambda x, w: nc.layer_norm_forward(x, w, out=np.empty_like(x, dtype=np.float64)),
+    lambda x, w: nc.layer_norm_backward(x, x, np.zeros(4, np.float32), np.ones(4, np.float32),
+                                        w, dx_out=np.empty((4, 8), np.float32)[:, ::-1]
+                                        .copy()[::2]),
+    lambda x, w: nc.layer_norm_forward(x, w, axis=2),
+    lambda x, w: nc.layer_norm_forward(x, w, axis=[-1]),
+    lambda x, w: nc.layer_norm_backward(x[:, :-1], x, np.zeros(4, np.float32),
+                                        np.ones(4, np.float32), w),
+    lambda x, w: nc.layer_norm_backward(x, x, np.zeros(3, np.float32), np.ones(4, np.float32),
+                                        w),
+    lambda x, w: nc.layer_norm_backward(x.astype(np.float64), x, np.zeros(4, np.float32),
+                                        np.ones(4, np.float32), w),
+    lambda x, w: nc.batch_norm_forward(x, w, training=False),
+    lambda x, w: nc.batch_norm_forward(x, w, running_mean=np.zeros(8, np.float32),
+                                       running_var=np.ones(8, np.float32), momentum=2.0),
+    lambda x, w: nc.batch_norm_forward(x, w, running_mean=np.zeros(8, np.float32),
+                                       running_var=_read_only(np.ones(8, np.float32)),
+                                       axis=-1),
+    lambda x, w: nc.batch_norm_forward(x[:1], w),
+    lambda x, w: nc.batch_norm_forward(x, w, axis=2),
+    lambda x, w: nc.batch_norm_backward(x, x, np.zeros(8, np.float32), np.ones(8), w[:-1],
+                                        axis=-1),
+], ids=["weight shape", "weight dtype", "eps", "out dtype", "dx_out shape", "axis",
+        "axis list", "dy shape", "mean shape", "dy dtype", "bn eval without running stats",
+        "bn momentum", "bn read-only running stats", "bn one value per channel",
+        "bn channel axis", "bn weight shape"])
+def test_bad_small_calls_raise_what_the_general_path_raises(call, monkeypatch):
+    x = np.ones((4, 8), np.float32)
+    w = np.ones(8, np.float32)
+    with pytest.raises(Exception) as small:
+        call(x, w)
+    _general(monkeypatch)
+    with pytest.raises(Exception) as general:
+        call(x, w)
+    assert type(small.value) is type(general.value) and str(small.value) == str(general.value)
+
+
+def test_signatures_stay_bounded(monkeypatch):
+    monkeypatch.setattr(_small, "_signatures", {})
+    monkeypatch.setattr(_small, "MAX_SIGNATURES", 4)
+    for n in range(1, 11):
+        x = np.ones((2, n), np.float32)
+        nc.layer_norm_forward(x)
+        assert 1 <= len(_small._signatures) <= 4
