@@ -180,7 +180,8 @@ def _running(running_mean, running_var, sig, update):
             return None
     if update and np.may_share_memory(running_mean, running_var):
         return None
-    return tuple(r if r.dtype is _F64 else r.astype(_F64) for r in (running_mean, running_var))
+    return (running_mean if running_mean.dtype is _F64 else running_mean.astype(_F64),
+            running_var if running_var.dtype is _F64 else running_var.astype(_F64))
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
