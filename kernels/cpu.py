@@ -1082,13 +1082,16 @@ def short_rows_moments(x, r0, r1, B, mean, m2):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def short_rows_normalize(x, z, relu, y, r0, r1, B, hi, lo, rs, w, bias):
+def short_rows_normalize(x, z, relu, y, r0, r1, B, hi, lo, rs, w, bias, stream):
     """y = relu((x - mean) * rstd * w + bias + z) on the rows [r0, r1) of length B, with a
     weight and bias per element (LayerNorm) and per-row hi, lo, rs (r1 - r0,) in the compute
-    dtype (see normalize_run)."""
+    dtype (see normalize_run). stream: the rows are whole windows (see short_rows_stream);
+    their values go out with non-temporal stores."""
     for r in range(r0, r1):
         xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
         h, low, rsr = hi[r - r0], lo[r - r0], rs[r - r0]
+        if stream and stream_normalize(ys, (xs, w, bias), (h, low, rsr)):
+            continue
         if z.size:
             zs = z[r * B:(r + 1) * B]
             for i in range(B):
@@ -1111,8 +1114,16 @@ def rows_moments(x, O, A, C, B, mean_out, var_out):
 
 
 @_jit()
+def short_rows_stream(ys, B, lanes):
+    """Whether short rows of B values of ys can stream: every row whole windows of `lanes`
+    values from a 64-byte line boundary on, so that each line is written by non-temporal
+    stores alone (a line written partly by plain stores as well costs more than it saves)."""
+    return B % (64 // ys.itemsize) == 0 and B % lanes == 0 and ys.ctypes.data % 64 == 0
+
+
+@_jit()
 def short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out, var_out,
-                       r0, r1):
+                       r0, r1, stream):
     """rows_forward on the rows [r0, r1) of length B <= SHORT_ROW with an affine parameter per
     element (LayerNorm, RMSNorm), SHORT_BLOCK rows at a time: their statistics, then their
     normalization, one call each (a call per row made the LayerNorm (65536, 128) forward
@@ -1138,7 +1149,9 @@ def short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_
                 var_out[b0 + i] = var
             hi[i], lo[i] = split(mu, x)
             rs[i] = rstd
-        short_rows_normalize(x, z, relu, y, b0, b1, B, hi, lo, rs, w, bias)
+        short_rows_normalize(x, z, relu, y, b0, b1, B, hi, lo, rs, w, bias, stream)
+    if stream:
+        sfence()
 
 
 @_jit(parallel=True)
@@ -1160,9 +1173,10 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
     if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+        stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
         for k in prange(nblk):
             short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out,
-                               var_out, k * R // nblk, (k + 1) * R // nblk)
+                               var_out, k * R // nblk, (k + 1) * R // nblk, stream)
         return
     for k in prange(nblk):
         r0 = k * R // nblk

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numba
 import numpy as np
 import pytest
 
@@ -140,6 +141,7 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     ("batch", (64, 3, 32771), 1),         # flat
     ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
     ("layer", (4099, 1025), -1),          # weight per element
+    ("layer", (65536, 128), -1),          # short rows, each whole 64-byte lines
     ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
@@ -248,6 +250,24 @@ def test_streaming_helpers_emit_non_temporal_stores():
     if platform.machine() in ("x86_64", "AMD64"):
         assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
         assert runs.inspect_asm(runs.signatures[0]).count("vmovntps") >= 1
+        y = short_rows(x, w, b)
+        assert short_rows.inspect_asm(short_rows.signatures[0]).count("vmovntps")
+        rows = x[:128].reshape(2, 64)
+        want = ((rows - f32(0.5)) - f32(0)) * (f32(1.5) * w[:64]) + b[:64]
+        np.testing.assert_allclose(y.reshape(2, 64), want, rtol=3e-7, atol=1e-6)
+
+
+@numba.njit
+def short_rows(x, w, b):
+    """Two rows of 64 values normalized by the short rows' helper with streaming asked for:
+    its non-temporal stores come from stream_normalize (the equality test above cannot tell
+    streamed rows from plain ones)."""
+    f32 = np.float32
+    y = np.empty(256, np.float32)
+    y = y[(-y.ctypes.data) % 64 // 4:][:128]       # whole 64-byte lines
+    cpu.short_rows_normalize(x[:128], x[:0], False, y, 0, 2, 64, np.full(2, f32(0.5)),
+                             np.zeros(2, f32), np.full(2, f32(1.5)), w[:64], b[:64], True)
+    return y
 
 
 VECTOR_SCRIPT = textwrap.dedent("""
