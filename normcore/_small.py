@@ -1,14 +1,15 @@
-"""Small LayerNorm and BatchNorm calls on NumPy arrays, on a path decided once per (shape,
-dtype, axis).
+"""Small and mid-sized LayerNorm and BatchNorm calls on NumPy arrays, on a path decided once
+per (shape, dtype, axis).
 
 A tiny call is all deciding: checking each argument, planning, choosing dtypes, buffers and
-kernels took ~5 of the ~6 us of a LayerNorm (4, 64) forward, the kernel call ~1. For the
-common call (C-contiguous NumPy arrays small enough for the calling thread, parameters and
-running statistics as contiguous vectors, no epilogue) each of those decisions depends on
-x's shape and dtype and the axis alone, so they are made once, by the general path's own
-planner, and kept here. A call then only confirms that it is that common call (identity and
-shape tests on the arrays it got) and goes to the kernels: LayerNorm straight to its row
-kernel, BatchNorm, whose plans take any of the paths, through _cpu's functions as the
+kernels took ~5 of the ~6 us of a LayerNorm (4, 64) forward, the kernel call ~1, and ~14 us
+of a 39 us BatchNorm eval on (256, 1024). For the common call (C-contiguous NumPy arrays,
+fresh outputs below the output cache's POOL_MIN or a contiguous out=, parameters and running
+statistics as contiguous vectors, no epilogue) each of those decisions depends on x's shape
+and dtype and the axis alone, so they are made once, by the general path's own planner, and
+kept here. A call then only confirms that it is that common call (identity and shape tests
+on the arrays it got) and goes to the kernels: a LayerNorm small enough for the calling
+thread straight to its row kernel's serial twin, any other through _cpu's functions as the
 general path does. For anything else these functions return None, having written nothing,
 and the general path in _norms serves the call, checks included: nothing here raises for
 bad input.
@@ -68,10 +69,10 @@ def _prepare(key):
                 else plan_batch_norm(shape, axis, threads, dtype.itemsize))
     except (TypeError, ValueError):     # a bad axis: the general path says what is wrong
         return None
-    if not (plan.serial and plan.O * plan.A * plan.C * plan.B > 0):
+    if plan.O * plan.A * plan.C * plan.B == 0:
         return None
-    if norm == "layer" and not plan.path == plan.backward_path == "rows":
-        return None
+    if norm == "layer" and plan.serial and not plan.path == plan.backward_path == "rows":
+        return None     # (the serial LayerNorm calls the row kernels itself)
     return _Signature(shape, dtype, plan)
 
 
@@ -133,12 +134,15 @@ def layer_norm_forward(x, weight, bias, axis, eps, out, result):
     y = _output(out, rows)
     if w is None or b is None or y is None:
         return None
-    mean, rstd = np.empty(rows.R, rows.compute), np.empty(rows.R, rows.compute)
     xf, yf = x.reshape(-1), y.reshape(-1)
-    if rows.bits:
-        xf, yf = xf.view(_U16), yf.view(_U16)
-    K.rows_forward.serial(xf, rows.none, False, True, *rows.dims, w, b, eps, yf, mean, rstd,
-                          _EMPTY64, False)
+    if rows.plan.serial:    # the tiny call, straight to the kernel (_cpu's layer is ~1 us)
+        mean, rstd = np.empty(rows.R, rows.compute), np.empty(rows.R, rows.compute)
+        if rows.bits:
+            xf, yf = xf.view(_U16), yf.view(_U16)
+        K.rows_forward.serial(xf, rows.none, False, True, *rows.dims, w, b, eps, yf, mean,
+                              rstd, _EMPTY64, False)
+    else:
+        mean, rstd, _ = _cpu.forward_train(rows.plan, xf, yf, w, b, eps, rows.compute, False)
     if not rows.flat_stats:
         mean, rstd = mean.reshape(rows.stats_shape), rstd.reshape(rows.stats_shape)
     return result(y, mean, rstd, None, None)
@@ -156,14 +160,18 @@ def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out, result):
     dx = _output(dx_out, rows)
     if mean is None or rstd is None or w is None or dx is None:
         return None
-    dbias, dweight = np.zeros((1, rows.cells)), np.zeros((1, rows.cells))
     dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    if rows.bits:
-        dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
-    K.rows_backward.serial(dyf, rows.none, False, xf, *rows.dims, mean, rstd, w, False, True, 1,
-                           dbias, dweight, dxf, rows.none, False)
+    if rows.plan.serial:
+        dbias, dweight = np.zeros((1, rows.cells)), np.zeros((1, rows.cells))
+        if rows.bits:
+            dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
+        K.rows_backward.serial(dyf, rows.none, False, xf, *rows.dims, mean, rstd, w, False,
+                               True, 1, dbias, dweight, dxf, rows.none, False)
+        dweight, dbias = dweight[0], dbias[0]
+    else:
+        dweight, dbias = _cpu.backward(rows.plan, dyf, xf, dxf, mean, rstd, w, False)
     grad_dtype = rows.compute if weight is None else weight.dtype
-    dweight, dbias = dweight[0].astype(grad_dtype), dbias[0].astype(grad_dtype)
+    dweight, dbias = dweight.astype(grad_dtype), dbias.astype(grad_dtype)
     if not rows.flat_params:
         dweight, dbias = dweight.reshape(rows.param_shape), dbias.reshape(rows.param_shape)
     return result(dx, dweight, dbias)

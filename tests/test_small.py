@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import normcore as nc
-from normcore import _small
+from normcore import _outputs, _small
 from normcore._plan import plan_layer_norm
 
 
@@ -47,8 +47,9 @@ def _same(got, want):
 @st.composite
 def ln_calls(draw):
     shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)))
-    if draw(st.booleans()):     # one long row (O == 1, B > 4096): the flat kernels'
-        shape = (1, 4500) if draw(st.booleans()) else (2, 4500)
+    if draw(st.booleans()):     # a few long rows (B > 4096: flat), or sizes for the threads
+        shape = draw(st.sampled_from([(1, 4500), (2, 4500), (2, 40000), (64, 1024),
+                                      (300, 130)]))
     k = draw(st.integers(1, len(shape)))
     axis = -1 if k == 1 and draw(st.booleans()) else tuple(range(-k, 0))
     dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
@@ -84,10 +85,10 @@ def test_small_calls_match_the_general_path(call):
         g = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis, dx_out=dx_out)
     if outs:
         assert f.y is out and g.dx is dx_out
-    # the small path served both calls where the plan is the row kernels' (a test of a path
+    # the small path served both calls but those of the serial flat plans (a test of a path
     # that it skipped could not fail)
     plan = plan_layer_norm(shape, axis, numba.config.NUMBA_NUM_THREADS)
-    rows = plan.path == plan.backward_path == "rows"
+    rows = plan.path == plan.backward_path == "rows" or not plan.serial
     assert served == [rows, rows]
     with pytest.MonkeyPatch.context() as mp:
         _general(mp)
@@ -101,7 +102,8 @@ def test_small_calls_match_the_general_path(call):
 def bn_calls(draw):
     shape = tuple(draw(st.lists(st.integers(1, 7), min_size=2, max_size=4)))
     if draw(st.booleans()):     # long spatial runs (the row / flat kernels), or many rows
-        shape = draw(st.sampled_from([(2, 3, 16, 16), (3, 2, 1100), (64, 40), (300, 8)]))
+        shape = draw(st.sampled_from([(2, 3, 16, 16), (3, 2, 1100), (64, 40), (300, 8),
+                                      (256, 1024), (8, 16, 32, 32), (2, 3, 40000)]))
     axis = draw(st.sampled_from([1, -1]))
     dtype = np.dtype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
     params = draw(st.sampled_from(["same", "float64", "none", "weight only"]))
@@ -157,8 +159,8 @@ def test_small_batch_norm_calls_match_the_general_path(call):
 
 def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
     """Calls outside the common case (a strided out=, an epilogue, strided x or dy, saved
-    statistics in another dtype, overlapping running statistics, flags given as ints, sizes
-    for the thread pool) go to the general path: the small path is not consulted or
+    statistics in another dtype, overlapping running statistics, flags given as ints, fresh
+    outputs from the output cache) go to the general path: the small path is not consulted or
     declines, and the general path gives what it gives without the small path."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 32)).astype(np.float32)
@@ -166,7 +168,6 @@ def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
     w, b = rng.random(32).astype(np.float32), rng.random(32).astype(np.float32)
     f = nc.layer_norm_forward(x, w, b)
     fb = nc.batch_norm_forward(x, w, b)
-    wide = rng.standard_normal((64, 1024)).astype(np.float32)     # 2**16 values: parallel
     stats = np.stack([np.zeros(32), np.ones(32)]).astype(np.float32)
 
     def running(kind):
@@ -181,14 +182,12 @@ def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
              lambda: nc.layer_norm_forward(x[:, ::2], w[::2], b[::2]),
              lambda: nc.layer_norm_forward(x, w[::-1], b),
              lambda: nc.layer_norm_forward(x, w, b, eps=1),
-             lambda: nc.layer_norm_forward(wide, None, None),
              lambda: nc.layer_norm_forward(x[:0], w, b),
              lambda: nc.layer_norm_backward(dy, x, f.mean.astype(np.float64), f.rstd, w),
              lambda: nc.layer_norm_backward(np.asfortranarray(dy), x, f.mean, f.rstd, w),
              lambda: nc.batch_norm_forward(x, w, b, training=1),
              lambda: nc.batch_norm_forward(x, w, b, momentum=0),
              lambda: nc.batch_norm_forward(x, w, b, activation="relu"),
-             lambda: nc.batch_norm_forward(wide),
              lambda: nc.batch_norm_forward(x, w, b, *(), **dict(zip(
                  ("running_mean", "running_var"), running("same")))),
              lambda: nc.batch_norm_forward(x, w, b, training=False, **dict(zip(
@@ -202,6 +201,15 @@ def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
         nc.batch_norm_forward(x, w, b, *(), **dict(zip(("running_mean", "running_var"),
                                                         running("views"))))
         assert served[-1] and not any(served[:-1])
+        # fresh outputs the output cache serves (from POOL_MIN bytes, lowered here)
+        mp.setattr(_outputs, "POOL_MIN", x.nbytes)
+        got += [nc.layer_norm_forward(x, w, b), nc.batch_norm_forward(x, w, b),
+                nc.layer_norm_backward(dy, x, f.mean, f.rstd, w),
+                nc.batch_norm_backward(dy, x, fb.mean, fb.rstd, w)]
+        assert not any(served[-4:])
+    calls += [lambda: nc.layer_norm_forward(x, w, b), lambda: nc.batch_norm_forward(x, w, b),
+              lambda: nc.layer_norm_backward(dy, x, f.mean, f.rstd, w),
+              lambda: nc.batch_norm_backward(dy, x, fb.mean, fb.rstd, w)]
     _general(monkeypatch)
     for g, call in zip(got, calls):
         _same(g, call())
