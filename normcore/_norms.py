@@ -304,9 +304,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     """
     if type(x) is np.ndarray and activation is None and residual is None:
         f = _small.batch_norm_forward(x, weight, bias, running_mean, running_var, training,
-                                      momentum, eps, axis, out, NormForward)
+                                      momentum, eps, axis, out)
         if f is not None:
-            return f
+            return NormForward(*f, running_mean, running_var)
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _forward_with_running(
@@ -344,10 +344,9 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, training=True, axis=1
     >>> dx, dweight, dbias = batch_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     if type(x) is np.ndarray and activation is None and y is None and residual is False:
-        grads = _small.batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out,
-                                           NormBackward)
+        grads = _small.batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out)
         if grads is not None:
-            return grads
+            return NormBackward(*grads)
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _backward(plan, be, dy, x, mean, rstd, weight, not training, dx_out,
@@ -373,6 +372,11 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
 
     >>> f = instance_norm_forward(x, w, b)
     """
+    if type(x) is np.ndarray and activation is None and residual is None:
+        f = _small.instance_norm_forward(x, weight, bias, running_mean, running_var,
+                                         use_input_stats, momentum, eps, axis, out)
+        if f is not None:
+            return NormForward(*f, running_mean, running_var)
     be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
     return _forward_with_running(
@@ -402,6 +406,11 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, *, use_input_stats=Tr
 
     >>> dx, dweight, dbias = instance_norm_backward(dy, x, f.mean, f.rstd, w)
     """
+    if type(x) is np.ndarray and activation is None and y is None and residual is False:
+        grads = _small.instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, axis,
+                                              dx_out)
+        if grads is not None:
+            return NormBackward(*grads)
     be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, not use_input_stats, dx_out,
@@ -424,6 +433,10 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=
 
     >>> f = group_norm_forward(x, 32, w, b)
     """
+    if type(x) is np.ndarray and activation is None and residual is None:
+        f = _small.group_norm_forward(x, num_groups, weight, bias, axis, eps, out)
+        if f is not None:
+            return NormForward(*f, None, None)
     be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads())
     context = _context((x.shape, "num_groups", num_groups, "axis", axis))
@@ -452,6 +465,10 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, a
 
     >>> dx, dweight, dbias = group_norm_backward(dy, x, f.mean, f.rstd, 32, w)
     """
+    if type(x) is np.ndarray and activation is None and y is None and residual is False:
+        grads = _small.group_norm_backward(dy, x, mean, rstd, num_groups, weight, axis, dx_out)
+        if grads is not None:
+            return NormBackward(*grads)
     be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,
@@ -475,9 +492,9 @@ def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, activati
     >>> f = layer_norm_forward(x, w, b)
     """
     if type(x) is np.ndarray and activation is None and residual is None:
-        f = _small.layer_norm_forward(x, weight, bias, axis, eps, out, NormForward)
+        f = _small.layer_norm_forward(x, weight, bias, axis, eps, out)
         if f is not None:
-            return f
+            return NormForward(*f, None, None)
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     context = _context((x.shape, "axis", axis))
@@ -507,10 +524,9 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, activation=N
     >>> dx, dweight, dbias = layer_norm_backward(dy, x, f.mean, f.rstd, w)
     """
     if type(x) is np.ndarray and activation is None and y is None and residual is False:
-        grads = _small.layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out,
-                                           NormBackward)
+        grads = _small.layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out)
         if grads is not None:
-            return grads
+            return NormBackward(*grads)
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,
@@ -533,6 +549,10 @@ def rms_norm_forward(x, weight=None, *, axis=-1, eps=None, activation=None, resi
 
     >>> f = rms_norm_forward(x, w)
     """
+    if type(x) is np.ndarray and activation is None and residual is None:
+        f = _small.rms_norm_forward(x, weight, axis, eps, out)
+        if f is not None:
+            return NormForward(f[0], None, f[2], None, None)
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     context = _context((x.shape, "axis", axis))
@@ -563,6 +583,10 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, activation=None, y=N
 
     >>> dx, dweight, _ = rms_norm_backward(dy, x, f.rstd, w)
     """
+    if type(x) is np.ndarray and activation is None and y is None and residual is False:
+        grads = _small.rms_norm_backward(dy, x, rstd, weight, axis, dx_out)
+        if grads is not None:
+            return NormBackward(grads[0], grads[1], None)
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     g = _backward(plan, be, dy, x, None, rstd, weight, False, dx_out,

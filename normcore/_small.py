@@ -1,18 +1,18 @@
-"""Small and mid-sized LayerNorm and BatchNorm calls on NumPy arrays, on a path decided once
-per (shape, dtype, axis).
+"""Small and mid-sized normalization calls on NumPy arrays, on a path decided once per
+(norm, shape, dtype, axis, groups).
 
 A tiny call is all deciding: checking each argument, planning, choosing dtypes, buffers and
 kernels took ~5 of the ~6 us of a LayerNorm (4, 64) forward, the kernel call ~1, and ~14 us
 of a 39 us BatchNorm eval on (256, 1024). For the common call (C-contiguous NumPy arrays,
 fresh outputs below the output cache's POOL_MIN or a contiguous out=, parameters and running
-statistics as contiguous vectors, no epilogue) each of those decisions depends on x's shape
-and dtype and the axis alone, so they are made once, by the general path's own planner, and
-kept here. A call then only confirms that it is that common call (identity and shape tests
-on the arrays it got) and goes to the kernels: a LayerNorm small enough for the calling
-thread straight to its row kernel's serial twin, any other through _cpu's functions as the
-general path does. For anything else these functions return None, having written nothing,
-and the general path in _norms serves the call, checks included: nothing here raises for
-bad input.
+statistics as contiguous vectors, no epilogue) each of those decisions depends on the norm,
+x's shape and dtype, the axis and the group count alone, so they are made once, by the
+general path's own planner, and kept here. A call then only confirms that it is that common
+call (identity and shape tests on the arrays it got) and goes to the kernels: a call small
+enough for the calling thread whose plan takes the row kernels straight to their serial
+twins, any other through _cpu's functions as the general path does. For anything else these
+functions return None, having written nothing, and the general path in _norms serves the
+call, checks included: nothing here raises for bad input.
 """
 import math
 
@@ -22,27 +22,28 @@ import numpy as np
 from . import _cpu, _outputs
 from ._cpu import _EMPTY
 from ._dtypes import CPU_DTYPES, stats_dtype
-from ._plan import plan_batch_norm, plan_layer_norm
+from ._plan import plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm
 from .kernels import cpu as K
 
 _U16 = np.dtype(np.uint16)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _EMPTY64 = _EMPTY[_F64]                     # no variance wanted
 _MISSING = object()
-# (norm, shape, dtype, axis) -> _Signature, or None for one the general path serves. Bounded:
+# (norm, shape, dtype, axis, num_groups) -> _Signature, or None for one the general path
+# serves. Bounded:
 # a program that sees ever new shapes starts again rather than grow it without end.
 _signatures = {}
 MAX_SIGNATURES = 512
 
 
 class _Signature:
-    """A call signature whose calls run the kernels' serial twins."""
+    """What the calls of one signature need, decided once."""
 
     __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "param_shape",
                  "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros", "cells",
-                 "none", "nbytes")
+                 "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
 
-    def __init__(self, shape, dtype, plan):
+    def __init__(self, norm, shape, dtype, plan):
         self.plan, self.shape, self.dtype = plan, shape, dtype
         self.nbytes = math.prod(shape) * dtype.itemsize
         self.bits = dtype.char == "e"       # float16 goes to the kernels as uint16 bits
@@ -54,127 +55,91 @@ class _Signature:
         self.flat_stats = len(plan.stats_shape) == 1
         self.R = plan.O * plan.C
         self.cells = plan.C * plan.Q
-        # weight / bias of None: the kernels only read them, so one pair serves every call
+        # weight / bias of None and RMSNorm's mean: the kernels only read them, so one array
+        # serves every call
         self.ones = np.ones(self.cells, self.compute)
         self.zeros = np.zeros(self.cells, self.compute)
+        self.zero_stats = np.zeros(self.R, self.compute)
+        self.rms_eps = float(np.finfo(dtype).eps)
+        # a call for the calling thread on the row kernels calls their serial twins itself:
+        # _cpu's layer cost ~1 us of a 4 us LayerNorm call
+        self.direct = plan.serial and plan.path == "rows"
+        self.direct_backward = plan.serial and plan.backward_path == "rows"
+
+
+def _plan(norm, shape, dtype, axis, groups):
+    threads = numba.config.NUMBA_NUM_THREADS
+    if norm in ("layer", "rms"):
+        return plan_layer_norm(shape, axis, threads)
+    if norm == "batch":
+        return plan_batch_norm(shape, axis, threads, dtype.itemsize)
+    if norm == "instance":
+        return plan_instance_norm(shape, axis, threads)
+    return plan_group_norm(shape, groups, axis, threads)
 
 
 def _prepare(key):
-    norm, shape, dtype, axis = key
+    norm, shape, dtype, axis, groups = key
     if not any(dtype == d for d in CPU_DTYPES):
         return None
-    threads = numba.config.NUMBA_NUM_THREADS
     try:
-        plan = (plan_layer_norm(shape, axis, threads) if norm == "layer"
-                else plan_batch_norm(shape, axis, threads, dtype.itemsize))
+        plan = _plan(norm, shape, dtype, axis, groups)
     except (TypeError, ValueError):     # a bad axis: the general path says what is wrong
         return None
     if plan.O * plan.A * plan.C * plan.B == 0:
         return None
-    if norm == "layer" and plan.serial and not plan.path == plan.backward_path == "rows":
-        return None     # (the serial LayerNorm calls the row kernels itself)
-    return _Signature(shape, dtype, plan)
+    return _Signature(norm, shape, dtype, plan)
 
 
-def _signature(norm, x, axis):
+def _signature(norm, x, axis, groups=None):
     """x's prepared signature, or None."""
-    key = (norm, x.shape, x.dtype, axis)
+    key = (norm, x.shape, x.dtype, axis, groups)
     try:
-        rows = _signatures.get(key, _MISSING)
+        sig = _signatures.get(key, _MISSING)
     except TypeError:                   # an unhashable axis (a list): the general path
         return None
-    if rows is _MISSING:
+    if sig is _MISSING:
         if len(_signatures) >= MAX_SIGNATURES:
             _signatures.clear()
-        rows = _signatures[key] = _prepare(key)
-    return rows
+        sig = _signatures[key] = _prepare(key)
+    return sig
 
 
-def _param(arr, rows):
+def _eps(eps):
+    return eps if type(eps) is float and 0.0 < eps < math.inf else None
+
+
+def _param(arr, sig):
     """weight / bias as the kernels take it (a contiguous vector in the compute dtype), or None
     when the general path must check it."""
-    if not (type(arr) is np.ndarray and arr.shape == rows.param_shape
+    if not (type(arr) is np.ndarray and arr.shape == sig.param_shape
             and arr.flags.c_contiguous):
         return None
-    if arr.dtype is not rows.compute:
+    if arr.dtype is not sig.compute:
         if arr.dtype.kind != "f":
             return None
-        arr = arr.astype(rows.compute)
-    return arr if rows.flat_params else arr.reshape(-1)
+        arr = arr.astype(sig.compute)
+    return arr if sig.flat_params else arr.reshape(-1)
 
 
-def _stat(arr, rows):
+def _stat(arr, sig):
     """A saved statistic as the row backward reads it as is (the compute dtype), or None."""
-    if not (type(arr) is np.ndarray and arr.dtype is rows.compute
-            and arr.shape == rows.stats_shape and arr.flags.c_contiguous):
+    if not (type(arr) is np.ndarray and arr.dtype is sig.compute
+            and arr.shape == sig.stats_shape and arr.flags.c_contiguous):
         return None
-    return arr if rows.flat_stats else arr.reshape(-1)
+    return arr if sig.flat_stats else arr.reshape(-1)
 
 
-def _output(out, rows):
+def _output(out, sig):
     """A fresh output, `out` when the kernels can write it as it is, or None (the general
     path's)."""
     if out is None:
-        # (POOL_MIN, which tests lower, and not the serial sizes, says what _outputs serves)
-        return np.empty(rows.shape, rows.dtype) if rows.nbytes < _outputs.POOL_MIN else None
-    if (type(out) is np.ndarray and out.dtype is rows.dtype and out.shape == rows.shape
+        # (POOL_MIN, which tests lower, says what _outputs serves)
+        return np.empty(sig.shape, sig.dtype) if sig.nbytes < _outputs.POOL_MIN else None
+    if (type(out) is np.ndarray and out.dtype is sig.dtype and out.shape == sig.shape
             and out.flags.c_contiguous and out.flags.writeable):
         return out
     return None
-
-
-def layer_norm_forward(x, weight, bias, axis, eps, out, result):
-    """result(y, mean, rstd, None, None) for a common small call (x a NumPy array), or None."""
-    rows = _signature("layer", x, axis)
-    if rows is None or not x.flags.c_contiguous or not (type(eps) is float
-                                                         and 0.0 < eps < math.inf):
-        return None
-    w = rows.ones if weight is None else _param(weight, rows)
-    b = rows.zeros if bias is None else _param(bias, rows)
-    y = _output(out, rows)
-    if w is None or b is None or y is None:
-        return None
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    if rows.plan.serial:    # the tiny call, straight to the kernel (_cpu's layer is ~1 us)
-        mean, rstd = np.empty(rows.R, rows.compute), np.empty(rows.R, rows.compute)
-        if rows.bits:
-            xf, yf = xf.view(_U16), yf.view(_U16)
-        K.rows_forward.serial(xf, rows.none, False, True, *rows.dims, w, b, eps, yf, mean,
-                              rstd, _EMPTY64, False)
-    else:
-        mean, rstd, _ = _cpu.forward_train(rows.plan, xf, yf, w, b, eps, rows.compute, False)
-    if not rows.flat_stats:
-        mean, rstd = mean.reshape(rows.stats_shape), rstd.reshape(rows.stats_shape)
-    return result(y, mean, rstd, None, None)
-
-
-def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out, result):
-    """result(dx, dweight, dbias) for a common small call (x a NumPy array) whose saved
-    statistics have the dtype the forward gave them, or None."""
-    rows = _signature("layer", x, axis)
-    if (rows is None or type(dy) is not np.ndarray or dy.dtype is not x.dtype
-            or dy.shape != x.shape or not (x.flags.c_contiguous and dy.flags.c_contiguous)):
-        return None
-    mean, rstd = _stat(mean, rows), _stat(rstd, rows)
-    w = rows.ones if weight is None else _param(weight, rows)
-    dx = _output(dx_out, rows)
-    if mean is None or rstd is None or w is None or dx is None:
-        return None
-    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    if rows.plan.serial:
-        dbias, dweight = np.zeros((1, rows.cells)), np.zeros((1, rows.cells))
-        if rows.bits:
-            dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
-        K.rows_backward.serial(dyf, rows.none, False, xf, *rows.dims, mean, rstd, w, False,
-                               True, 1, dbias, dweight, dxf, rows.none, False)
-        dweight, dbias = dweight[0], dbias[0]
-    else:
-        dweight, dbias = _cpu.backward(rows.plan, dyf, xf, dxf, mean, rstd, w, False)
-    grad_dtype = rows.compute if weight is None else weight.dtype
-    dweight, dbias = dweight.astype(grad_dtype), dbias.astype(grad_dtype)
-    if not rows.flat_params:
-        dweight, dbias = dweight.reshape(rows.param_shape), dbias.reshape(rows.param_shape)
-    return result(dx, dweight, dbias)
 
 
 def _running(running_mean, running_var, sig, update):
@@ -192,14 +157,49 @@ def _running(running_mean, running_var, sig, update):
             running_var if running_var.dtype is _F64 else running_var.astype(_F64))
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       axis, out, result):
-    """result(y, mean, rstd, running_mean, running_var) for a common small call (x a NumPy
-    array), the running statistics updated in training; or None, with nothing written."""
-    sig = _signature("batch", x, axis)
-    if (sig is None or not x.flags.c_contiguous or type(training) is not bool
-            or not (type(eps) is float and 0.0 < eps < math.inf)
-            or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+def _shaped(sig, y, mean, rstd):
+    """(y, mean, rstd), the statistics in their shape."""
+    if sig.flat_stats:
+        return y, mean, rstd
+    return y, mean.reshape(sig.stats_shape), rstd.reshape(sig.stats_shape)
+
+
+def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
+    """Batch statistics and y = normalize(x): (mean, rstd, var64 or None), flat."""
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    if not sig.direct:
+        return _cpu.forward_train(sig.plan, xf, yf, w, b, eps, sig.compute, want_var,
+                                  centered=centered)
+    mean, rstd = np.empty(sig.R, sig.compute), np.empty(sig.R, sig.compute)
+    var = np.empty(sig.R) if want_var else _EMPTY64
+    if sig.bits:
+        xf, yf = xf.view(_U16), yf.view(_U16)
+    K.rows_forward.serial(xf, sig.none, False, centered, *sig.dims, w, b, eps, yf, mean, rstd,
+                          var, False)
+    return mean, rstd, (var if want_var else None)
+
+
+def _forward(norm, x, axis, groups, weight, bias, eps, out, centered=True):
+    """(y, mean, rstd) of a common call with batch statistics and no running ones, or None."""
+    sig = _signature(norm, x, axis, groups)
+    if sig is None or not x.flags.c_contiguous or eps is None:
+        return None
+    w = sig.ones if weight is None else _param(weight, sig)
+    b = sig.zeros if bias is None else _param(bias, sig)
+    y = _output(out, sig)
+    if w is None or b is None or y is None:
+        return None
+    mean, rstd, _ = _statistics(sig, x, y, w, b, eps, centered)
+    return _shaped(sig, y, mean, rstd)
+
+
+def _forward_with_running(norm, x, axis, weight, bias, running_mean, running_var,
+                          batch_stats, momentum, eps, out):
+    """(y, mean, rstd) of a common BatchNorm / InstanceNorm call, the running statistics
+    updated when given with batch statistics; or None, with nothing written."""
+    sig = _signature(norm, x, axis)
+    if (sig is None or not x.flags.c_contiguous or type(batch_stats) is not bool
+            or eps is None or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
         return None
     w = sig.ones if weight is None else _param(weight, sig)
     b = sig.zeros if bias is None else _param(bias, sig)
@@ -207,41 +207,104 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     if w is None or b is None or y is None:
         return None
     plan = sig.plan
-    if running_mean is None and running_var is None and training:
+    if running_mean is None and running_var is None and batch_stats:
         old = None
     else:
-        old = _running(running_mean, running_var, sig, training)
+        old = _running(running_mean, running_var, sig, batch_stats)
         if old is None:
             return None
-    if not training:
-        mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, 1, sig.compute)
+    if not batch_stats:
+        mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, plan.O, sig.compute)
         _cpu.normalize(plan, x.reshape(-1), y.reshape(-1), mean64, rstd64, w, b)
-        return result(y, mean, rstd, running_mean, running_var)
+        return _shaped(sig, y, mean, rstd)
     n = plan.n
     if n <= 1:
         return None
-    mean, rstd, var64 = _cpu.forward_train(plan, x.reshape(-1), y.reshape(-1), w, b, eps,
-                                           sig.compute, old is not None)
+    mean, rstd, var64 = _statistics(sig, x, y, w, b, eps, True, old is not None)
     if old is not None and not _cpu.update_running(running_mean, running_var, old, mean,
-                                                   var64, 1, n / (n - 1), momentum):
+                                                   var64, plan.O, n / (n - 1), momentum):
         return None         # not written: the general path computes it all again
-    return result(y, mean, rstd, running_mean, running_var)
+    return _shaped(sig, y, mean, rstd)
 
 
-def batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out, result):
-    """result(dx, dweight, dbias) for a common small call (x a NumPy array) whose saved
-    statistics have the dtype the forward gave them, or None."""
-    sig = _signature("batch", x, axis)
-    if (sig is None or type(training) is not bool or type(dy) is not np.ndarray
+def _backward(norm, dy, x, axis, groups, mean, rstd, weight, frozen, dx_out, centered=True):
+    """(dx, dweight, dbias) of a common call whose saved statistics have the dtype the forward
+    gave them, or None."""
+    sig = _signature(norm, x, axis, groups)
+    if (sig is None or type(frozen) is not bool or type(dy) is not np.ndarray
             or dy.dtype is not x.dtype or dy.shape != x.shape
             or not (x.flags.c_contiguous and dy.flags.c_contiguous)):
         return None
-    mean, rstd = _stat(mean, sig), _stat(rstd, sig)
+    mean = _stat(mean, sig) if centered else sig.zero_stats
+    rstd = _stat(rstd, sig)
     w = sig.ones if weight is None else _param(weight, sig)
     dx = _output(dx_out, sig)
     if mean is None or rstd is None or w is None or dx is None:
         return None
-    dweight, dbias = _cpu.backward(sig.plan, dy.reshape(-1), x.reshape(-1), dx.reshape(-1),
-                                   mean, rstd, w, not training)
+    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    if sig.direct_backward:
+        dbias, dweight = np.zeros((1, sig.cells)), np.zeros((1, sig.cells))
+        if sig.bits:
+            dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
+        K.rows_backward.serial(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w, frozen,
+                               centered, 1, dbias, dweight, dxf, sig.none, False)
+        dweight, dbias = dweight[0], dbias[0]
+    else:
+        dweight, dbias = _cpu.backward(sig.plan, dyf, xf, dxf, mean, rstd, w, frozen,
+                                       centered=centered)
     grad_dtype = sig.compute if weight is None else weight.dtype
-    return result(dx, dweight.astype(grad_dtype), dbias.astype(grad_dtype))
+    dweight, dbias = dweight.astype(grad_dtype), dbias.astype(grad_dtype)
+    if not sig.flat_params:
+        dweight, dbias = dweight.reshape(sig.param_shape), dbias.reshape(sig.param_shape)
+    return dx, dweight, dbias
+
+
+# The calls _norms makes, x a NumPy array and no epilogue: the result, or None.
+
+def layer_norm_forward(x, weight, bias, axis, eps, out):
+    return _forward("layer", x, axis, None, weight, bias, _eps(eps), out)
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out):
+    return _backward("layer", dy, x, axis, None, mean, rstd, weight, False, dx_out)
+
+
+def rms_norm_forward(x, weight, axis, eps, out):
+    sig = _signature("rms", x, axis)
+    eps = _eps(eps) if eps is not None else sig.rms_eps if sig is not None else None
+    return _forward("rms", x, axis, None, weight, None, eps, out, centered=False)
+
+
+def rms_norm_backward(dy, x, rstd, weight, axis, dx_out):
+    return _backward("rms", dy, x, axis, None, None, rstd, weight, False, dx_out,
+                     centered=False)
+
+
+def group_norm_forward(x, num_groups, weight, bias, axis, eps, out):
+    return _forward("group", x, axis, num_groups, weight, bias, _eps(eps), out)
+
+
+def group_norm_backward(dy, x, mean, rstd, num_groups, weight, axis, dx_out):
+    return _backward("group", dy, x, axis, num_groups, mean, rstd, weight, False, dx_out)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       axis, out):
+    return _forward_with_running("batch", x, axis, weight, bias, running_mean, running_var,
+                                 training, momentum, _eps(eps), out)
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out):
+    frozen = not training if type(training) is bool else None
+    return _backward("batch", dy, x, axis, None, mean, rstd, weight, frozen, dx_out)
+
+
+def instance_norm_forward(x, weight, bias, running_mean, running_var, use_input_stats,
+                          momentum, eps, axis, out):
+    return _forward_with_running("instance", x, axis, weight, bias, running_mean, running_var,
+                                 use_input_stats, momentum, _eps(eps), out)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, axis, dx_out):
+    frozen = not use_input_stats if type(use_input_stats) is bool else None
+    return _backward("instance", dy, x, axis, None, mean, rstd, weight, frozen, dx_out)

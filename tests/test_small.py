@@ -1,6 +1,5 @@
 """The small-call path (normcore._small): LayerNorm and BatchNorm calls it serves give what the
 general path gives, bit for bit, and every call it must not serve reaches the general path."""
-import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -8,7 +7,6 @@ from hypothesis import strategies as st
 
 import normcore as nc
 from normcore import _outputs, _small
-from normcore._plan import plan_layer_norm
 
 
 def _general(monkeypatch):
@@ -20,8 +18,8 @@ def _general(monkeypatch):
 def _served(mp):
     """A list that records, for each call into the small path, whether it served it."""
     served = []
-    for name in ("layer_norm_forward", "layer_norm_backward", "batch_norm_forward",
-                 "batch_norm_backward"):
+    for name in [f"{norm}_norm_{op}" for norm in ("layer", "rms", "batch", "instance", "group")
+                 for op in ("forward", "backward")]:
         def recording(*args, _small_call=getattr(_small, name)):
             result = _small_call(*args)
             served.append(result is not None)
@@ -46,6 +44,7 @@ def _same(got, want):
 
 @st.composite
 def ln_calls(draw):
+    """LayerNorm (or RMSNorm: the last draw) calls."""
     shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)))
     if draw(st.booleans()):     # a few long rows (B > 4096: flat), or sizes for the threads
         shape = draw(st.sampled_from([(1, 4500), (2, 4500), (2, 40000), (64, 1024),
@@ -55,7 +54,7 @@ def ln_calls(draw):
     dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
     params = draw(st.sampled_from(["same", "float64", "none", "weight only"]))
     seed = draw(st.integers(0, 2**16))
-    return shape, axis, np.dtype(dtype), params, seed, draw(st.booleans())
+    return shape, axis, np.dtype(dtype), params, seed, draw(st.booleans()), draw(st.booleans())
 
 
 def _inputs(shape, axis, dtype, params, seed, outs=False):
@@ -74,48 +73,76 @@ def _inputs(shape, axis, dtype, params, seed, outs=False):
 
 
 @given(ln_calls())
-def test_small_calls_match_the_general_path(call):
-    shape, axis, dtype, params, seed, outs = call
-    x, dy, w, b = _inputs(*call)
-    out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
+def test_small_layer_norm_calls_match_the_general_path(call):
+    shape, axis, dtype, params, seed, outs, rms = call
+    x, dy, w, b = _inputs(*call[:-1])
+
+    def calls():
+        out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
+        if rms:
+            f = nc.rms_norm_forward(x, w, axis=axis, out=out)
+            g = nc.rms_norm_backward(dy, x, f.rstd, w, axis=axis, dx_out=dx_out)
+        else:
+            f = nc.layer_norm_forward(x, w, b, axis=axis, out=out)
+            g = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis, dx_out=dx_out)
+        if outs:
+            assert f.y is out and g.dx is dx_out
+        return f, g
+
     _small._signatures.clear()
     with pytest.MonkeyPatch.context() as mp:
         served = _served(mp)
-        f = nc.layer_norm_forward(x, w, b, axis=axis, out=out)
-        g = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis, dx_out=dx_out)
-    if outs:
-        assert f.y is out and g.dx is dx_out
-    # the small path served both calls but those of the serial flat plans (a test of a path
-    # that it skipped could not fail)
-    plan = plan_layer_norm(shape, axis, numba.config.NUMBA_NUM_THREADS)
-    rows = plan.path == plan.backward_path == "rows" or not plan.serial
-    assert served == [rows, rows]
+        f, g = calls()
+    assert served == [True, True]       # (a test of a path that it skipped could not fail)
     with pytest.MonkeyPatch.context() as mp:
         _general(mp)
-        f0 = nc.layer_norm_forward(x, w, b, axis=axis)
-        g0 = nc.layer_norm_backward(dy, x, f.mean, f.rstd, w, axis=axis)
+        f0, g0 = calls()
     _same(f, f0)
     _same(g, g0)
 
 
 @st.composite
-def bn_calls(draw):
+def channel_calls(draw):
+    norm = draw(st.sampled_from(["batch", "instance", "group"]))
     shape = tuple(draw(st.lists(st.integers(1, 7), min_size=2, max_size=4)))
     if draw(st.booleans()):     # long spatial runs (the row / flat kernels), or many rows
-        shape = draw(st.sampled_from([(2, 3, 16, 16), (3, 2, 1100), (64, 40), (300, 8),
+        shape = draw(st.sampled_from([(2, 4, 16, 16), (3, 2, 1100), (64, 40), (300, 8),
                                       (256, 1024), (8, 16, 32, 32), (2, 3, 40000)]))
     axis = draw(st.sampled_from([1, -1]))
+    C = shape[axis]
+    groups = draw(st.sampled_from([g for g in range(1, C + 1) if C % g == 0]))
     dtype = np.dtype(draw(st.sampled_from([np.float16, np.float32, np.float64])))
     params = draw(st.sampled_from(["same", "float64", "none", "weight only"]))
-    running = draw(st.sampled_from([None, np.float32, np.float64]))
-    training = draw(st.booleans()) or running is None
-    return shape, axis, dtype, params, draw(st.integers(0, 2**16)), draw(st.booleans()), \
-        running, training
+    running = (None if norm == "group"
+               else draw(st.sampled_from([None, np.float32, np.float64])))
+    batch_stats = draw(st.booleans()) or running is None
+    return (norm, shape, axis, groups, dtype, params, draw(st.integers(0, 2**16)),
+            draw(st.booleans()), running, batch_stats)
 
 
-@given(bn_calls())
-def test_small_batch_norm_calls_match_the_general_path(call):
-    shape, axis, dtype, params, seed, outs, running, training = call
+def _channel_norm_calls(norm, groups, x, dy, w, b, axis, stats, batch_stats, outs):
+    """A forward and a backward, on copies of the running statistics."""
+    rm, rv = (None, None) if stats is None else (stats[0].copy(), stats[1].copy())
+    out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
+    kw = dict(axis=axis)
+    if norm == "group":
+        f = nc.group_norm_forward(x, groups, w, b, out=out, **kw)
+        g = nc.group_norm_backward(dy, x, f.mean, f.rstd, groups, w, dx_out=dx_out, **kw)
+    else:
+        flag = {"batch": "training", "instance": "use_input_stats"}[norm]
+        kw[flag] = batch_stats
+        f = getattr(nc, f"{norm}_norm_forward")(x, w, b, running_mean=rm, running_var=rv,
+                                                 out=out, **kw)
+        g = getattr(nc, f"{norm}_norm_backward")(dy, x, f.mean, f.rstd, w, dx_out=dx_out, **kw)
+        f = f._replace(running_mean=rm, running_var=rv)
+    if outs:
+        assert f.y is out and g.dx is dx_out
+    return f, g
+
+
+@given(channel_calls())
+def test_small_channel_norm_calls_match_the_general_path(call):
+    norm, shape, axis, groups, dtype, params, seed, outs, running, batch_stats = call
     x, dy, _, _ = _inputs(shape, -1, dtype, params, seed)
     C = shape[axis]
     rng = np.random.default_rng(seed)
@@ -128,31 +155,20 @@ def test_small_batch_norm_calls_match_the_general_path(call):
         b = None
     stats = None if running is None else (rng.random(C).astype(running),
                                           (rng.random(C) + 0.5).astype(running))
-    n = x.size // C
-
-    def calls():
-        rm, rv = (None, None) if stats is None else (stats[0].copy(), stats[1].copy())
-        out, dx_out = (np.empty_like(x), np.empty_like(x)) if outs else (None, None)
-        f = nc.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=training,
-                                  axis=axis, out=out)
-        g = nc.batch_norm_backward(dy, x, f.mean, f.rstd, w, training=training, axis=axis,
-                                   dx_out=dx_out)
-        if outs:
-            assert f.y is out and g.dx is dx_out
-        return f, g
-
-    if training and n <= 1:
-        with pytest.raises(ValueError, match="more than 1 value per channel"):
-            calls()
+    n = x.size // {"batch": C, "instance": C * shape[0], "group": groups * shape[0]}[norm]
+    args = (norm, groups, x, dy, w, b, axis, stats, batch_stats, outs)
+    if batch_stats and n <= 1 and norm != "group":     # (a GroupNorm of one value is b)
+        with pytest.raises(ValueError, match="more than 1"):
+            _channel_norm_calls(*args)
         return
     _small._signatures.clear()
     with pytest.MonkeyPatch.context() as mp:
         served = _served(mp)
-        f, g = calls()
+        f, g = _channel_norm_calls(*args)
     assert served == [True, True]       # (a test of a path that it skipped could not fail)
     with pytest.MonkeyPatch.context() as mp:
         _general(mp)
-        f0, g0 = calls()
+        f0, g0 = _channel_norm_calls(*args)
     _same(f, f0)
     _same(g, g0)
 
@@ -241,10 +257,17 @@ def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
     lambda x, w: nc.batch_norm_forward(x, w, axis=2),
     lambda x, w: nc.batch_norm_backward(x, x, np.zeros(8, np.float32), np.ones(8), w[:-1],
                                         axis=-1),
+    lambda x, w: nc.group_norm_forward(x[:, :, None], 3, w, axis=1),
+    lambda x, w: nc.group_norm_forward(x[:, :, None], True, w, axis=1),
+    lambda x, w: nc.instance_norm_forward(x[:, :, None], w, use_input_stats=False),
+    lambda x, w: nc.instance_norm_forward(x[:, :, None], w),
+    lambda x, w: nc.rms_norm_forward(x, w, eps=-1.0),
+    lambda x, w: nc.rms_norm_backward(x, x, np.ones(3, np.float32), w),
 ], ids=["weight shape", "weight dtype", "eps", "out dtype", "dx_out shape", "axis",
         "axis list", "dy shape", "mean shape", "dy dtype", "bn eval without running stats",
         "bn momentum", "bn read-only running stats", "bn one value per channel",
-        "bn channel axis", "bn weight shape"])
+        "bn channel axis", "bn weight shape", "gn groups", "gn groups bool",
+        "in eval without running stats", "in one value per channel", "rms eps", "rms rstd shape"])
 def test_bad_small_calls_raise_what_the_general_path_raises(call, monkeypatch):
     x = np.ones((4, 8), np.float32)
     w = np.ones(8, np.float32)
