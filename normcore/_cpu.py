@@ -187,15 +187,21 @@ def update_running(running_mean, running_var, old, mean, var, O, unbias, momentu
     (else the caller's array formula does it). old: (mean, var) read from them in float64;
     mean: the batch means in the saved statistics' dtype, var: the biased variances in
     float64, O * C values each."""
+    if not updatable(running_mean, running_var):
+        return False
+    K.update_running(running_mean, running_var, old[0], old[1], mean, var, O, unbias, momentum)
+    return True
+
+
+def updatable(running_mean, running_var):
+    """Whether update_running's kernel can update these running statistics."""
     for r in (running_mean, running_var):
         # NumPy's own float32 / float64 dtypes: a byte-swapped one would not type in Numba
         if not (type(r) is np.ndarray and r.ndim == 1 and (r.dtype is _F32 or r.dtype is _F64)
                 and r.flags.c_contiguous):
             return False
-    if np.may_share_memory(running_mean, running_var):
-        return False    # the array formula computes both before writing either
-    K.update_running(running_mean, running_var, old[0], old[1], mean, var, O, unbias, momentum)
-    return True
+    # the array formula computes both before writing either
+    return not np.may_share_memory(running_mean, running_var)
 
 
 def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=None,

@@ -158,7 +158,8 @@ def _channel_axis(shape, axis, what):
     return ax
 
 
-@lru_cache(maxsize=512)
+# typed=True: an axis or group count of True or 1.0 is refused, even after a call with 1
+@lru_cache(maxsize=512, typed=True)
 def plan_batch_norm(shape, axis, threads, itemsize=8):
     ax = _channel_axis(shape, axis, "batch_norm")
     C = shape[ax]
@@ -166,7 +167,7 @@ def plan_batch_norm(shape, axis, threads, itemsize=8):
     return canonical(1, _prod(shape[:ax]), C, B, max(B, 1), (C,), (C,), threads, itemsize)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=512, typed=True)
 def plan_instance_norm(shape, axis, threads):
     ax = _channel_axis(shape, axis, "instance_norm")
     N, C = shape[0], shape[ax]
@@ -174,7 +175,7 @@ def plan_instance_norm(shape, axis, threads):
     return canonical(N, _prod(shape[1:ax]), C, B, max(B, 1), (N, C), (C,), threads)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=512, typed=True)
 def plan_group_norm(shape, num_groups, axis, threads):
     ax = _channel_axis(shape, axis, "group_norm")
     N, C = shape[0], shape[ax]
@@ -201,14 +202,14 @@ def normalize_trailing_axes(axis, ndim):
     return len(norm)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=512, typed=True)
 def plan_layer_norm(shape, axis, threads):
     k = normalize_trailing_axes(axis, len(shape))
     lead, normalized = shape[:len(shape) - k], shape[len(shape) - k:]
     return canonical(_prod(lead), 1, 1, _prod(normalized), 1, lead, normalized, threads)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=512, typed=True)
 def plan_moments(shape, axis, threads):
     """Statistics over the axes `axis` (None: all), kept axes in order.
 

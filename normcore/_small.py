@@ -20,18 +20,17 @@ import numba
 import numpy as np
 
 from . import _cpu, _outputs
-from ._cpu import _EMPTY
+from ._cpu import _EMPTY, _EMPTY64
 from ._dtypes import CPU_DTYPES, stats_dtype
 from ._plan import plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm
 from .kernels import cpu as K
 
 _U16 = np.dtype(np.uint16)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_EMPTY64 = _EMPTY[_F64]                     # no variance wanted
 _MISSING = object()
 # (norm, shape, dtype, axis, num_groups) -> _Signature, or None for one the general path
-# serves. Bounded:
-# a program that sees ever new shapes starts again rather than grow it without end.
+# serves. Bounded: a program that sees ever new shapes starts again rather than grow it
+# without end.
 _signatures = {}
 MAX_SIGNATURES = 512
 
@@ -43,7 +42,7 @@ class _Signature:
                  "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros", "cells",
                  "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
 
-    def __init__(self, norm, shape, dtype, plan):
+    def __init__(self, shape, dtype, plan):
         self.plan, self.shape, self.dtype = plan, shape, dtype
         self.nbytes = math.prod(shape) * dtype.itemsize
         self.bits = dtype.char == "e"       # float16 goes to the kernels as uint16 bits
@@ -56,10 +55,8 @@ class _Signature:
         self.R = plan.O * plan.C
         self.cells = plan.C * plan.Q
         # weight / bias of None and RMSNorm's mean: the kernels only read them, so one array
-        # serves every call
-        self.ones = np.ones(self.cells, self.compute)
-        self.zeros = np.zeros(self.cells, self.compute)
-        self.zero_stats = np.zeros(self.R, self.compute)
+        # serves every call (made by the first call that needs it: see _constant)
+        self.ones = self.zeros = self.zero_stats = None
         self.rms_eps = float(np.finfo(dtype).eps)
         # a call for the calling thread on the row kernels calls their serial twins itself:
         # _cpu's layer cost ~1 us of a 4 us LayerNorm call
@@ -80,7 +77,7 @@ def _plan(norm, shape, dtype, axis, groups):
 
 def _prepare(key):
     norm, shape, dtype, axis, groups = key
-    if not any(dtype == d for d in CPU_DTYPES):
+    if not any(dtype is d for d in CPU_DTYPES):     # (an equal dtype with metadata: general)
         return None
     try:
         plan = _plan(norm, shape, dtype, axis, groups)
@@ -88,21 +85,41 @@ def _prepare(key):
         return None
     if plan.O * plan.A * plan.C * plan.B == 0:
         return None
-    return _Signature(norm, shape, dtype, plan)
+    return _Signature(shape, dtype, plan)
 
 
 def _signature(norm, x, axis, groups=None):
-    """x's prepared signature, or None."""
-    key = (norm, x.shape, x.dtype, axis, groups)
-    try:
-        sig = _signatures.get(key, _MISSING)
-    except TypeError:                   # an unhashable axis (a list): the general path
+    """x's prepared signature, or None. The axis an int or a tuple of ints and groups an int
+    (or None), exactly: keys that compare equal to those (True, 1.0, np.int64(1)) are for the
+    general path to accept or refuse."""
+    if type(axis) is not int and not (type(axis) is tuple and _ints(axis)):
         return None
+    if groups is not None and type(groups) is not int:
+        return None
+    key = (norm, x.shape, x.dtype, axis, groups)
+    sig = _signatures.get(key, _MISSING)
     if sig is _MISSING:
         if len(_signatures) >= MAX_SIGNATURES:
             _signatures.clear()
         sig = _signatures[key] = _prepare(key)
-    return sig
+    return sig if sig is not None and x.dtype is sig.dtype else None
+
+
+def _ints(axes):
+    for a in axes:
+        if type(a) is not int:
+            return False
+    return True
+
+
+def _constant(sig, name):
+    """sig's shared ones / zeros (parameter cells) or zero_stats (statistics), made once."""
+    arr = getattr(sig, name)
+    if arr is None:
+        arr = (np.zeros(sig.R, sig.compute) if name == "zero_stats"
+               else np.full(sig.cells, name == "ones", sig.compute))
+        setattr(sig, name, arr)
+    return arr
 
 
 def _eps(eps):
@@ -151,7 +168,7 @@ def _running(running_mean, running_var, sig, update):
                 and r.shape == sig.param_shape and r.flags.c_contiguous
                 and (r.flags.writeable or not update)):
             return None
-    if update and np.may_share_memory(running_mean, running_var):
+    if update and not _cpu.updatable(running_mean, running_var):
         return None
     return (running_mean if running_mean.dtype is _F64 else running_mean.astype(_F64),
             running_var if running_var.dtype is _F64 else running_var.astype(_F64))
@@ -179,13 +196,12 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     return mean, rstd, (var if want_var else None)
 
 
-def _forward(norm, x, axis, groups, weight, bias, eps, out, centered=True):
+def _forward(sig, x, weight, bias, eps, out, centered=True):
     """(y, mean, rstd) of a common call with batch statistics and no running ones, or None."""
-    sig = _signature(norm, x, axis, groups)
     if sig is None or not x.flags.c_contiguous or eps is None:
         return None
-    w = sig.ones if weight is None else _param(weight, sig)
-    b = sig.zeros if bias is None else _param(bias, sig)
+    w = _constant(sig, "ones") if weight is None else _param(weight, sig)
+    b = _constant(sig, "zeros") if bias is None else _param(bias, sig)
     y = _output(out, sig)
     if w is None or b is None or y is None:
         return None
@@ -193,16 +209,15 @@ def _forward(norm, x, axis, groups, weight, bias, eps, out, centered=True):
     return _shaped(sig, y, mean, rstd)
 
 
-def _forward_with_running(norm, x, axis, weight, bias, running_mean, running_var,
-                          batch_stats, momentum, eps, out):
+def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch_stats,
+                          momentum, eps, out):
     """(y, mean, rstd) of a common BatchNorm / InstanceNorm call, the running statistics
     updated when given with batch statistics; or None, with nothing written."""
-    sig = _signature(norm, x, axis)
     if (sig is None or not x.flags.c_contiguous or type(batch_stats) is not bool
             or eps is None or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
         return None
-    w = sig.ones if weight is None else _param(weight, sig)
-    b = sig.zeros if bias is None else _param(bias, sig)
+    w = _constant(sig, "ones") if weight is None else _param(weight, sig)
+    b = _constant(sig, "zeros") if bias is None else _param(bias, sig)
     y = _output(out, sig)
     if w is None or b is None or y is None:
         return None
@@ -221,23 +236,23 @@ def _forward_with_running(norm, x, axis, weight, bias, running_mean, running_var
     if n <= 1:
         return None
     mean, rstd, var64 = _statistics(sig, x, y, w, b, eps, True, old is not None)
-    if old is not None and not _cpu.update_running(running_mean, running_var, old, mean,
-                                                   var64, plan.O, n / (n - 1), momentum):
-        return None         # not written: the general path computes it all again
+    if old is not None:     # (updatable, as _running made sure before anything was written)
+        done = _cpu.update_running(running_mean, running_var, old, mean, var64, plan.O,
+                                   n / (n - 1), momentum)
+        assert done
     return _shaped(sig, y, mean, rstd)
 
 
-def _backward(norm, dy, x, axis, groups, mean, rstd, weight, frozen, dx_out, centered=True):
+def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
     """(dx, dweight, dbias) of a common call whose saved statistics have the dtype the forward
     gave them, or None."""
-    sig = _signature(norm, x, axis, groups)
     if (sig is None or type(frozen) is not bool or type(dy) is not np.ndarray
             or dy.dtype is not x.dtype or dy.shape != x.shape
             or not (x.flags.c_contiguous and dy.flags.c_contiguous)):
         return None
-    mean = _stat(mean, sig) if centered else sig.zero_stats
+    mean = _stat(mean, sig) if centered else _constant(sig, "zero_stats")
     rstd = _stat(rstd, sig)
-    w = sig.ones if weight is None else _param(weight, sig)
+    w = _constant(sig, "ones") if weight is None else _param(weight, sig)
     dx = _output(dx_out, sig)
     if mean is None or rstd is None or w is None or dx is None:
         return None
@@ -262,49 +277,52 @@ def _backward(norm, dy, x, axis, groups, mean, rstd, weight, frozen, dx_out, cen
 # The calls _norms makes, x a NumPy array and no epilogue: the result, or None.
 
 def layer_norm_forward(x, weight, bias, axis, eps, out):
-    return _forward("layer", x, axis, None, weight, bias, _eps(eps), out)
+    return _forward(_signature("layer", x, axis), x, weight, bias, _eps(eps), out)
 
 
 def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out):
-    return _backward("layer", dy, x, axis, None, mean, rstd, weight, False, dx_out)
+    return _backward(_signature("layer", x, axis), dy, x, mean, rstd, weight, False, dx_out)
 
 
 def rms_norm_forward(x, weight, axis, eps, out):
     sig = _signature("rms", x, axis)
     eps = _eps(eps) if eps is not None else sig.rms_eps if sig is not None else None
-    return _forward("rms", x, axis, None, weight, None, eps, out, centered=False)
+    return _forward(sig, x, weight, None, eps, out, centered=False)
 
 
 def rms_norm_backward(dy, x, rstd, weight, axis, dx_out):
-    return _backward("rms", dy, x, axis, None, None, rstd, weight, False, dx_out,
+    return _backward(_signature("rms", x, axis), dy, x, None, rstd, weight, False, dx_out,
                      centered=False)
 
 
 def group_norm_forward(x, num_groups, weight, bias, axis, eps, out):
-    return _forward("group", x, axis, num_groups, weight, bias, _eps(eps), out)
+    return _forward(_signature("group", x, axis, num_groups), x, weight, bias, _eps(eps), out)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight, axis, dx_out):
-    return _backward("group", dy, x, axis, num_groups, mean, rstd, weight, False, dx_out)
+    return _backward(_signature("group", x, axis, num_groups), dy, x, mean, rstd, weight,
+                     False, dx_out)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        axis, out):
-    return _forward_with_running("batch", x, axis, weight, bias, running_mean, running_var,
-                                 training, momentum, _eps(eps), out)
+    return _forward_with_running(_signature("batch", x, axis), x, weight, bias, running_mean,
+                                 running_var, training, momentum, _eps(eps), out)
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out):
     frozen = not training if type(training) is bool else None
-    return _backward("batch", dy, x, axis, None, mean, rstd, weight, frozen, dx_out)
+    return _backward(_signature("batch", x, axis), dy, x, mean, rstd, weight, frozen, dx_out)
 
 
 def instance_norm_forward(x, weight, bias, running_mean, running_var, use_input_stats,
                           momentum, eps, axis, out):
-    return _forward_with_running("instance", x, axis, weight, bias, running_mean, running_var,
-                                 use_input_stats, momentum, _eps(eps), out)
+    return _forward_with_running(_signature("instance", x, axis), x, weight, bias,
+                                 running_mean, running_var, use_input_stats, momentum,
+                                 _eps(eps), out)
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, axis, dx_out):
     frozen = not use_input_stats if type(use_input_stats) is bool else None
-    return _backward("instance", dy, x, axis, None, mean, rstd, weight, frozen, dx_out)
+    return _backward(_signature("instance", x, axis), dy, x, mean, rstd, weight, frozen,
+                     dx_out)

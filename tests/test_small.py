@@ -286,3 +286,40 @@ def test_signatures_stay_bounded(monkeypatch):
         x = np.ones((2, n), np.float32)
         nc.layer_norm_forward(x)
         assert 1 <= len(_small._signatures) <= 4
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, v: nc.group_norm_forward(x, v, axis=1),
+    lambda x, v: nc.batch_norm_forward(x[:, :, 0], axis=v),
+    lambda x, v: nc.layer_norm_forward(x[0], axis=v),
+], ids=["num_groups", "bn axis", "ln axis"])
+@pytest.mark.parametrize("value", [True, 1.0, np.int64(1)], ids=["bool", "float", "int64"])
+def test_values_equal_to_a_served_int_are_still_refused(call, value):
+    """After a call with 1, a call with True, 1.0 or np.int64(1) (equal keys: 1 == True) raises
+    as it does on its own; neither the small path's signatures nor the plans' caches let it
+    through."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    call(x, 1)
+    with pytest.raises(TypeError, match="expected an int"):
+        call(x, value)
+
+
+def test_dtypes_equal_to_a_served_one_keep_their_identity():
+    """A float32 dtype with metadata (equal to float32, so an equal key) gets outputs of its own
+    dtype from the general path, as it would without the small path; and the other way."""
+    tagged = np.dtype(np.float32, metadata={"unit": "m"})
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    for first, second in ((x.astype(tagged), x), (x, x.astype(tagged))):
+        _small._signatures.clear()
+        for a in (first, second):
+            y = nc.layer_norm_forward(a).y
+            assert y.dtype.metadata == a.dtype.metadata
+
+
+def test_signatures_allocate_nothing_before_a_call_is_served():
+    """A broadcast view of 2**43 elements with a bad eps raises the eps error (the signature
+    made for it allocated nothing: its shared parameter arrays come with the first call that
+    needs them)."""
+    x = np.broadcast_to(np.zeros((1, 1, 1), np.float32), (2**40, 4, 2))
+    with pytest.raises(ValueError, match="eps"):
+        nc.instance_norm_forward(x, eps=-1.0)
