@@ -160,9 +160,9 @@ def _output(out, sig):
 
 
 def _running(running_mean, running_var, sig, update):
-    """The running statistics in float64 for the kernels, or None when the general path must
-    check them (or update them: the kernel writes contiguous float32 / float64 vectors that do
-    not overlap)."""
+    """The running statistics as they are, or None when the general path must check them (or
+    update them: the kernel writes contiguous float32 / float64 vectors that do not
+    overlap)."""
     for r in (running_mean, running_var):
         if not (type(r) is np.ndarray and (r.dtype is _F32 or r.dtype is _F64)
                 and r.shape == sig.param_shape and r.flags.c_contiguous
@@ -170,8 +170,11 @@ def _running(running_mean, running_var, sig, update):
             return None
     if update and not _cpu.updatable(running_mean, running_var):
         return None
-    return (running_mean if running_mean.dtype is _F64 else running_mean.astype(_F64),
-            running_var if running_var.dtype is _F64 else running_var.astype(_F64))
+    return running_mean, running_var
+
+
+def _float64(arr):
+    return arr if arr.dtype is _F64 else arr.astype(_F64)
 
 
 def _shaped(sig, y, mean, rstd):
@@ -229,12 +232,23 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
         if old is None:
             return None
     if not batch_stats:
+        # frozen_stats reads float32 running statistics as they are (exactly, as float64):
+        # two conversions fewer per call than the general path's
         mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, plan.O, sig.compute)
-        _cpu.normalize(plan, x.reshape(-1), y.reshape(-1), mean64, rstd64, w, b)
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        if not plan.serial:
+            _cpu.normalize(plan, xf, yf, mean64, rstd64, w, b)
+            return _shaped(sig, y, mean, rstd)
+        if sig.bits:
+            xf, yf = xf.view(_U16), yf.view(_U16)
+        normalize = K.column_normalize if plan.path.startswith("columns") else K.flat_normalize
+        normalize.serial(xf, sig.none, False, *sig.dims, plan.K, mean64, rstd64, w, b, yf, False)
         return _shaped(sig, y, mean, rstd)
     n = plan.n
     if n <= 1:
         return None
+    if old is not None:     # the update reads them in float64, as the general path does
+        old = (_float64(old[0]), _float64(old[1]))
     mean, rstd, var64 = _statistics(sig, x, y, w, b, eps, True, old is not None)
     if old is not None:     # (updatable, as _running made sure before anything was written)
         done = _cpu.update_running(running_mean, running_var, old, mean, var64, plan.O,
