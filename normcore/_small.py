@@ -199,15 +199,22 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     return mean, rstd, (var if want_var else None)
 
 
-def _forward(sig, x, weight, bias, eps, out, centered=True):
-    """(y, mean, rstd) of a common call with batch statistics and no running ones, or None."""
-    if sig is None or not x.flags.c_contiguous or eps is None:
+def _operands(sig, x, weight, bias, out):
+    """(w, b, y) as the kernels take them for a C-contiguous x, or None."""
+    if not x.flags.c_contiguous:
         return None
     w = _constant(sig, "ones") if weight is None else _param(weight, sig)
     b = _constant(sig, "zeros") if bias is None else _param(bias, sig)
     y = _output(out, sig)
-    if w is None or b is None or y is None:
+    return None if w is None or b is None or y is None else (w, b, y)
+
+
+def _forward(sig, x, weight, bias, eps, out, centered=True):
+    """(y, mean, rstd) of a common call with batch statistics and no running ones, or None."""
+    operands = None if sig is None or eps is None else _operands(sig, x, weight, bias, out)
+    if operands is None:
         return None
+    w, b, y = operands
     mean, rstd, _ = _statistics(sig, x, y, w, b, eps, centered)
     return _shaped(sig, y, mean, rstd)
 
@@ -216,14 +223,13 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
                           momentum, eps, out):
     """(y, mean, rstd) of a common BatchNorm / InstanceNorm call, the running statistics
     updated when given with batch statistics; or None, with nothing written."""
-    if (sig is None or not x.flags.c_contiguous or type(batch_stats) is not bool
-            or eps is None or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+    if (sig is None or type(batch_stats) is not bool or eps is None
+            or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
         return None
-    w = _constant(sig, "ones") if weight is None else _param(weight, sig)
-    b = _constant(sig, "zeros") if bias is None else _param(bias, sig)
-    y = _output(out, sig)
-    if w is None or b is None or y is None:
+    operands = _operands(sig, x, weight, bias, out)
+    if operands is None:
         return None
+    w, b, y = operands
     plan = sig.plan
     if running_mean is None and running_var is None and batch_stats:
         old = None
