@@ -194,14 +194,21 @@ def update_running(running_mean, running_var, old, mean, var, O, unbias, momentu
 
 
 def updatable(running_mean, running_var):
-    """Whether update_running's kernel can update these running statistics."""
-    for r in (running_mean, running_var):
+    """Whether update_running's kernel can update these running statistics: kernel_vectors
+    that do not overlap (the array formula computes both before writing either)."""
+    return (kernel_vectors(running_mean, running_var)
+            and not np.may_share_memory(running_mean, running_var))
+
+
+def kernel_vectors(*arrays):
+    """Whether the arrays are contiguous float32 / float64 NumPy vectors, as the statistics
+    kernels (update_running, frozen_stats) take them."""
+    for r in arrays:
         # NumPy's own float32 / float64 dtypes: a byte-swapped one would not type in Numba
         if not (type(r) is np.ndarray and r.ndim == 1 and (r.dtype is _F32 or r.dtype is _F64)
                 and r.flags.c_contiguous):
             return False
-    # the array formula computes both before writing either
-    return not np.may_share_memory(running_mean, running_var)
+    return True
 
 
 def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=None,

@@ -23,10 +23,11 @@ from . import _cpu, _outputs
 from ._cpu import _EMPTY, _EMPTY64
 from ._dtypes import CPU_DTYPES, stats_dtype
 from ._plan import plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm
+from ._validate import plain_eps, plain_momentum
 from .kernels import cpu as K
 
 _U16 = np.dtype(np.uint16)
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_F64 = np.dtype(np.float64)
 _MISSING = object()
 # (norm, shape, dtype, axis, num_groups) -> _Signature, or None for one the general path
 # serves. Bounded: a program that sees ever new shapes starts again rather than grow it
@@ -122,10 +123,6 @@ def _constant(sig, name):
     return arr
 
 
-def _eps(eps):
-    return eps if type(eps) is float and 0.0 < eps < math.inf else None
-
-
 def _param(arr, sig):
     """weight / bias as the kernels take it (a contiguous vector in the compute dtype), or None
     when the general path must check it."""
@@ -163,14 +160,13 @@ def _running(running_mean, running_var, sig, update):
     """The running statistics as they are, or None when the general path must check them (or
     update them: the kernel writes contiguous float32 / float64 vectors that do not
     overlap)."""
-    for r in (running_mean, running_var):
-        if not (type(r) is np.ndarray and (r.dtype is _F32 or r.dtype is _F64)
-                and r.shape == sig.param_shape and r.flags.c_contiguous
-                and (r.flags.writeable or not update)):
-            return None
-    if update and not _cpu.updatable(running_mean, running_var):
+    pair = (running_mean, running_var)
+    if not (_cpu.updatable(*pair) if update else _cpu.kernel_vectors(*pair)):
         return None
-    return running_mean, running_var
+    for r in pair:
+        if r.shape != sig.param_shape or (update and not r.flags.writeable):
+            return None
+    return pair
 
 
 def _float64(arr):
@@ -224,7 +220,7 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
     """(y, mean, rstd) of a common BatchNorm / InstanceNorm call, the running statistics
     updated when given with batch statistics; or None, with nothing written."""
     if (sig is None or type(batch_stats) is not bool or eps is None
-            or not (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+            or plain_momentum(momentum) is None):
         return None
     operands = _operands(sig, x, weight, bias, out)
     if operands is None:
@@ -297,7 +293,7 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
 # The calls _norms makes, x a NumPy array and no epilogue: the result, or None.
 
 def layer_norm_forward(x, weight, bias, axis, eps, out):
-    return _forward(_signature("layer", x, axis), x, weight, bias, _eps(eps), out)
+    return _forward(_signature("layer", x, axis), x, weight, bias, plain_eps(eps), out)
 
 
 def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out):
@@ -306,7 +302,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight, axis, dx_out):
 
 def rms_norm_forward(x, weight, axis, eps, out):
     sig = _signature("rms", x, axis)
-    eps = _eps(eps) if eps is not None else sig.rms_eps if sig is not None else None
+    eps = plain_eps(eps) if eps is not None else sig.rms_eps if sig is not None else None
     return _forward(sig, x, weight, None, eps, out, centered=False)
 
 
@@ -316,7 +312,7 @@ def rms_norm_backward(dy, x, rstd, weight, axis, dx_out):
 
 
 def group_norm_forward(x, num_groups, weight, bias, axis, eps, out):
-    return _forward(_signature("group", x, axis, num_groups), x, weight, bias, _eps(eps), out)
+    return _forward(_signature("group", x, axis, num_groups), x, weight, bias, plain_eps(eps), out)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight, axis, dx_out):
@@ -327,7 +323,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight, axis, dx_out):
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        axis, out):
     return _forward_with_running(_signature("batch", x, axis), x, weight, bias, running_mean,
-                                 running_var, training, momentum, _eps(eps), out)
+                                 running_var, training, momentum, plain_eps(eps), out)
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight, training, axis, dx_out):
@@ -339,7 +335,7 @@ def instance_norm_forward(x, weight, bias, running_mean, running_var, use_input_
                           momentum, eps, axis, out):
     return _forward_with_running(_signature("instance", x, axis), x, weight, bias,
                                  running_mean, running_var, use_input_stats, momentum,
-                                 _eps(eps), out)
+                                 plain_eps(eps), out)
 
 
 def instance_norm_backward(dy, x, mean, rstd, weight, use_input_stats, axis, dx_out):

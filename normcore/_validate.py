@@ -34,8 +34,19 @@ def check_array(name, arr, be, x):
     return arr
 
 
+def plain_eps(eps):
+    """eps when it is a float in (0, inf), the common case (without ABC checks), else None."""
+    return eps if type(eps) is float and 0.0 < eps < math.inf else None
+
+
+def plain_momentum(momentum):
+    """momentum when it is a float in [0, 1], the common case (without ABC checks: 0.5 us),
+    else None."""
+    return momentum if type(momentum) is float and 0.0 <= momentum <= 1.0 else None
+
+
 def check_eps(eps):
-    if type(eps) is float and 0.0 < eps < math.inf:     # the common case, without ABC checks
+    if plain_eps(eps) is not None:
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
             or eps <= 0:
@@ -44,7 +55,7 @@ def check_eps(eps):
 
 
 def check_momentum(momentum):
-    if type(momentum) is float and 0.0 <= momentum <= 1.0:    # without ABC checks (0.5 us)
+    if plain_momentum(momentum) is not None:
         return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
             or not 0.0 <= momentum <= 1.0:
