@@ -134,7 +134,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
-    kernel = K.column_normalize if plan.path.startswith("columns") else K.flat_normalize
+    kernel = K.column_normalize if plan.normalize_path == "columns" else K.flat_normalize
     _run(plan, kernel, x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y,
          y.nbytes >= STREAM_MIN)
 

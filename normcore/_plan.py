@@ -13,6 +13,28 @@ from functools import lru_cache
 ROW_MAX = 1 << 16
 # Runs shorter than this go to the column kernels (per-run overhead would dominate).
 RUN_MIN = 64
+# ... unless they are at least FLAT_RUN values long, one parameter cell each (BatchNorm), and
+# the column kernels would sweep more than WIDE_COLUMNS columns at once: the column kernels
+# keep per-column accumulators and coefficients (scale, shift, the mean's hi part), 12-56
+# bytes a column, that stop fitting in L1 / L2 as a sweep widens, while runs of 16 values or
+# more fill whole vectors of the flat kernels with per-channel scalars. float32 BatchNorm
+# training forward / backward, columns / flat in one process, on runs of 49 (7 x 7 maps):
+# (128, 256, 7, 7) 1.90 / 1.68, (256, 64, 7, 7) 1.80 / 2.23, (16, 2048, 7, 7) 24 / 6.1,
+# serial (8, 64, 7, 7) 1.74 / 1.33; (128, 512, 4, 4) 1.76 / 1.76; but (512, 128, 4, 4) (2048
+# columns) 0.70 / 1.32, (1024, 32, 7, 7) (1568) 0.84 / 1.13, (256, 256, 3, 3) 0.51 / 0.81,
+# and sweeps split into slices of <= 800 columns (parallel columns_fused: (32, 256, 5, 5),
+# (32, 128, 7, 7)) 0.64-0.84 / 0.96-1.06. float64 gains more: 4.4 / 3.6 on (64, 256, 7, 7).
+FLAT_RUN = 16
+WIDE_COLUMNS = 2048
+# float16 converts each value in the flat kernels' short loops, so it goes flat later: the
+# same (64, 256, 7, 7) 2.1 / 2.0, but (256, 64, 7, 7) 0.88 / 0.88, (128, 512, 4, 4) 0.72 / 0.65.
+FLAT_RUN_HALF = 32
+WIDE_COLUMNS_HALF = 8192
+# The normalize pass alone (eval, and the second pass of the unfused column path) goes flat
+# from NORMALIZE_COLUMNS columns on: columns / flat 3.5 on (64, 256, 7, 7), 9.8 on
+# (16, 2048, 7, 7), 1.46 on (128, 64, 5, 5) (1600 columns), 1.75 on (32, 256, 4, 4); but 0.80
+# on (128, 64, 4, 4) (1024 columns) and 0.23-0.41 on runs of 4 and 9.
+NORMALIZE_COLUMNS = 1024
 # Strided runs shorter than this go flat rather than one statistic at a time: a statistic's
 # short runs, far apart, are latency-bound reads (BatchNorm (256, 256, 14, 14): rows forward
 # 10.5-11.2 ms, flat 6.0-6.4; backward 16-17 against 12; runs of 784: 6.8-7.1 / 5.4-6.1).
@@ -65,6 +87,7 @@ class Plan:
     P: int                 # parameter period along b (P divides B)
     path: str              # forward path: "rows" | "flat" | "columns" | "columns_fused"
     backward_path: str     # "rows" | "flat" | "columns" | "columns_fused"
+    normalize_path: str    # the normalize pass alone (eval; unfused columns): "flat" | "columns"
     K: int                 # work items per o for the flat / column kernels
     S: int                 # channel slices per o for the fused column kernels
     Sb: int                # ... for the fused column backward
@@ -115,12 +138,19 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         fused = (serial or O * S >= threads) and A * math.ceil(C / S) * B <= STAT_CACHE
         path = "columns_fused" if fused else "columns"
         S = S if fused else 1
+        half = itemsize <= 2
+        if (P == B >= (FLAT_RUN_HALF if half else FLAT_RUN)
+                and math.ceil(C / S) * B > (WIDE_COLUMNS_HALF if half else WIDE_COLUMNS)):
+            path, S = "flat", 1
         if fused and S > 1:
             Sb = min(C, max(math.ceil(threads / O), math.ceil(C * B / BACKWARD_SLICE)))
             Sb = Sb if A * math.ceil(C / Sb) * B <= STAT_CACHE else S
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
     backward_path = "rows" if path == "rows" or rows_backward or (A == 1 and P == 1) else path
+    columns = path.startswith("columns") and not (P == B >= FLAT_RUN
+                                                  and C * B > NORMALIZE_COLUMNS)
+    normalize_path = "columns" if columns else "flat"
     if serial:      # no split: one chunk per sample, one block of partial sums
         K, nblk = 1, 1
     else:
@@ -128,8 +158,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         if backward_path == "columns":
             K = min(K, A)
         nblk = max(1, min(stats, items))
-    return Plan(O, A, C, B, P, path, backward_path, K, S, Sb, nblk, serial, stats_shape,
-                param_shape)
+    return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, serial,
+                stats_shape, param_shape)
 
 
 def _prod(dims):

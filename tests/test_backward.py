@@ -267,3 +267,28 @@ def test_large_narrow_batch_norm_forward_flat_backward_rows(rng):
     assert np.prod(shape) >= FLAT_FORWARD
     assert (plan.path, plan.backward_path) == ("flat", "rows")
     _batch_matches_oracle(shape, np.float32, rng)
+
+
+# Runs of 16-63 values (BatchNorm on 4 x 4 to 7 x 7 maps) whose column sweep would be wider
+# than WIDE_COLUMNS: the flat kernels, training and eval; narrower sweeps keep the columns.
+WIDE_SHORT_RUNS = [(160, 144, 5, 5),     # unfused columns (too large to slice): flat
+                   (2, 96, 5, 5),        # serial, one slice of 2400 columns: flat
+                   (2, 48, 5, 5)]        # 1200 columns: fused columns, eval normalizes flat
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", WIDE_SHORT_RUNS)
+def test_wide_short_runs_match_oracle(shape, dtype, rng):
+    from normcore._norms import _threads
+    from normcore._plan import NORMALIZE_COLUMNS, WIDE_COLUMNS, plan_batch_norm
+    plan = plan_batch_norm(shape, 1, _threads(), np.dtype(dtype).itemsize)
+    C, B = shape[1], shape[2] * shape[3]
+    wide = C * B > WIDE_COLUMNS
+    assert (plan.path, plan.backward_path) == (("flat",) * 2 if wide else ("columns_fused",) * 2)
+    assert C * B > NORMALIZE_COLUMNS and plan.normalize_path == "flat"
+    x, w, b, dy, n = _batch_matches_oracle(shape, dtype, rng)
+    rm = rng.standard_normal(C).astype(np.float32)
+    rv = (rng.random(C) + 0.5).astype(np.float32)
+    f = nc.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
+    ref = oracle.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
+    check_forward("batch", f, ref, x, n=1)

@@ -57,11 +57,31 @@ def test_canonical_views(planner, args, view):
     (plan_batch_norm, ((256, 1024), 1), "columns_fused", "columns_fused"),  # slices of C
     (plan_batch_norm, ((8192, 1024), 1), "columns", "columns"),       # too large to slice
     (plan_batch_norm, ((4, 8, 16), 2), "columns_fused", "columns_fused"),   # serial
+    # runs of 16-63 values: flat when the columns would be swept more than 2048 at a time
+    (plan_batch_norm, ((64, 256, 7, 7), 1), "flat", "flat"),
+    (plan_batch_norm, ((8, 64, 7, 7), 1), "flat", "flat"),                   # serial
+    (plan_batch_norm, ((512, 128, 4, 4), 1), "columns", "columns"),          # 2048 columns
+    (plan_batch_norm, ((32, 128, 7, 7), 1), "columns_fused", "columns_fused"),  # slices
+    (plan_batch_norm, ((1024, 64, 3, 3), 1), "columns", "columns"),          # runs of 9
 ])
 def test_paths(planner, args, path, backward_path):
     plan = planner(*args, T)
     assert (plan.path, plan.backward_path) == (path, backward_path)
     assert plan.K >= 1 and plan.nblk >= 1 and 1 <= plan.S <= plan.C
+
+
+@pytest.mark.parametrize("shape, axis, normalize_path", [
+    ((128, 64, 4, 4), 1, "columns"),    # 1024 columns
+    ((32, 256, 4, 4), 1, "flat"),
+    ((32, 128, 7, 7), 1, "flat"),       # fused columns for the training forward
+    ((256, 64, 3, 3), 1, "columns"),    # runs of 9
+    ((256, 1024), 1, "columns"),        # BatchNorm 2-D
+    ((32, 64, 56, 56), 1, "flat"),      # long runs
+])
+def test_normalize_path(shape, axis, normalize_path):
+    """The normalize pass alone (eval) goes flat for runs of 16 values or more unless the
+    columns are few."""
+    assert plan_batch_norm(shape, axis, T).normalize_path == normalize_path
 
 
 def test_fused_column_slices():
