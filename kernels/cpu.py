@@ -29,7 +29,8 @@ RMSNorm is the uncentred case: mean := 0 and var := mean(x**2), so c2 = 0.
 
 Statistics and the backward's sums accumulate in float64 whatever the input dtype (for
 float16 / float32 data, statistics that only normalize and gradient partials add short
-blocks in float32 first: rows_column_moments' `narrow`, backward_column_sums, cell_sums).
+blocks in float32 first: rows_column_moments' `narrow`, backward_column_sums, cell_sums,
+run_sums).
 The elementwise passes (normalize, dx) compute in the input's precision, float32 for float16
 and float32 data: a float64 formula ran at 0.29 ns per element against 0.14 in float32 on
 one core here, and these passes overlap little with the memory traffic. So that x - mean
@@ -69,8 +70,10 @@ BLOCK_ROWS = 32
 # Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
 SHORT_ROW = 512
 SHORT_BLOCK = 128
-# Parameter cells of at least this many values sum their backward terms in the compute
-# precision, BLOCK values at a time (shorter ones in float64: no faster in float32).
+# Parameter cells of at least this many values that backward_sums_run adds up (the rows
+# backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
+# ReLU) sum their terms in the compute precision, BLOCK values at a time (shorter ones in
+# float64: no faster in float32 on GroupNorm's cells of 49, slower on cells of 7).
 NARROW_CELL = 64
 
 # 'reassoc' lets LLVM vectorize the reductions; no 'nnan'/'ninf' because a NaN must stay a NaN
@@ -107,7 +110,7 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     (an elementwise loop inlined into a reduction kernel would lose (x - hi) - lo to
     reassociation). Inlined elementwise loops also lost their vectorization (dx_run: LayerNorm
     (65536, 128) backward 3.6x slower), so only the reduction helpers use it (the moments,
-    cell_sums), each inlined into callers compiled with _REDUCE like itself."""
+    cell_sums, run_sums), each inlined into callers compiled with _REDUCE like itself."""
 
     def decorate(func):
         kernel = _compile(func, parallel, fastmath, inline)
@@ -898,21 +901,22 @@ def cell_sums(dys, ys, relu, xs, hi, lo, rs, wv, dbv, dwv):
 
 
 @_jit(inline="always")
-def run_sums(dys, ys, relu, xs, hi, lo):
-    """(sum(dy), sum(dy * (x - mean))) of a block of one parameter cell, added up in the
-    compute precision (mean = hi + lo in it), returned in float64."""
-    h1 = zero(hi)
-    h2 = zero(hi)
+def run_sums(dys, ys, relu, xs, hi, lo, rs):
+    """(sum(dy), sum(dy * xhat)) of a block of one parameter cell, added up in the compute
+    precision (xhat = (x - mean) * rstd with mean = hi + lo and rstd = rs in it, as in
+    cell_sums: xhat is O(1), so the products keep dy's range), returned in float64."""
+    h1 = zero(rs)
+    h2 = zero(rs)
     if relu:
         for i in range(xs.size):
             d = relu_dy(dys, ys, i)
             h1 += d
-            h2 += d * center(loadc(xs[i]), hi, lo)
+            h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
     else:
         for i in range(xs.size):
             d = loadc(dys[i])
             h1 += d
-            h2 += d * center(loadc(xs[i]), hi, lo)
+            h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
     return np.float64(h1), np.float64(h2)
 
 
@@ -926,7 +930,8 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
     up per BLOCK values in it before they go to float64, and dbias / dweight may be partials
     in the compute dtype (rows_backward flushes them to float64 every BLOCK_ROWS rows). In
     float64 this loop cost 0.28-0.32 ns per value here (two read-modify-write float64 arrays
-    at half vector width)."""
+    at half vector width). Cells of NARROW_CELL values or more add their sums up the same way
+    (run_sums); shorter ones in float64."""
     e = xs.size
     g1 = 0.0
     g2 = 0.0
@@ -946,6 +951,7 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
         return g1, g2
     Q = B // P
     hi, mlo = split(mean, xs)
+    rs = narrow(rstd, xs)
     s = b0
     while s < b0 + e:
         q = s // P
@@ -958,24 +964,25 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
         if P >= NARROW_CELL:
             # blocks of the cell in the compute precision, as cell_sums (float64 sums take a
             # conversion and half-width vectors): BatchNorm (32, 64, 56, 56) backward
-            # 1.09-1.27x in three A/B runs; InstanceNorm's 0.82-1.02, noise-level
+            # 1.09-1.27x in three A/B runs; InstanceNorm's 0.82-1.02
             for s0 in range(0, t - s, BLOCK):
                 s1 = min(s0 + BLOCK, t - s)
                 h1, h2 = run_sums(dq[s0:s1], yq[s0:s1] if relu else yq, relu, xq[s0:s1], hi,
-                                  mlo)
+                                  mlo, rs)
                 sdy += h1
                 sdyx += h2
-        elif relu:
-            for i in range(xq.size):
-                d = np.float64(relu_dy(dq, yq, i))
-                sdy += d
-                sdyx += d * (load(xq[i]) - mean)
         else:
-            for i in range(xq.size):
-                d = np.float64(loadc(dq[i]))
-                sdy += d
-                sdyx += d * (load(xq[i]) - mean)
-        sdyx *= rstd
+            if relu:
+                for i in range(xq.size):
+                    d = np.float64(relu_dy(dq, yq, i))
+                    sdy += d
+                    sdyx += d * (load(xq[i]) - mean)
+            else:
+                for i in range(xq.size):
+                    d = np.float64(loadc(dq[i]))
+                    sdy += d
+                    sdyx += d * (load(xq[i]) - mean)
+            sdyx *= rstd
         cell = c * Q + q
         dbias[cell] += sdy
         dweight[cell] += sdyx

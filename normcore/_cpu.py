@@ -128,15 +128,19 @@ def moments(plan, x, narrow=False):
     return mean.reshape(-1), var.reshape(-1)
 
 
+def normalize_kernel(plan):
+    """The kernel of the normalize pass alone (see Plan.normalize_path)."""
+    return K.column_normalize if plan.normalize_path == "columns" else K.flat_normalize
+
+
 def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     """y = relu((x - mean) * rstd * w + bias + z) with given float64 statistics (O * C values);
     z (the residual, flat like x) is optional."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
-    kernel = K.column_normalize if plan.normalize_path == "columns" else K.flat_normalize
-    _run(plan, kernel, x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w, bias, y,
-         y.nbytes >= STREAM_MIN)
+    _run(plan, normalize_kernel(plan), x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+         bias, y, y.nbytes >= STREAM_MIN)
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,

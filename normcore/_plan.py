@@ -31,9 +31,11 @@ WIDE_COLUMNS = 2048
 FLAT_RUN_HALF = 32
 WIDE_COLUMNS_HALF = 8192
 # The normalize pass alone (eval, and the second pass of the unfused column path) goes flat
-# from NORMALIZE_COLUMNS columns on: columns / flat 3.5 on (64, 256, 7, 7), 9.8 on
-# (16, 2048, 7, 7), 1.46 on (128, 64, 5, 5) (1600 columns), 1.75 on (32, 256, 4, 4); but 0.80
-# on (128, 64, 4, 4) (1024 columns) and 0.23-0.41 on runs of 4 and 9.
+# above NORMALIZE_COLUMNS columns (runs of FLAT_RUN values or more, every dtype): float32
+# columns / flat 3.5 on (64, 256, 7, 7), 9.8 on (16, 2048, 7, 7), 1.46 on (128, 64, 5, 5)
+# (1600 columns), 1.75 on (32, 256, 4, 4); but 0.80 on (128, 64, 4, 4) (1024 columns) and
+# 0.23-0.41 on runs of 4 and 9. float16 gains as well: 2.9 on (64, 256, 7, 7), 1.4-1.5 on
+# (256, 64, 7, 7), 1.8-2.5 on (8, 64, 7, 7), 0.98-1.03 on (128, 512, 4, 4).
 NORMALIZE_COLUMNS = 1024
 # Strided runs shorter than this go flat rather than one statistic at a time: a statistic's
 # short runs, far apart, are latency-bound reads (BatchNorm (256, 256, 14, 14): rows forward

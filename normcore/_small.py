@@ -243,8 +243,8 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
             return _shaped(sig, y, mean, rstd)
         if sig.bits:
             xf, yf = xf.view(_U16), yf.view(_U16)
-        normalize = K.column_normalize if plan.normalize_path == "columns" else K.flat_normalize
-        normalize.serial(xf, sig.none, False, *sig.dims, plan.K, mean64, rstd64, w, b, yf, False)
+        _cpu.normalize_kernel(plan).serial(xf, sig.none, False, *sig.dims, plan.K, mean64, rstd64,
+                                           w, b, yf, False)
         return _shaped(sig, y, mean, rstd)
     n = plan.n
     if n <= 1:

@@ -292,3 +292,33 @@ def test_wide_short_runs_match_oracle(shape, dtype, rng):
     f = nc.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
     ref = oracle.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
     check_forward("batch", f, ref, x, n=1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_short_group_cells_mid_chunk_match_oracle(dtype, rng):
+    """GroupNorm cells of 49 values (7 x 7 maps) in a flat work item that starts mid-cell:
+    the forward's and dx's cell loops, plain, with ReLU, and with ReLU and a residual."""
+    from normcore._norms import _threads
+    from normcore._plan import plan_group_norm
+    shape, kw = (1, 1365, 7, 7), {"num_groups": 3, "axis": 1}
+    plan = plan_group_norm(shape, 3, 1, _threads())
+    assert plan.path == plan.backward_path == "flat" and 1 < plan.P < plan.B
+    L = plan.A * plan.C * plan.B
+    assert any(k * L // plan.K % plan.P for k in range(plan.K))     # a chunk starts mid-cell
+    x, w, b, dy = _inputs(rng, "group", shape, 1, dtype)
+    n = _n("group", shape, kw)
+    f = nc_forward("group", x, w, b, **kw)
+    check_forward("group", f, ref_forward("group", x, w, b, **kw), x, n=n)
+    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
+                   w, (shape[1],), n=n)
+    z = rng.standard_normal(shape).astype(dtype)
+    for residual in (None, z):
+        fr = nc_forward("group", x, w, b, activation="relu", residual=residual, **kw)
+        plain = nc_forward("group", x, w, b, residual=residual, **kw).y
+        np.testing.assert_array_equal(fr.y, np.maximum(plain, 0))
+        gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
+                         residual=residual is not None, **kw)
+        mask = (fr.y > 0).astype(dtype)
+        ref = ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw)
+        check_backward(gr, ref, x, dy, fr.rstd, w, (shape[1],), n=n)

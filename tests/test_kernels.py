@@ -63,6 +63,8 @@ def test_canonical_views(planner, args, view):
     (plan_batch_norm, ((512, 128, 4, 4), 1), "columns", "columns"),          # 2048 columns
     (plan_batch_norm, ((32, 128, 7, 7), 1), "columns_fused", "columns_fused"),  # slices
     (plan_batch_norm, ((1024, 64, 3, 3), 1), "columns", "columns"),          # runs of 9
+    (_bn_float16, ((64, 256, 7, 7), 1), "flat", "flat"),      # float16: from 8192 columns
+    (_bn_float16, ((256, 64, 7, 7), 1), "columns", "columns"),
 ])
 def test_paths(planner, args, path, backward_path):
     plan = planner(*args, T)
