@@ -24,6 +24,8 @@ RUN_MIN = 64
 # columns) 0.70 / 1.32, (1024, 32, 7, 7) (1568) 0.84 / 1.13, (256, 256, 3, 3) 0.51 / 0.81,
 # and sweeps split into slices of <= 800 columns (parallel columns_fused: (32, 256, 5, 5),
 # (32, 128, 7, 7)) 0.64-0.84 / 0.96-1.06. float64 gains more: 4.4 / 3.6 on (64, 256, 7, 7).
+# The same views of `moments` over (0, 2, 3) take the rule too: 1.9-5.8x on those shapes in
+# float32 and float64, 22-30x on (16, 2048, 7, 7).
 FLAT_RUN = 16
 WIDE_COLUMNS = 2048
 # float16 converts each value in the flat kernels' short loops, so it goes flat later: the

@@ -86,6 +86,21 @@ def test_normalize_path(shape, axis, normalize_path):
     assert plan_batch_norm(shape, axis, T).normalize_path == normalize_path
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_of_wide_short_runs_go_flat(dtype):
+    """moments over (0, 2, 3) of channels-first maps of 16-63 values takes BatchNorm's rule
+    (flat above 2048 columns), with NumPy's float64 mean and variance."""
+    shape = (8, 96, 5, 5)
+    plan, perm = plan_moments(shape, (0, 2, 3), T)
+    assert perm is None and plan.path == "flat"
+    x = np.random.default_rng(5).standard_normal(shape).astype(dtype) * 3 + 7
+    mean, var = nc.moments(x, axis=(0, 2, 3))
+    x64 = x.astype(np.float64)
+    tol = 64 * np.finfo(dtype).eps
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=tol)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=tol)
+
+
 def test_fused_column_slices():
     """Slices go round the threads, hold whole channels and are not too narrow."""
     plan = plan_batch_norm((256, 1024), 1, T)
