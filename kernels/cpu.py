@@ -2005,6 +2005,25 @@ def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, cen
         a = np.empty(W, w.dtype)
         bcoef = np.empty(W, w.dtype)
         ccoef = np.empty(W, w.dtype)
+        if B == 1:
+            # a statistic and a cell per column (BatchNorm 2-D / channels-last): one loop over
+            # the columns, the general one's arithmetic without its per-channel loops and
+            # divisions by P
+            for j in range(W):
+                c = c0 + j
+                rs = rstd[o * C + c]
+                sdyxhat = s2[j] * rs
+                dbias_out[o, c] = 0.0 + s1[j]
+                dweight_out[o, c] = 0.0 + sdyxhat
+                c1 = 0.0 if frozen else (0.0 + sdyxhat * w[c]) / n
+                c2 = 0.0 if frozen or not centered else (0.0 + s1[j] * w[c]) / n
+                bc = rs * rs * c1
+                a[j] = rs * w[c]
+                bcoef[j] = bc
+                ccoef[j] = rs * c2 - bc * lo[j]
+            dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
+                       ccoef, False)
+            continue
         for c in range(c0, c1):
             rs = rstd[o * C + c]
             for q in range(c * Q, (c + 1) * Q):
