@@ -87,8 +87,10 @@ def summary(results, label):
             named = r["case"] in cs.NAMED
             for peer, x in r["speedup"].items():
                 ratios.setdefault((named, peer, r["dtype"]), []).append(x)
-    return [f"{label} ×{peer} {dtype}{'' if named else ', the other cases'}: geomean "
-            f"{np.exp(np.mean(np.log(v))):.2f}, {sum(x < 1.5 for x in v)} of {len(v)} below 1.5×"
+    others = ", ".join(dict.fromkeys(r["case"] for r in results if r["case"] not in cs.NAMED))
+    return [f"{label} ×{peer} {dtype}{'' if named else f' ({others}, beyond the issue)'}: "
+            f"geomean {np.exp(np.mean(np.log(v))):.2f}, {sum(x < 1.5 for x in v)} of {len(v)} "
+            f"below 1.5×"
             for (named, peer, dtype), v in sorted(ratios.items(), key=lambda kv: not kv[0][0])
             if peer != "numpy"]
 
