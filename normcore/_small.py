@@ -234,17 +234,18 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
         if old is None:
             return None
     if not batch_stats:
-        # frozen_stats reads float32 running statistics as they are (exactly, as float64):
-        # two conversions fewer per call than the general path's
-        mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, plan.O, sig.compute)
+        # the frozen statistics read float32 running statistics as they are (exactly, as
+        # float64): two conversions fewer per call than the general path's
         xf, yf = x.reshape(-1), y.reshape(-1)
         if not plan.serial:
+            mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, plan.O, sig.compute)
             _cpu.normalize(plan, xf, yf, mean64, rstd64, w, b)
             return _shaped(sig, y, mean, rstd)
+        mean, rstd = np.empty(sig.R, sig.compute), np.empty(sig.R, sig.compute)
         if sig.bits:
             xf, yf = xf.view(_U16), yf.view(_U16)
-        _cpu.normalize_kernel(plan).serial(xf, sig.none, False, *sig.dims, plan.K, mean64, rstd64,
-                                           w, b, yf, False)
+        K.frozen_normalize(xf, plan.normalize_path == "columns", *sig.dims, plan.K, *old, eps, w,
+                           b, yf, mean, rstd)
         return _shaped(sig, y, mean, rstd)
     n = plan.n
     if n <= 1:

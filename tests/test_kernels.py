@@ -164,6 +164,9 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
         # so the unfused column backward's twins never run
         if variant == "serial" and kernel_name in ("column_backward_sums", "column_backward_dx"):
             continue
+        # the small-call path's eval on the calling thread (serial plans) only
+        if variant == "parallel" and kernel_name == "frozen_normalize":
+            continue
         kernel = getattr(kernel, "serial", kernel) if variant == "serial" else kernel
         signatures = [str(sig) for sig in kernel.signatures]
         assert signatures, f"{kernel_name} ({variant}) never compiled"
