@@ -141,6 +141,9 @@ def _exercise_every_path(dtype, rows):
     f = nc.batch_norm_forward(xl, axis=-1)          # fused when small (columns_fused)
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1)
+    # the general path's eval (column_normalize; the small call's runs frozen_normalize)
+    nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1,
+                  activation="relu")
     nc.moments(xl, axis=(0, 1))                                                 # column_moments
     nc.moments(x, axis=-1)                                                      # rows_moments
     xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
@@ -334,8 +337,9 @@ VECTOR_SCRIPT = textwrap.dedent("""
     for name in names:
         fn = getattr(K, name)
         asm = "".join(fn.inspect_asm(sig) for sig in fn.signatures if "uint16" in str(sig))
-        # 8 halves into a ymm register, from a register or straight from memory
-        print(name, len(re.findall(r"vcvtph2ps\\s+[^\\n]*%ymm", asm)))
+        # 8 halves into a ymm register (or 16 into a zmm), from a register or straight from
+        # memory; vcvtph2psx where the CPU has AVX512-FP16 (Sapphire Rapids and later)
+        print(name, len(re.findall(r"vcvtph2psx?\\s+[^\\n]*%[yz]mm", asm)))
 """)
 
 
