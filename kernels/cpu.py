@@ -1344,11 +1344,14 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
 
 
 @_jit(parallel=True)
-def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered, nblk,
+def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered, nblk,
                   dbias_part, dweight_part, dx, dz, stream):
     """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache.
 
     mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64).
+    w: (C * B // P,) parameter cells in the compute dtype; w_dx: the same array, or w repeated
+    per element (C * B values) for the dx pass, which then runs over a statistic's cells as
+    one loop (short cells, see normcore/_plan.py: SHORT_CELL).
     dbias_part, dweight_part: (nblk, C * B // P) zeroed partial sums, one row per block of
     statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
     compute dtype (w's) first.
@@ -1367,19 +1370,20 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen, centered
         r0 = k * R // nblk
         r1 = (k + 1) * R // nblk
         if relu:    # a constant for the helpers (see short_rows_backward)
-            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, frozen, centered,
-                                dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
+            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
         else:
-            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, frozen, centered,
-                                dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
+            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
 
 
 @_jit()
-def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, frozen, centered,
+def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
                         dbias_part, dweight_part, dx, dz, stream, r0, r1):
     """rows_backward's statistics [r0, r1) (of the flattened (o, c)), their parameter sums
     into dbias_part / dweight_part."""
     n = A * B
+    P_dx = 1 if w_dx.size == C * B else P
     dbias = np.zeros(dbias_part.size, w.dtype)
     dweight = np.zeros(dweight_part.size, w.dtype)
     o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
@@ -1404,7 +1408,7 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, frozen, cente
             ys = y[lo:lo + B] if relu else y
             dzs = dz[lo:lo + B] if dz.size else dz
             dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean_r, rstd_r,
-                   w, c1, c2, c, 0, B, P, stream)
+                   w_dx, c1, c2, c, 0, B, P_dx, stream)
         c += 1
         if c == C:
             o, c = o + 1, 0

@@ -143,6 +143,17 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
          bias, y, y.nbytes >= STREAM_MIN)
 
 
+def row_cells(plan, w):
+    """Parameter cells w as the row kernels' per-element passes take them: repeated per element
+    for short cells (see Plan.short_cells), else w itself."""
+    return np.repeat(w, plan.P) if plan.short_cells else w
+
+
+def row_period(plan):
+    """The parameter period P of row_cells' arrays."""
+    return 1 if plan.short_cells else plan.P
+
+
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
                   centered=True):
     """Batch statistics + normalization (+ residual z, ReLU). Returns saved (mean, rstd) in
@@ -160,7 +171,8 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         stream = y.nbytes >= STREAM_MIN
         if path == "rows":
             _run(plan, K.rows_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
-                 plan.P, w, bias, eps, y, mean, rstd, var, stream)
+                 row_period(plan), row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd,
+                 var, stream)
         else:
             _run(plan, K.column_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
                  plan.P, plan.S, w, bias, eps, y, mean, rstd, var, stream and plan.S == 1)
@@ -234,8 +246,9 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     if plan.backward_path == "rows":
         nblk = plan.nblk
         dbias, dweight = np.zeros((nblk, C * Q)), np.zeros((nblk, C * Q))
-        _run(plan, K.rows_backward, dy, y, relu, x, O, A, C, B, P, mean, rstd, w, frozen,
-             centered, nblk, dbias, dweight, dx, dz, dx.nbytes >= STREAM_MIN)
+        _run(plan, K.rows_backward, dy, y, relu, x, O, A, C, B, P, mean, rstd, w,
+             row_cells(plan, w), frozen, centered, nblk, dbias, dweight, dx, dz,
+             dx.nbytes >= STREAM_MIN)
         if nblk == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)

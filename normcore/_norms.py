@@ -438,7 +438,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=
         if f is not None:
             return NormForward(*f, None, None)
     be = check_input("x", x)
-    plan = plan_group_norm(x.shape, num_groups, axis, _threads())
+    plan = plan_group_norm(x.shape, num_groups, axis, _threads(), x.dtype.itemsize)
     context = _context((x.shape, "num_groups", num_groups, "axis", axis))
     w, b = _affine(plan, be, x, weight, bias, context)
     eps = check_eps(eps)
@@ -470,7 +470,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, axis=1, a
         if grads is not None:
             return NormBackward(*grads)
     be = check_input("x", x)
-    plan = plan_group_norm(x.shape, num_groups, axis, _threads())
+    plan = plan_group_norm(x.shape, num_groups, axis, _threads(), x.dtype.itemsize)
     return _backward(plan, be, dy, x, mean, rstd, weight, False, dx_out,
                      _context((x.shape, "num_groups", num_groups, "axis", axis)),
                      activation=activation, y=y, residual=residual)

@@ -51,6 +51,21 @@ RUN_ROWS = 1024
 # backward goes flat too); float64 stays on the rows (flat forward 0.86 on (32, 64, 56, 56)).
 # Below 2**22 elements the two are within noise.
 FLAT_FORWARD = 1 << 22
+# The row kernels take parameter cells of at most SHORT_CELL values (GroupNorm channels-first on
+# maps of up to 8 x 8) repeated per element, so that the normalize pass and the backward's dx
+# pass run over a statistic's cells as one loop rather than a loop of P values per cell, whose
+# vector body hardly runs. float32 kernels alone, per-cell / per-element, in one process:
+# forward (64, 256, 7, 7) 208 / 151 us, (64, 64, 3, 3) 48 / 28, (64, 256, 8, 8) 236 / 207,
+# but (32, 256, 10, 10) 151 / 148 and (16, 128, 14, 14) 67 / 65 gain nothing and
+# (32, 64, 28, 28) 249 / 275 loses. The backward's sums stay per cell: per-element partials
+# of dbias / dweight cost more than they saved ((8, 512, 7, 7) 74 / 179 us). The repeat is a
+# sample's worth of parameters per call, so it pays from SHORT_CELL_SAMPLES samples on; and
+# float64 (8 lanes, each cell's loop vectorizes) lost with it: 0.59-0.91x forward. Calls,
+# bench/ab.py in one process, forward / backward: float32 (64, 256, 7, 7) 1.18 / 1.05x,
+# (32, 256, 4, 4) 1.58 / 1.17x, float16 1.18 / 1.08x and 1.38 / 1.14x; (16, 512, 7, 7) and
+# (16, 256, 7, 7) 0.92-1.04x.
+SHORT_CELL = 64
+SHORT_CELL_SAMPLES = 32
 # Smallest chunk (elements) worth a parallel work item.
 MIN_ITEM = 1 << 15
 # Work items per thread, for load balance.
@@ -96,6 +111,7 @@ class Plan:
     S: int                 # channel slices per o for the fused column kernels
     Sb: int                # ... for the fused column backward
     nblk: int              # row blocks for rows_backward
+    short_cells: bool      # the row kernels take weight / bias repeated per element
     serial: bool           # small enough for the kernels' serial twins
     stats_shape: tuple     # shape of the saved mean / rstd
     param_shape: tuple     # shape of weight / bias
@@ -155,6 +171,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
     columns = path.startswith("columns") and not (P == B >= FLAT_RUN
                                                   and C * B > NORMALIZE_COLUMNS)
     normalize_path = "columns" if columns else "flat"
+    short_cells = (path == "rows" and A == 1 and 1 < P < B and P <= SHORT_CELL
+                   and itemsize <= 4 and O >= SHORT_CELL_SAMPLES)
     if serial:      # no split: one chunk per sample, one block of partial sums
         K, nblk = 1, 1
     else:
@@ -162,8 +180,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         if backward_path == "columns":
             K = min(K, A)
         nblk = max(1, min(stats, items))
-    return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, serial,
-                stats_shape, param_shape)
+    return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, short_cells,
+                serial, stats_shape, param_shape)
 
 
 def _prod(dims):
@@ -210,7 +228,7 @@ def plan_instance_norm(shape, axis, threads):
 
 
 @lru_cache(maxsize=512, typed=True)
-def plan_group_norm(shape, num_groups, axis, threads):
+def plan_group_norm(shape, num_groups, axis, threads, itemsize=8):
     ax = _channel_axis(shape, axis, "group_norm")
     N, C = shape[0], shape[ax]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
@@ -221,7 +239,7 @@ def plan_group_norm(shape, num_groups, axis, threads):
     P = _prod(shape[ax + 1:])
     B = (C // num_groups) * P
     return canonical(N, _prod(shape[1:ax]), num_groups, B, max(P, 1), (N, num_groups), (C,),
-                     threads)
+                     threads, itemsize)
 
 
 def normalize_trailing_axes(axis, ndim):

@@ -40,7 +40,8 @@ class _Signature:
     """What the calls of one signature need, decided once."""
 
     __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "param_shape",
-                 "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros", "cells",
+                 "row_dims", "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros",
+                 "cells",
                  "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
 
     def __init__(self, shape, dtype, plan):
@@ -50,6 +51,7 @@ class _Signature:
         self.none = _EMPTY[_U16 if self.bits else dtype]   # an absent residual / y / dz
         self.compute = stats_dtype(dtype)   # the parameters' and saved statistics' dtype
         self.dims = (plan.O, plan.A, plan.C, plan.B, plan.P)
+        self.row_dims = self.dims[:4] + (_cpu.row_period(plan),)    # rows_forward's
         self.param_shape, self.stats_shape = plan.param_shape, plan.stats_shape
         self.flat_params = len(plan.param_shape) == 1
         self.flat_stats = len(plan.stats_shape) == 1
@@ -73,7 +75,7 @@ def _plan(norm, shape, dtype, axis, groups):
         return plan_batch_norm(shape, axis, threads, dtype.itemsize)
     if norm == "instance":
         return plan_instance_norm(shape, axis, threads)
-    return plan_group_norm(shape, groups, axis, threads)
+    return plan_group_norm(shape, groups, axis, threads, dtype.itemsize)
 
 
 def _prepare(key):
@@ -190,8 +192,9 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     var = np.empty(sig.R) if want_var else _EMPTY64
     if sig.bits:
         xf, yf = xf.view(_U16), yf.view(_U16)
-    K.rows_forward.serial(xf, sig.none, False, centered, *sig.dims, w, b, eps, yf, mean, rstd,
-                          var, False)
+    plan = sig.plan
+    K.rows_forward.serial(xf, sig.none, False, centered, *sig.row_dims, _cpu.row_cells(plan, w),
+                          _cpu.row_cells(plan, b), eps, yf, mean, rstd, var, False)
     return mean, rstd, (var if want_var else None)
 
 
@@ -278,8 +281,9 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
         dbias, dweight = np.zeros((1, sig.cells)), np.zeros((1, sig.cells))
         if sig.bits:
             dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
-        K.rows_backward.serial(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w, frozen,
-                               centered, 1, dbias, dweight, dxf, sig.none, False)
+        K.rows_backward.serial(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
+                               _cpu.row_cells(sig.plan, w), frozen, centered, 1, dbias, dweight,
+                               dxf, sig.none, False)
         dweight, dbias = dweight[0], dbias[0]
     else:
         dweight, dbias = _cpu.backward(sig.plan, dyf, xf, dxf, mean, rstd, w, frozen,

@@ -5,6 +5,7 @@ import oracle
 import pytest
 from helpers import (
     FLOATS,
+    assert_close,
     check_backward,
     check_forward,
     nc_backward,
@@ -292,6 +293,39 @@ def test_wide_short_runs_match_oracle(shape, dtype, rng):
     f = nc.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
     ref = oracle.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, training=False)
     check_forward("batch", f, ref, x, n=1)
+
+
+@pytest.mark.parametrize("shape, groups", [((64, 64, 7, 7), 16), ((32, 8, 3, 3), 4)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_short_group_cells_on_rows_match_oracle(shape, groups, dtype, rng):
+    """GroupNorm cells of 9 / 49 values on the row kernels (parallel / serial), which in
+    float32 take the parameters repeated per element for the normalize and dx passes and keep
+    per-cell sums for dweight / dbias: plain (the common call's direct path), and with ReLU and a
+    residual (the general path). float16: tests/test_features.py."""
+    from normcore._norms import _threads
+    from normcore._plan import plan_group_norm
+    kw = {"num_groups": groups, "axis": 1}
+    plan = plan_group_norm(shape, groups, 1, _threads(), np.dtype(dtype).itemsize)
+    assert plan.path == plan.backward_path == "rows"
+    assert plan.short_cells == (dtype == np.float32) and plan.serial == (shape[1] == 8)
+    x, w, b, dy = _inputs(rng, "group", shape, 1, dtype)
+    n = _n("group", shape, kw)
+    f = nc_forward("group", x, w, b, **kw)
+    check_forward("group", f, ref_forward("group", x, w, b, **kw), x, n=n)
+    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
+                   w, (shape[1],), n=n)
+    z = rng.standard_normal(shape).astype(dtype)
+    fr = nc_forward("group", x, w, b, activation="relu", residual=z, **kw)
+    ref = ref_forward("group", x, w, b, **kw)
+    np.testing.assert_array_equal(fr.mean, f.mean)
+    expect = np.maximum(np.asarray(ref.y, np.float64) + z, 0)
+    assert_close(fr.y, expect, dtype=dtype, n=n, scale=float(np.max(np.abs(expect))), what="y")
+    gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
+                     residual=True, **kw)
+    mask = (fr.y > 0).astype(dtype)
+    check_backward(gr, ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw), x, dy,
+                   fr.rstd, w, (shape[1],), n=n)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -86,6 +86,25 @@ def test_normalize_path(shape, axis, normalize_path):
     assert plan_batch_norm(shape, axis, T).normalize_path == normalize_path
 
 
+@pytest.mark.parametrize("shape, groups, itemsize, short_cells", [
+    ((64, 256, 7, 7), 32, 4, True),
+    ((64, 256, 7, 7), 32, 2, True),
+    ((64, 256, 7, 7), 32, 8, False),    # float64: each cell's loop vectorizes
+    ((64, 256, 8, 8), 32, 4, True),     # cells of SHORT_CELL values
+    ((32, 256, 4, 4), 32, 4, True),
+    ((16, 256, 7, 7), 32, 4, False),    # too few samples to repay the repeat
+    ((64, 128, 14, 14), 32, 4, False),  # 196
+    ((64, 256, 7, 7), 256, 4, False),   # one cell per statistic (InstanceNorm's rows)
+    ((64, 64, 1, 1), 16, 4, False),     # cells of one value: parameters per element already
+])
+def test_short_cells(shape, groups, itemsize, short_cells):
+    """The row kernels take the parameters repeated per element for float16 / float32 cells
+    of <= 64 values and 32 samples or more."""
+    plan = plan_group_norm(shape, groups, 1, T, itemsize)
+    assert plan.path == "rows" and plan.short_cells == short_cells
+    assert not plan_layer_norm((512, 768), -1, T).short_cells
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_of_wide_short_runs_go_flat(dtype):
     """moments over (0, 2, 3) of channels-first maps of 16-63 values takes BatchNorm's rule
