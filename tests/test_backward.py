@@ -295,37 +295,46 @@ def test_wide_short_runs_match_oracle(shape, dtype, rng):
     check_forward("batch", f, ref, x, n=1)
 
 
+def _check_group_norm_epilogues(shape, kw, dtype, rng):
+    """GroupNorm forward and backward against the oracle: plain, with a residual, and with
+    ReLU after it or alone."""
+    x, w, b, dy = _inputs(rng, "group", shape, kw["axis"], dtype)
+    n = _n("group", shape, kw)
+    f = nc_forward("group", x, w, b, **kw)
+    ref = ref_forward("group", x, w, b, **kw)
+    check_forward("group", f, ref, x, n=n)
+    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
+                   w, (shape[1],), n=n)
+    z = rng.standard_normal(shape).astype(dtype)
+    expect = np.asarray(ref.y, np.float64) + z
+    for residual in (None, z):
+        plain = nc_forward("group", x, w, b, residual=residual, **kw).y
+        if residual is not None:
+            assert_close(plain, expect, dtype=dtype, n=n, scale=float(np.max(np.abs(expect))),
+                         what="y + residual")
+        fr = nc_forward("group", x, w, b, activation="relu", residual=residual, **kw)
+        np.testing.assert_array_equal(fr.y, np.maximum(plain, 0))
+        gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
+                         residual=residual is not None, **kw)
+        mask = (fr.y > 0).astype(dtype)
+        ref_dx = ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw)
+        check_backward(gr, ref_dx, x, dy, fr.rstd, w, (shape[1],), n=n)
+
+
 @pytest.mark.parametrize("shape, groups", [((64, 64, 7, 7), 16), ((32, 8, 3, 3), 4)])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_short_group_cells_on_rows_match_oracle(shape, groups, dtype, rng):
     """GroupNorm cells of 9 / 49 values on the row kernels (parallel / serial), which in
     float32 take the parameters repeated per element for the normalize and dx passes and keep
-    per-cell sums for dweight / dbias: plain (the common call's direct path), and with ReLU and a
-    residual (the general path). float16: tests/test_features.py."""
+    per-cell sums for dweight / dbias: plain (the common call's direct path), and with a
+    residual and ReLU (the general path). float16: tests/test_features.py."""
     from normcore._norms import _threads
     from normcore._plan import plan_group_norm
-    kw = {"num_groups": groups, "axis": 1}
     plan = plan_group_norm(shape, groups, 1, _threads(), np.dtype(dtype).itemsize)
     assert plan.path == plan.backward_path == "rows"
     assert plan.short_cells == (dtype == np.float32) and plan.serial == (shape[1] == 8)
-    x, w, b, dy = _inputs(rng, "group", shape, 1, dtype)
-    n = _n("group", shape, kw)
-    f = nc_forward("group", x, w, b, **kw)
-    check_forward("group", f, ref_forward("group", x, w, b, **kw), x, n=n)
-    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
-    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
-                   w, (shape[1],), n=n)
-    z = rng.standard_normal(shape).astype(dtype)
-    fr = nc_forward("group", x, w, b, activation="relu", residual=z, **kw)
-    ref = ref_forward("group", x, w, b, **kw)
-    np.testing.assert_array_equal(fr.mean, f.mean)
-    expect = np.maximum(np.asarray(ref.y, np.float64) + z, 0)
-    assert_close(fr.y, expect, dtype=dtype, n=n, scale=float(np.max(np.abs(expect))), what="y")
-    gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
-                     residual=True, **kw)
-    mask = (fr.y > 0).astype(dtype)
-    check_backward(gr, ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw), x, dy,
-                   fr.rstd, w, (shape[1],), n=n)
+    _check_group_norm_epilogues(shape, {"num_groups": groups, "axis": 1}, dtype, rng)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -334,25 +343,9 @@ def test_short_group_cells_mid_chunk_match_oracle(dtype, rng):
     the forward's and dx's cell loops, plain, with ReLU, and with ReLU and a residual."""
     from normcore._norms import _threads
     from normcore._plan import plan_group_norm
-    shape, kw = (1, 1365, 7, 7), {"num_groups": 3, "axis": 1}
+    shape = (1, 1365, 7, 7)
     plan = plan_group_norm(shape, 3, 1, _threads())
     assert plan.path == plan.backward_path == "flat" and 1 < plan.P < plan.B
     L = plan.A * plan.C * plan.B
     assert any(k * L // plan.K % plan.P for k in range(plan.K))     # a chunk starts mid-cell
-    x, w, b, dy = _inputs(rng, "group", shape, 1, dtype)
-    n = _n("group", shape, kw)
-    f = nc_forward("group", x, w, b, **kw)
-    check_forward("group", f, ref_forward("group", x, w, b, **kw), x, n=n)
-    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
-    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
-                   w, (shape[1],), n=n)
-    z = rng.standard_normal(shape).astype(dtype)
-    for residual in (None, z):
-        fr = nc_forward("group", x, w, b, activation="relu", residual=residual, **kw)
-        plain = nc_forward("group", x, w, b, residual=residual, **kw).y
-        np.testing.assert_array_equal(fr.y, np.maximum(plain, 0))
-        gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
-                         residual=residual is not None, **kw)
-        mask = (fr.y > 0).astype(dtype)
-        ref = ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw)
-        check_backward(gr, ref, x, dy, fr.rstd, w, (shape[1],), n=n)
+    _check_group_norm_epilogues(shape, {"num_groups": 3, "axis": 1}, dtype, rng)
