@@ -1158,24 +1158,28 @@ def short_rows_moments(x, r0, r1, B, mean, m2):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def short_rows_normalize(x, z, relu, y, r0, r1, B, hi, lo, rs, w, bias, stream):
+def short_rows_normalize(x, z, relu, y, r0, r1, C, B, hi, lo, rs, w, bias, stream):
     """y = relu((x - mean) * rstd * w + bias + z) on the rows [r0, r1) of length B, with a
-    weight and bias per element (LayerNorm) and per-row hi, lo, rs (r1 - r0,) in the compute
-    dtype (see normalize_run). stream: the rows are whole windows (see short_rows_stream);
-    their values go out with non-temporal stores."""
+    weight and bias per element, row r's at [c * B, (c + 1) * B) for c = r % C (LayerNorm:
+    C == 1), and per-row hi, lo, rs (r1 - r0,) in the compute dtype (see normalize_run).
+    stream: the rows are whole windows (see short_rows_stream); their values go out with
+    non-temporal stores."""
+    c = r0 % C
     for r in range(r0, r1):
         xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
+        wv, bv = w[c * B:(c + 1) * B], bias[c * B:(c + 1) * B]
+        c = c + 1 if c + 1 < C else 0
         h, low, rsr = hi[r - r0], lo[r - r0], rs[r - r0]
-        if stream and stream_normalize(ys, (xs, w, bias), (h, low, rsr)):
+        if stream and stream_normalize(ys, (xs, wv, bv), (h, low, rsr)):
             continue
         if z.size:
             zs = z[r * B:(r + 1) * B]
             for i in range(B):
-                v = center(loadc(xs[i]), h, low) * (rsr * w[i]) + bias[i] + loadc(zs[i])
+                v = center(loadc(xs[i]), h, low) * (rsr * wv[i]) + bv[i] + loadc(zs[i])
                 ys[i] = store(activate(v, relu), ys)
         else:
             for i in range(B):
-                v = center(loadc(xs[i]), h, low) * (rsr * w[i]) + bias[i]
+                v = center(loadc(xs[i]), h, low) * (rsr * wv[i]) + bv[i]
                 ys[i] = store(activate(v, relu), ys)
 
 
@@ -1198,10 +1202,11 @@ def short_rows_stream(ys, B, lanes):
 
 
 @_jit()
-def short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
                        r0, r1, stream):
     """rows_forward on the rows [r0, r1) of length B <= SHORT_ROW with an affine parameter per
-    element (LayerNorm, RMSNorm), SHORT_BLOCK rows at a time: their statistics, then their
+    element (LayerNorm, RMSNorm; InstanceNorm / GroupNorm short cells repeated per element:
+    C statistics per sample), SHORT_BLOCK rows at a time: their statistics, then their
     normalization, one call each (a call per row made the LayerNorm (65536, 128) forward
     1.2-1.7x slower)."""
     mean = np.empty(SHORT_BLOCK)
@@ -1225,7 +1230,7 @@ def short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_
                 var_out[b0 + i] = var
             hi[i], lo[i] = split(mu, x)
             rs[i] = rstd
-        short_rows_normalize(x, z, relu, y, b0, b1, B, hi, lo, rs, w, bias, stream)
+        short_rows_normalize(x, z, relu, y, b0, b1, C, B, hi, lo, rs, w, bias, stream)
     if stream:
         sfence()
 
@@ -1248,10 +1253,10 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     x, z, y = borrow(x), borrow(z), borrow(y)
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
-    if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+    if A == 1 and P == 1 and B <= SHORT_ROW:
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
         for k in prange(nblk):
-            short_rows_forward(x, z, relu, centered, B, w, bias, eps, y, mean_out, rstd_out,
+            short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                var_out, k * R // nblk, (k + 1) * R // nblk, stream)
         return
     for k in prange(nblk):
@@ -1343,6 +1348,47 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
     flush(dweight, dweight_part)
 
 
+@_jit()
+def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, dbias_part,
+                     dweight_part, dx, r0, r1):
+    """rows_backward without ReLU or residual on the rows [r0, r1) of length B made of cells of
+    P values, with the weights also repeated per element (w_dx: InstanceNorm / GroupNorm short
+    cells), in one loop as short_rows_loop: a row's per-cell sums (run_sums, inlined), then its
+    dx with w_dx while the row is in cache, with plain stores (as the short LayerNorm rows'). A
+    call per row to each of backward_sums_run and dx_run cost ~100 ns a row of 49 values:
+    InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x, (64, 512, 4, 4) 3.3-3.8x faster here,
+    GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x."""
+    Q = B // P
+    dbias = np.zeros(dbias_part.size)
+    dweight = np.zeros(dweight_part.size)
+    c = r0 % C
+    for r in range(r0, r1):
+        s = r * B
+        xs, dys = x[s:s + B], dy[s:s + B]
+        rstd_r = np.float64(rstd[r])
+        hi, lo = split(np.float64(mean[r]), x)
+        rs = narrow(rstd_r, x)
+        g1 = 0.0
+        g2 = 0.0
+        for q in range(Q):
+            h1, h2 = run_sums(dys[q * P:(q + 1) * P], y, False, xs[q * P:(q + 1) * P], hi, lo,
+                              rs)
+            cell = c * Q + q
+            dbias[cell] += h1
+            dweight[cell] += h2
+            g1 += w[cell] * h1
+            g2 += w[cell] * h2
+        c1 = 0.0 if frozen else g2 / B
+        c2 = 0.0 if frozen or not centered else g1 / B
+        short_row_dx(dys, y, False, xs, dx[s:s + B], y, hi, lo, rs,
+                     narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
+                     w_dx[c * B:(c + 1) * B])
+        c = c + 1 if c + 1 < C else 0
+    for i in range(dbias.size):
+        dbias_part[i] += dbias[i]
+        dweight_part[i] += dweight[i]
+
+
 @_jit(parallel=True)
 def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered, nblk,
                   dbias_part, dweight_part, dx, dz, stream):
@@ -1365,6 +1411,12 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
             short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered,
                                 dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
                                 (k + 1) * R // nblk)
+        return
+    if A == 1 and P > 1 and w_dx.size == C * B and not relu and not dz.size:
+        for k in prange(nblk):
+            short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                             dbias_part[k], dweight_part[k], dx, k * R // nblk,
+                             (k + 1) * R // nblk)
         return
     for k in prange(nblk):
         r0 = k * R // nblk

@@ -51,19 +51,22 @@ RUN_ROWS = 1024
 # backward goes flat too); float64 stays on the rows (flat forward 0.86 on (32, 64, 56, 56)).
 # Below 2**22 elements the two are within noise.
 FLAT_FORWARD = 1 << 22
-# The row kernels take parameter cells of at most SHORT_CELL values (GroupNorm channels-first on
-# maps of up to 8 x 8) repeated per element, so that the normalize pass and the backward's dx
-# pass run over a statistic's cells as one loop rather than a loop of P values per cell, whose
-# vector body hardly runs. float32 kernels alone, per-cell / per-element, in one process:
-# forward (64, 256, 7, 7) 208 / 151 us, (64, 64, 3, 3) 48 / 28, (64, 256, 8, 8) 236 / 207,
-# but (32, 256, 10, 10) 151 / 148 and (16, 128, 14, 14) 67 / 65 gain nothing and
-# (32, 64, 28, 28) 249 / 275 loses. The backward's sums stay per cell: per-element partials
-# of dbias / dweight cost more than they saved ((8, 512, 7, 7) 74 / 179 us). The repeat is a
-# sample's worth of parameters per call, so it pays from SHORT_CELL_SAMPLES samples on; and
-# float64 (8 lanes, each cell's loop vectorizes) lost with it: 0.59-0.91x forward. Calls,
-# bench/ab.py in one process, forward / backward: float32 (64, 256, 7, 7) 1.18 / 1.05x,
-# (32, 256, 4, 4) 1.58 / 1.17x, float16 1.18 / 1.08x and 1.38 / 1.14x; (16, 512, 7, 7) and
-# (16, 256, 7, 7) 0.92-1.04x.
+# The row kernels take parameter cells of at most SHORT_CELL values (GroupNorm and InstanceNorm
+# channels-first on maps of up to 8 x 8) repeated per element, so that the normalize pass and
+# the backward's dx pass run over a statistic's cells as one loop rather than a loop of P
+# values per cell, and rows of up to SHORT_ROW values (kernels/cpu.py) go as LayerNorm's short
+# rows do, in blocks: a call per row of 49 values cost more than its arithmetic. The backward's
+# sums stay per cell (per-element partials of dbias / dweight cost more than they saved:
+# GroupNorm (8, 512, 7, 7) 74 / 179 us), in one loop over the rows (short_cells_loop). The
+# repeat is a sample's worth of parameters per call, so it pays from SHORT_CELL_SAMPLES samples
+# on; float64 GroupNorm (8 lanes: each cell's loop vectorizes) lost with it, 0.59-0.91x
+# forward. bench/ab.py against the per-cell loops, one process, forward / backward:
+# InstanceNorm (64, 256, 7, 7) 1.6 / 2.8x float32, 1.6 / 2.4x float64, 2.0 / 2.0x float16;
+# (64, 512, 4, 4) 2.0-2.8 / 3.1-3.8x; (32, 64, 8, 8) 1.3-1.8 / 1.9-2.4x; GroupNorm
+# (64, 256, 7, 7) 0.95-1.07 / 1.5-1.6x, (64, 256, 4, 4) 1.25 / 2.3x, (64, 512, 7, 7) (rows of
+# 784, not blocked) 1.0 / 1.35x. Above 64 values the cells' own loops are long enough:
+# per-element parameters gained nothing on (32, 256, 10, 10) or (16, 128, 14, 14) and lost
+# on (32, 64, 28, 28) (0.91x forward).
 SHORT_CELL = 64
 SHORT_CELL_SAMPLES = 32
 # Smallest chunk (elements) worth a parallel work item.
@@ -171,8 +174,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
     columns = path.startswith("columns") and not (P == B >= FLAT_RUN
                                                   and C * B > NORMALIZE_COLUMNS)
     normalize_path = "columns" if columns else "flat"
-    short_cells = (path == "rows" and A == 1 and 1 < P < B and P <= SHORT_CELL
-                   and itemsize <= 4 and O >= SHORT_CELL_SAMPLES)
+    short_cells = (path == "rows" and A == 1 and 1 < P <= SHORT_CELL
+                   and (itemsize <= 4 or P == B) and O >= SHORT_CELL_SAMPLES)
     if serial:      # no split: one chunk per sample, one block of partial sums
         K, nblk = 1, 1
     else:

@@ -295,46 +295,58 @@ def test_wide_short_runs_match_oracle(shape, dtype, rng):
     check_forward("batch", f, ref, x, n=1)
 
 
-def _check_group_norm_epilogues(shape, kw, dtype, rng):
-    """GroupNorm forward and backward against the oracle: plain, with a residual, and with
-    ReLU after it or alone."""
-    x, w, b, dy = _inputs(rng, "group", shape, kw["axis"], dtype)
-    n = _n("group", shape, kw)
-    f = nc_forward("group", x, w, b, **kw)
-    ref = ref_forward("group", x, w, b, **kw)
-    check_forward("group", f, ref, x, n=n)
-    got = nc_backward("group", dy, x, f.mean, f.rstd, w, **kw)
-    check_backward(got, ref_backward("group", dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
+def _check_epilogues(norm, shape, kw, dtype, rng):
+    """Forward and backward against the oracle: plain, with a residual, and with ReLU after it
+    or alone (channels on axis 1)."""
+    x, w, b, dy = _inputs(rng, norm, shape, kw["axis"], dtype)
+    n = _n(norm, shape, kw)
+    f = nc_forward(norm, x, w, b, **kw)
+    ref = ref_forward(norm, x, w, b, **kw)
+    check_forward(norm, f, ref, x, n=n)
+    got = nc_backward(norm, dy, x, f.mean, f.rstd, w, **kw)
+    check_backward(got, ref_backward(norm, dy, x, f.mean, f.rstd, w, **kw), x, dy, f.rstd,
                    w, (shape[1],), n=n)
     z = rng.standard_normal(shape).astype(dtype)
     expect = np.asarray(ref.y, np.float64) + z
     for residual in (None, z):
-        plain = nc_forward("group", x, w, b, residual=residual, **kw).y
+        plain = nc_forward(norm, x, w, b, residual=residual, **kw).y
         if residual is not None:
             assert_close(plain, expect, dtype=dtype, n=n, scale=float(np.max(np.abs(expect))),
                          what="y + residual")
-        fr = nc_forward("group", x, w, b, activation="relu", residual=residual, **kw)
+        fr = nc_forward(norm, x, w, b, activation="relu", residual=residual, **kw)
         np.testing.assert_array_equal(fr.y, np.maximum(plain, 0))
-        gr = nc_backward("group", dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
+        gr = nc_backward(norm, dy, x, fr.mean, fr.rstd, w, activation="relu", y=fr.y,
                          residual=residual is not None, **kw)
         mask = (fr.y > 0).astype(dtype)
-        ref_dx = ref_backward("group", dy * mask, x, fr.mean, fr.rstd, w, **kw)
+        ref_dx = ref_backward(norm, dy * mask, x, fr.mean, fr.rstd, w, **kw)
         check_backward(gr, ref_dx, x, dy, fr.rstd, w, (shape[1],), n=n)
 
 
-@pytest.mark.parametrize("shape, groups", [((64, 64, 7, 7), 16), ((32, 8, 3, 3), 4)])
+@pytest.mark.parametrize("norm, shape, groups", [
+    ("group", (64, 64, 7, 7), 16), ("group", (32, 8, 3, 3), 4),      # rows of 196 / 18
+    ("group", (64, 16, 12, 5), 2),                                    # rows of 480, cells of 60
+    ("group", (32, 64, 8, 8), 4),                   # rows of 1024: the general row loop
+    ("instance", (64, 32, 7, 7), 0), ("instance", (32, 8, 3, 3), 0)])
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_short_group_cells_on_rows_match_oracle(shape, groups, dtype, rng):
-    """GroupNorm cells of 9 / 49 values on the row kernels (parallel / serial), which in
-    float32 take the parameters repeated per element for the normalize and dx passes and keep
-    per-cell sums for dweight / dbias: plain (the common call's direct path), and with a
-    residual and ReLU (the general path). float16: tests/test_features.py."""
+def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
+    """Cells of <= 64 values on the row kernels (parallel / serial), which take the
+    parameters repeated per element (InstanceNorm: every dtype; GroupNorm: float32) for the
+    normalize and dx passes and keep per-cell sums for dweight / dbias; rows of <= 512 values
+    go in blocks of rows (short_rows_forward, short_cells_loop). Plain (the common call's
+    direct path), and with a residual and ReLU (the general path, whose backward takes the
+    row loop). float16: tests/test_features.py."""
     from normcore._norms import _threads
-    from normcore._plan import plan_group_norm
-    plan = plan_group_norm(shape, groups, 1, _threads(), np.dtype(dtype).itemsize)
+    from normcore._plan import plan_group_norm, plan_instance_norm
+    if norm == "group":
+        plan = plan_group_norm(shape, groups, 1, _threads(), np.dtype(dtype).itemsize)
+        kw = {"num_groups": groups, "axis": 1}
+    else:
+        plan = plan_instance_norm(shape, 1, _threads())
+        kw = {"axis": 1}
     assert plan.path == plan.backward_path == "rows"
-    assert plan.short_cells == (dtype == np.float32) and plan.serial == (shape[1] == 8)
-    _check_group_norm_epilogues(shape, {"num_groups": groups, "axis": 1}, dtype, rng)
+    assert plan.short_cells == (dtype == np.float32 or norm == "instance")
+    assert plan.serial == (shape[1] == 8)         # (32, 8, 3, 3): the serial twins
+    _check_epilogues(norm, shape, kw, dtype, rng)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -348,4 +360,4 @@ def test_short_group_cells_mid_chunk_match_oracle(dtype, rng):
     assert plan.path == plan.backward_path == "flat" and 1 < plan.P < plan.B
     L = plan.A * plan.C * plan.B
     assert any(k * L // plan.K % plan.P for k in range(plan.K))     # a chunk starts mid-cell
-    _check_group_norm_epilogues(shape, {"num_groups": 3, "axis": 1}, dtype, rng)
+    _check_epilogues("group", shape, {"num_groups": 3, "axis": 1}, dtype, rng)

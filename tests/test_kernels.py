@@ -94,15 +94,24 @@ def test_normalize_path(shape, axis, normalize_path):
     ((32, 256, 4, 4), 32, 4, True),
     ((16, 256, 7, 7), 32, 4, False),    # too few samples to repay the repeat
     ((64, 128, 14, 14), 32, 4, False),  # 196
-    ((64, 256, 7, 7), 256, 4, False),   # one cell per statistic (InstanceNorm's rows)
+    ((64, 256, 7, 7), 256, 8, True),    # one cell per statistic, as InstanceNorm's
     ((64, 64, 1, 1), 16, 4, False),     # cells of one value: parameters per element already
 ])
 def test_short_cells(shape, groups, itemsize, short_cells):
-    """The row kernels take the parameters repeated per element for float16 / float32 cells
-    of <= 64 values and 32 samples or more."""
+    """The row kernels take the parameters repeated per element for cells of <= 64 values
+    and 32 samples or more: float16 / float32 GroupNorm, and every dtype where a cell is a
+    whole statistic (InstanceNorm)."""
     plan = plan_group_norm(shape, groups, 1, T, itemsize)
     assert plan.path == "rows" and plan.short_cells == short_cells
     assert not plan_layer_norm((512, 768), -1, T).short_cells
+
+
+@pytest.mark.parametrize("shape, short_cells", [
+    ((64, 256, 7, 7), True), ((32, 64, 8, 8), True), ((64, 512, 4, 4), True),
+    ((64, 128, 14, 14), False), ((16, 256, 7, 7), False)])
+def test_short_instance_rows(shape, short_cells):
+    plan = plan_instance_norm(shape, 1, T)
+    assert plan.path == "rows" and plan.short_cells == short_cells
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -327,7 +336,7 @@ def short_rows(x, w, b):
     f32 = np.float32
     y = np.empty(256, np.float32)
     y = y[(-y.ctypes.data) % 64 // 4:][:128]       # whole 64-byte lines
-    cpu.short_rows_normalize(x[:128], x[:0], False, y, 0, 2, 64, np.full(2, f32(0.5)),
+    cpu.short_rows_normalize(x[:128], x[:0], False, y, 0, 2, 1, 64, np.full(2, f32(0.5)),
                              np.zeros(2, f32), np.full(2, f32(1.5)), w[:64], b[:64], True)
     return y
 
