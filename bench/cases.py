@@ -66,6 +66,7 @@ CASES = [
     Case("bn_nchw_7x7", "batch", (64, 256, 7, 7), axis=1, quick=False, named=False),
     Case("gn32_nchw_7x7", "group", (64, 256, 7, 7), axis=1, groups=32, quick=False,
          named=False),
+    Case("in_nchw_7x7", "instance", (64, 256, 7, 7), axis=1, quick=False, named=False),
 ]
 NAMED = {c.name for c in CASES if c.named}
 

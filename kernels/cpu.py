@@ -70,6 +70,8 @@ BLOCK_ROWS = 32
 # Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
 SHORT_ROW = 512
 SHORT_BLOCK = 128
+# InstanceNorm rows of up to this many values take short_cells_loop's backward.
+ROW_CELL = 4096
 # Parameter cells of at least this many values that backward_sums_run adds up (the rows
 # backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
 # ReLU) sum their terms in the compute precision, BLOCK values at a time (shorter ones in
@@ -1350,13 +1352,15 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
 
 @_jit()
 def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, dbias_part,
-                     dweight_part, dx, r0, r1):
+                     dweight_part, dx, stream, r0, r1):
     """rows_backward without ReLU or residual on the rows [r0, r1) of length B made of cells of
-    P values, with the weights also repeated per element (w_dx: InstanceNorm / GroupNorm short
-    cells), in one loop as short_rows_loop: a row's per-cell sums (run_sums, inlined), then its
-    dx with w_dx while the row is in cache, with plain stores (as the short LayerNorm rows'). A
-    call per row to each of backward_sums_run and dx_run cost ~100 ns a row of 49 values:
-    InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x, (64, 512, 4, 4) 3.3-3.8x faster here,
+    P values, in one loop as short_rows_loop: a row's per-cell sums (run_sums, inlined), then
+    its dx while the row is in cache, with the weights repeated per element (w_dx: GroupNorm /
+    InstanceNorm short cells; plain stores, as the short LayerNorm rows') or, for rows of one
+    cell (InstanceNorm rows of up to ROW_CELL values), their scalar weight (dx_scalar_run,
+    streamed where asked). A call per row to each of backward_sums_run and dx_run cost ~100 ns
+    a row of 49 values: InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x, (64, 512, 4, 4)
+    3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one process here,
     GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x."""
     Q = B // P
     dbias = np.zeros(dbias_part.size)
@@ -1371,8 +1375,17 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
         g1 = 0.0
         g2 = 0.0
         for q in range(Q):
-            h1, h2 = run_sums(dys[q * P:(q + 1) * P], y, False, xs[q * P:(q + 1) * P], hi, lo,
-                              rs)
+            if P <= BLOCK:
+                h1, h2 = run_sums(dys[q * P:(q + 1) * P], y, False, xs[q * P:(q + 1) * P], hi,
+                                  lo, rs)
+            else:       # BLOCK values at a time, as backward_sums_run's
+                h1 = 0.0
+                h2 = 0.0
+                for s0 in range(q * P, (q + 1) * P, BLOCK):
+                    s1 = min(s0 + BLOCK, (q + 1) * P)
+                    a1, a2 = run_sums(dys[s0:s1], y, False, xs[s0:s1], hi, lo, rs)
+                    h1 += a1
+                    h2 += a2
             cell = c * Q + q
             dbias[cell] += h1
             dweight[cell] += h2
@@ -1380,10 +1393,16 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
             g2 += w[cell] * h2
         c1 = 0.0 if frozen else g2 / B
         c2 = 0.0 if frozen or not centered else g1 / B
-        short_row_dx(dys, y, False, xs, dx[s:s + B], y, hi, lo, rs,
-                     narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
-                     w_dx[c * B:(c + 1) * B])
+        if w_dx.size == C * B:
+            short_row_dx(dys, y, False, xs, dx[s:s + B], y, hi, lo, rs,
+                         narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
+                         w_dx[c * B:(c + 1) * B])
+        else:   # a row of one cell (InstanceNorm): its scalar weight
+            dx_scalar_run(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r, w[c],
+                          c1, c2, stream)
         c = c + 1 if c + 1 < C else 0
+    if stream:
+        sfence()
     for i in range(dbias.size):
         dbias_part[i] += dbias[i]
         dweight_part[i] += dweight[i]
@@ -1412,10 +1431,11 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
                                 dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
                                 (k + 1) * R // nblk)
         return
-    if A == 1 and P > 1 and w_dx.size == C * B and not relu and not dz.size:
+    if (A == 1 and P > 1 and not relu and not dz.size
+            and (w_dx.size == C * B or P == B <= ROW_CELL)):
         for k in prange(nblk):
             short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                             dbias_part[k], dweight_part[k], dx, k * R // nblk,
+                             dbias_part[k], dweight_part[k], dx, stream, k * R // nblk,
                              (k + 1) * R // nblk)
         return
     for k in prange(nblk):

@@ -326,15 +326,17 @@ def _check_epilogues(norm, shape, kw, dtype, rng):
     ("group", (64, 64, 7, 7), 16), ("group", (32, 8, 3, 3), 4),      # rows of 196 / 18
     ("group", (64, 16, 12, 5), 2),                                    # rows of 480, cells of 60
     ("group", (32, 64, 8, 8), 4),                   # rows of 1024: the general row loop
-    ("instance", (64, 32, 7, 7), 0), ("instance", (32, 8, 3, 3), 0)])
+    ("instance", (64, 32, 7, 7), 0), ("instance", (32, 8, 3, 3), 0),
+    ("instance", (16, 32, 14, 14), 0)])          # rows of one cell without the repeat
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
     """Cells of <= 64 values on the row kernels (parallel / serial), which take the
     parameters repeated per element (InstanceNorm: every dtype; GroupNorm: float32) for the
-    normalize and dx passes and keep per-cell sums for dweight / dbias; rows of <= 512 values
-    go in blocks of rows (short_rows_forward, short_cells_loop). Plain (the common call's
-    direct path), and with a residual and ReLU (the general path, whose backward takes the
-    row loop). float16: tests/test_features.py."""
+    normalize and dx passes and keep per-cell sums for dweight / dbias; the forward's rows of
+    <= 512 values go in blocks of rows (short_rows_forward), the backward's rows in one loop
+    (short_cells_loop, which also takes InstanceNorm rows of up to 4096 values without the
+    repeat). Plain (the common call's direct path), and with a residual and ReLU (the
+    general path, whose backward takes the per-row loop). float16: tests/test_features.py."""
     from normcore._norms import _threads
     from normcore._plan import plan_group_norm, plan_instance_norm
     if norm == "group":
@@ -344,7 +346,8 @@ def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
         plan = plan_instance_norm(shape, 1, _threads())
         kw = {"axis": 1}
     assert plan.path == plan.backward_path == "rows"
-    assert plan.short_cells == (dtype == np.float32 or norm == "instance")
+    assert plan.short_cells == ((dtype == np.float32 or norm == "instance") and plan.P <= 64
+                                and shape[0] >= 32)
     assert plan.serial == (shape[1] == 8)         # (32, 8, 3, 3): the serial twins
     _check_epilogues(norm, shape, kw, dtype, rng)
 

@@ -164,7 +164,8 @@ def test_rms_norm_gradients_match_finite_differences(rng):
 @pytest.mark.parametrize("norm, shape, axis, kw", CASES + [
     ("batch", (16, 64, 64, 64), 1, {}),             # flat forward, rows backward
     ("group", (64, 64, 7, 7), 1, {"num_groups": 16}),    # short cells on the row kernels
-    ("group", (32, 8, 3, 3), 1, {"num_groups": 4})])     # ... their serial twins
+    ("group", (32, 8, 3, 3), 1, {"num_groups": 4}),      # ... their serial twins
+    ("instance", (64, 32, 7, 7), 1, {})])                 # rows of one short cell
 def test_float16_matches_float32_compute(norm, shape, axis, kw, rng):
     """float16 loads and stores only: the same float16 inputs computed in float32 and
     rounded once to float16 must agree to a float16 rounding or two."""
