@@ -210,6 +210,7 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
 @pytest.mark.parametrize("norm, shape, axis", [
     ("instance", (2, 4, 524289), 1),      # rows, odd lengths
     ("instance", (1024, 4, 1025), 1),     # rows of one cell, the backward's short_cells_loop
+    ("instance", (4096, 16, 8, 8), 1),    # short cells: blocks of short rows, whole lines
     ("batch", (64, 3, 32771), 1),         # flat
     ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
     ("layer", (4099, 1025), -1),          # weight per element
