@@ -39,10 +39,9 @@ MAX_SIGNATURES = 512
 class _Signature:
     """What the calls of one signature need, decided once."""
 
-    __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "param_shape",
-                 "row_dims", "repeat", "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros",
-                 "cells",
-                 "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
+    __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "row_dims", "repeat",
+                 "param_shape", "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros",
+                 "cells", "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
 
     def __init__(self, shape, dtype, plan):
         self.plan, self.shape, self.dtype = plan, shape, dtype
