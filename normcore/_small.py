@@ -39,7 +39,7 @@ MAX_SIGNATURES = 512
 class _Signature:
     """What the calls of one signature need, decided once."""
 
-    __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "row_dims", "repeat",
+    __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "row_dims", "short_cells",
                  "param_shape", "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros",
                  "cells", "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
 
@@ -51,8 +51,9 @@ class _Signature:
         self.compute = stats_dtype(dtype)   # the parameters' and saved statistics' dtype
         self.dims = (plan.O, plan.A, plan.C, plan.B, plan.P)
         self.row_dims = self.dims[:4] + (_cpu.row_period(plan),)    # rows_forward's
-        # the row kernels' parameters repeated per element (short cells), or 0
-        self.repeat = plan.P if plan.short_cells else 0
+        # the row kernels take the parameters repeated (_cpu.row_cells); kept here so that the
+        # other calls skip two function calls
+        self.short_cells = plan.short_cells
         self.param_shape, self.stats_shape = plan.param_shape, plan.stats_shape
         self.flat_params = len(plan.param_shape) == 1
         self.flat_stats = len(plan.stats_shape) == 1
@@ -193,8 +194,8 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     var = np.empty(sig.R) if want_var else _EMPTY64
     if sig.bits:
         xf, yf = xf.view(_U16), yf.view(_U16)
-    if sig.repeat:      # (as _cpu.row_cells)
-        w, b = np.repeat(w, sig.repeat), np.repeat(b, sig.repeat)
+    if sig.short_cells:
+        w, b = _cpu.row_cells(sig.plan, w), _cpu.row_cells(sig.plan, b)
     K.rows_forward.serial(xf, sig.none, False, centered, *sig.row_dims, w, b, eps, yf, mean,
                           rstd, var, False)
     return mean, rstd, (var if want_var else None)
@@ -284,8 +285,8 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
         if sig.bits:
             dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
         K.rows_backward.serial(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
-                               np.repeat(w, sig.repeat) if sig.repeat else w, frozen, centered,
-                               1, dbias, dweight, dxf, sig.none, False)
+                               _cpu.row_cells(sig.plan, w) if sig.short_cells else w, frozen,
+                               centered, 1, dbias, dweight, dxf, sig.none, False)
         dweight, dbias = dweight[0], dbias[0]
     else:
         dweight, dbias = _cpu.backward(sig.plan, dyf, xf, dxf, mean, rstd, w, frozen,
