@@ -217,12 +217,14 @@ def test_the_small_path_serves_only_what_it_prepared(monkeypatch):
         nc.batch_norm_forward(x, w, b, *(), **dict(zip(("running_mean", "running_var"),
                                                         running("views"))))
         assert served[-1] and not any(served[:-1])
-        # fresh outputs the output cache serves (from POOL_MIN bytes, lowered here)
+        # fresh outputs the output cache serves (from POOL_MIN bytes, lowered here): served
+        # too, each output from the cache
         mp.setattr(_outputs, "POOL_MIN", x.nbytes)
         got += [nc.layer_norm_forward(x, w, b), nc.batch_norm_forward(x, w, b),
                 nc.layer_norm_backward(dy, x, f.mean, f.rstd, w),
                 nc.batch_norm_backward(dy, x, fb.mean, fb.rstd, w)]
-        assert not any(served[-4:])
+        assert all(served[-4:])
+        assert all(type(g[0].base) is _outputs._Lease for g in got[-4:])
     calls += [lambda: nc.layer_norm_forward(x, w, b), lambda: nc.batch_norm_forward(x, w, b),
               lambda: nc.layer_norm_backward(dy, x, f.mean, f.rstd, w),
               lambda: nc.batch_norm_backward(dy, x, fb.mean, fb.rstd, w)]
