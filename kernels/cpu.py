@@ -1894,6 +1894,60 @@ def column_forward(x, z, relu, centered, O, A, C, B, P, S, w, bias, eps, y, mean
             sfence()
 
 
+@_jit(parallel=True, fastmath=_ELEMENTWISE)
+def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
+                          mean_out, rstd_out, var_out, stream):
+    """Statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B) in two
+    parallel loops over chunks of whole rows in one call: each chunk's partial moments, their
+    merge on the calling thread, then each chunk's normalize (x read twice). For views whose
+    samples are too few to go round the threads (BatchNorm 2-D / channels-last): splitting a
+    sample's channels instead (column_forward's slices) had both cores work on parts of the
+    same rows, and on a 2-core Xeon that was slower than one core (BatchNorm (256, 1024)
+    forward: slices 94-109 us, chunks of rows through three kernel calls and NumPy glue 60).
+
+    w, bias: (C * B // P,) parameter cells in the compute dtype; narrow: see
+    rows_column_moments; mean_out, rstd_out (O * C,) saved statistics; var_out (O * C,)
+    float64 variance, or empty. stream: see affine_run.
+    """
+    x, z, y = borrow(x), borrow(z), borrow(y)
+    J = C * B
+    count = np.empty((O, K, J))
+    pmean = np.empty((O, K, J))
+    pm2 = np.empty((O, K, J))
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
+                                  pmean[o, k], pm2[o, k], narrow)
+        count[o, k, :] = cnt
+    mean = np.empty((O, C))
+    var = np.empty((O, C))
+    merge_moments(count, pmean, pm2, B, mean, var)
+    folded = np.empty((O, 3, J), w.dtype)
+    rstd = np.empty(C)
+    for o in range(O):
+        mu = mean[o]
+        for c in range(C):
+            v = var[o, c]
+            if not centered:
+                v += mu[c] * mu[c]
+                mu[c] = 0.0
+            rstd[c] = 1.0 / np.sqrt(v + eps)
+            mean_out[o * C + c] = mu[c]
+            rstd_out[o * C + c] = rstd[c]
+            if var_out.size:
+                var_out[o * C + c] = v
+        fold_columns(mu, rstd, w, bias, 0, C, B, P, folded[o, 0], folded[o, 1], folded[o, 2],
+                     x)
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        normalize_rows(x, z, relu, y, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
+                       folded[o, 0], folded[o, 1], folded[o, 2], stream)
+        if stream:
+            sfence()
+
+
 @_jit()
 def fold_columns(mean, rstd, w, bias, c0, c1, B, P, hi, scale, shift, arr):
     """hi, scale, shift (see fold) of the columns [c0 * B, c1 * B) of the column view, for
@@ -1984,25 +2038,6 @@ def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
             s2[j] += t2[j]
 
 
-@_jit(parallel=True)
-def column_backward_sums(dy, y, relu, x, O, A, J, K, hi, lo, rstd, sdy, sdyxhat):
-    """Partial sum(dy) and sum(dy * xhat) per (o, k, j): (O, K, J); mean = hi + lo (O, J) in
-    the compute dtype, rstd (O, J) float64."""
-    dy, y, x = borrow(dy), borrow(y), borrow(x)
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        s1 = sdy[o, k]
-        s2 = sdyxhat[o, k]
-        s1[:] = 0.0
-        s2[:] = 0.0
-        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
-                             o * A + (k + 1) * A // K, hi[o], lo[o], s1, s2)
-        rs = rstd[o]
-        for j in range(J):
-            s2[j] *= rs[j]
-
-
 @_jit(fastmath=_ELEMENTWISE)
 def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
     """dx = a * dy - b * (x - hi) - c per column of [j0, j1) over rows [r0, r1) of the flat
@@ -2031,21 +2066,6 @@ def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
                 out[j] = store(a[j] * loadc(drow[j]) - b[j] * xc - c[j], out)
         if dz.size:
             dz_run(drow, y[lo:lo + W] if relu else y, relu, dz[lo:lo + W])
-
-
-@_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_backward_dx(dy, y, relu, x, O, A, J, K, hi, a, b, c, dx, dz, stream):
-    """dx = a * dy - b * (x - hi) - c with per-(o, j) coefficients (O, J) in the compute
-    dtype: mean = hi + lo, a = rstd * w, b = rstd**2 * c1, c = rstd * c2 - b * lo; dz = dy
-    when dz is not empty. stream: see affine_run."""
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        dx_columns(dy, y, relu, x, dx, dz, J, 0, J, o * A + k * A // K,
-                   o * A + (k + 1) * A // K, hi[o], a[o], b[o], c[o], stream)
-        if stream:
-            sfence()
 
 
 @_jit(parallel=True)
@@ -2125,6 +2145,80 @@ def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, cen
                 ccoef[j] = rs * c2 - bc * lo[j]      # see fold
         dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
                    ccoef, False)
+
+
+@_jit(parallel=True)
+def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
+                           dbias_out, dweight_out, dx, dz, stream):
+    """Backward of the column view in two parallel loops over chunks of whole rows in one
+    call (as column_forward_chunks): each chunk's partial sums, their reduction and the dx
+    coefficients on the calling thread, then each chunk's dx (and dz).
+
+    mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
+    compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
+    caller sums over o). y: the saved output (read with relu only); dz: the residual's
+    gradient, or empty. stream: see affine_run.
+    """
+    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+    J = C * B
+    Q = B // P
+    n = A * B
+    hi = np.empty((O, J), w.dtype)
+    lo = np.empty((O, J), w.dtype)
+    for o in range(O):
+        for c in range(C):
+            h, low = split(mean[o * C + c], x)
+            for b in range(B):
+                hi[o, c * B + b] = h
+                lo[o, c * B + b] = low
+    s1 = np.zeros((O, K, J))
+    s2 = np.zeros((O, K, J))
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
+                             o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
+    coefs = np.empty((O, 3, J), w.dtype)
+    for o in range(O):
+        # the chunks' partials, added in chunk order (deterministic for a given plan)
+        t1 = s1[o, 0]
+        t2 = s2[o, 0]
+        for k in range(1, K):
+            for j in range(J):
+                t1[j] += s1[o, k, j]
+                t2[j] += s2[o, k, j]
+        a, bcoef, ccoef = coefs[o, 0], coefs[o, 1], coefs[o, 2]
+        for c in range(C):
+            rs = rstd[o * C + c]
+            for q in range(c * Q, (c + 1) * Q):
+                dbias_out[o, q] = 0.0
+                dweight_out[o, q] = 0.0
+            g1 = 0.0
+            g2 = 0.0
+            for b in range(B):
+                j = c * B + b
+                cell = c * Q + b // P
+                sdyxhat = t2[j] * rs
+                dbias_out[o, cell] += t1[j]
+                dweight_out[o, cell] += sdyxhat
+                g1 += t1[j] * w[cell]
+                g2 += sdyxhat * w[cell]
+            c1 = 0.0 if frozen else g2 / n
+            c2 = 0.0 if frozen or not centered else g1 / n
+            bc = rs * rs * c1
+            for b in range(B):
+                j = c * B + b
+                a[j] = rs * w[c * Q + b // P]
+                bcoef[j] = bc
+                ccoef[j] = rs * c2 - bc * lo[o, j]      # see fold
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        dx_columns(dy, y, relu, x, dx, dz, J, 0, J, o * A + k * A // K,
+                   o * A + (k + 1) * A // K, hi[o], coefs[o, 0], coefs[o, 1], coefs[o, 2],
+                   stream)
+        if stream:
+            sfence()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2261,9 +2355,9 @@ KERNELS = {
     "column_moments": column_moments,
     "column_forward": column_forward,
     "column_normalize": column_normalize,
-    "column_backward_sums": column_backward_sums,
-    "column_backward_dx": column_backward_dx,
     "column_backward": column_backward,
+    "column_forward_chunks": column_forward_chunks,
+    "column_backward_chunks": column_backward_chunks,
     "merge_moments": merge_moments,
     "update_running": update_running,
     "frozen_stats": frozen_stats,

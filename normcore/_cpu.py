@@ -8,7 +8,6 @@ kernels compute in float32 for float16 / float32 data (see kernels/cpu.py): thei
 arrays are handed over in that compute dtype too, the mean split as hi + lo.
 """
 import threading
-from functools import lru_cache
 
 import numba
 import numpy as np
@@ -59,20 +58,6 @@ _F32 = np.dtype(np.float32)
 STREAM_MIN = 1 << 24
 
 
-def _compute(x):
-    """The elementwise kernels' arithmetic dtype for data x (float16 already as uint16): the
-    saved statistics' dtype, by the one dtype policy."""
-    return _dtypes.stats_dtype(x.dtype)
-
-
-def _split(mean, ct):
-    """(hi, lo): hi in dtype ct, lo = mean - hi in float64."""
-    if ct == _F64:
-        return mean, np.zeros_like(mean)
-    hi = mean.astype(ct)
-    return hi, mean - hi
-
-
 # Empty arrays that tell a kernel an optional argument is absent (shared: never written).
 _EMPTY = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
 _EMPTY64 = _EMPTY[_F64]
@@ -81,23 +66,6 @@ _EMPTY64 = _EMPTY[_F64]
 def _none_like(a):
     """The empty array of a's dtype that tells a kernel an optional argument is absent."""
     return _EMPTY[a.dtype]
-
-
-@lru_cache(maxsize=256)
-def _column_maps(plan):
-    """Statistic index c and parameter cell of each column j = c * B + b of the column view;
-    None for both when they are the identity (B == 1: BatchNorm / InstanceNorm)."""
-    if plan.B == 1:
-        return None, None
-    j = np.arange(plan.C * plan.B)
-    c = j // plan.B
-    return c, c * plan.Q + (j % plan.B) // plan.P
-
-
-def _per_column(a, plan, index):
-    """(O, C) statistics -> (O, J) contiguous per-column values."""
-    a = a.reshape(plan.O, plan.C)
-    return a if index is None else np.ascontiguousarray(a[:, index])
 
 
 def moments(plan, x, narrow=False):
@@ -177,6 +145,17 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
             _run(plan, K.column_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
                  plan.P, plan.S, w, bias, eps, y, mean, rstd, var, stream and plan.S == 1)
         return mean, rstd, (var if want_var else None)
+    if path == "columns" and plan.normalize_path == "columns":
+        R = plan.O * plan.C
+        mean = np.empty(R, stats_dtype)
+        rstd = np.empty(R, stats_dtype)
+        var = np.empty(R) if want_var else _EMPTY64
+        x, y = _bits(x), _bits(y)
+        z = _none_like(x) if z is None else _bits(z)
+        _run(plan, K.column_forward_chunks, x, z, relu, centered, plan.O, plan.A, plan.C,
+             plan.B, plan.P, plan.K, stats_dtype != np.float64, w, bias, eps, y, mean, rstd,
+             var, y.nbytes >= STREAM_MIN)
+        return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
     if not centered:
         var64 = var64 + mean64 * mean64
@@ -253,45 +232,28 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)
     mean, rstd = mean.astype(_F64, copy=False), rstd.astype(_F64, copy=False)
-    ct = _compute(x)
-    if plan.backward_path == "columns_fused":
+    if plan.backward_path.startswith("columns"):
         shape = (O, C * Q)
         dbias, dweight = np.empty(shape), np.empty(shape)
-        _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, plan.P, plan.Sb, mean, rstd,
-             w, frozen, centered, dbias, dweight, dx, dz)
+        if plan.backward_path == "columns_fused":
+            _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, P, plan.Sb, mean, rstd, w,
+                 frozen, centered, dbias, dweight, dx, dz)
+        else:
+            _run(plan, K.column_backward_chunks, dy, y, relu, x, O, A, C, B, P, plan.K, mean,
+                 rstd, w, frozen, centered, dbias, dweight, dx, dz, dx.nbytes >= STREAM_MIN)
         if O == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)
-    if plan.backward_path == "flat":
-        shape = (O, plan.K, C * Q)
-        sdy, sdyxhat = np.empty(shape), np.empty(shape)
-        _run(plan, K.flat_backward_sums, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-             w, sdy, sdyxhat)
-        sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
-    else:
-        J = C * B
-        c, cell = _column_maps(plan)
-        hi, lo = _split(_per_column(mean, plan, c), ct)
-        rstd_j = _per_column(rstd, plan, c)
-        shape = (O, plan.K, J)
-        sdy, sdyxhat = np.empty(shape), np.empty(shape)
-        _run(plan, K.column_backward_sums, dy, y, relu, x, O, A, J, plan.K, hi, lo.astype(ct),
-             rstd_j, sdy, sdyxhat)
-        # columns -> parameter cells: j = (c * Q + q) * P + p
-        sdy = sdy.sum(1).reshape(O, C * Q, plan.P).sum(2)
-        sdyxhat = sdyxhat.sum(1).reshape(O, C * Q, plan.P).sum(2)
+    shape = (O, plan.K, C * Q)
+    sdy, sdyxhat = np.empty(shape), np.empty(shape)
+    _run(plan, K.flat_backward_sums, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+         sdy, sdyxhat)
+    sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
     n = A * B
     wq = w.reshape(C, Q)
     zeros = np.zeros(O * C)
     c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
     c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
-    if plan.backward_path == "flat":
-        _run(plan, K.flat_backward_dx, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd,
-             w, c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
-    else:
-        a = (rstd_j * (w if cell is None else w[cell])).astype(ct)
-        b = rstd_j * rstd_j * _per_column(c1, plan, c)
-        cc = (rstd_j * _per_column(c2, plan, c) - b * lo).astype(ct)   # see cpu.fold
-        _run(plan, K.column_backward_dx, dy, y, relu, x, O, A, J, plan.K, hi, a, b.astype(ct),
-             cc, dx, dz, dx.nbytes >= STREAM_MIN)
+    _run(plan, K.flat_backward_dx, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+         c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
     return sdyxhat.sum(0), sdy.sum(0)

@@ -84,6 +84,18 @@ STAT_CACHE = 1 << 19
 # took 101 us against 130 (one launch instead of three, no partial moments to merge).
 SLICE_MAX = 1 << 19
 SLICE_MIN = 128
+# ... and only where a slice is more than a strided run of single columns: with B == 1
+# (BatchNorm 2-D / channels-last) and at least CHUNK_ROWS rows per thread, chunks of whole rows
+# (column_forward_chunks: x read twice, from cache) beat slices on a 2-core Xeon, where two
+# cores working on parts of the same rows ran slower than one: kernel times, slices / chunks,
+# forward (256, 1024) 94-121 / 54 us, (512, 1024) 238 / 95, (1024, 256) 100 / 44, (192, 1024)
+# 52 / 36; backward 115 / 83, 253 / 175, 130 / 67, 62 / 55. With fewer rows a chunk's
+# per-column work (sums, merges, folds) is not repaid: (128, 512) 14.5 / 18.7, (128, 4096)
+# 117 / 130, (64, 4096) 62 / 72, backward 71 / 118; (128, 1024) was mixed (45 / 32 forward,
+# 44 / 48 backward). Slices of channels with B > 1 (BatchNorm on 5 x 5 or 7 x 7 maps) stay:
+# chunks took 2x as long on (32, 128, 7, 7). float16's backward keeps the slices (it converts
+# every value, and the chunks read dy and x twice): (256, 1024) 71-81 / 77-88 us.
+CHUNK_ROWS = 96
 # The fused column backward's slices are about this many columns wide (still one per thread
 # at least): its row loops cost more per row than the forward's, and BatchNorm 2-D backward
 # kernels took, in slices of 128 / 512 columns, (256, 1024) 93 / 82 us, (512, 1024) 293 /
@@ -142,6 +154,7 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
     serial = O * A * C * B <= SERIAL_MAX
     S = Sb = 1
     rows_backward = False
+    chunked_backward = True
     if A == 1:      # one contiguous row per statistic; a few long rows go flat for parallelism
         path = "rows" if stats >= items or B <= 4096 else "flat"
     elif B >= RUN_MIN:
@@ -154,8 +167,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         # short runs: the column kernels. A slice of a sample's channels (all its columns:
         # whole statistics) that fits in cache is normalized right after its statistics (x
         # read once; the backward's dx right after its sums) when there are enough slices to
-        # go round (one per thread at least); BatchNorm 2-D (256, 1024): one launch instead
-        # of three, and no partial moments to merge.
+        # go round (one per thread at least), unless chunks of whole rows are long enough
+        # (CHUNK_ROWS).
         if not serial and O < items and O * A * C * B <= SLICE_MAX:
             S = min(math.ceil(items / O), C, max(1, C * B // SLICE_MIN))
         fused = (serial or O * S >= threads) and A * math.ceil(C / S) * B <= STAT_CACHE
@@ -168,9 +181,15 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         if fused and S > 1:
             Sb = min(C, max(math.ceil(threads / O), math.ceil(C * B / BACKWARD_SLICE)))
             Sb = Sb if A * math.ceil(C / Sb) * B <= STAT_CACHE else S
+            if B == 1 and A >= CHUNK_ROWS * threads:
+                path, S = "columns", 1
+                chunked_backward = itemsize > 2
+                Sb = 1 if chunked_backward else Sb
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
     backward_path = "rows" if path == "rows" or rows_backward or (A == 1 and P == 1) else path
+    if path == "columns" and not chunked_backward:
+        backward_path = "columns_fused"
     columns = path.startswith("columns") and not (P == B >= FLAT_RUN
                                                   and C * B > NORMALIZE_COLUMNS)
     normalize_path = "columns" if columns else "flat"
@@ -180,8 +199,10 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         K, nblk = 1, 1
     else:
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
-        if backward_path == "columns":
-            K = min(K, A)
+        if "columns" in (path, backward_path):
+            # chunks of at least CHUNK_ROWS rows (see column_forward_chunks): each chunk
+            # sums, merges and folds every column once
+            K = min(K, max(threads, A // CHUNK_ROWS), A)
         nblk = max(1, min(stats, items))
     return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, short_cells,
                 serial, stats_shape, param_shape)

@@ -184,20 +184,28 @@ def test_gradients_by_central_differences(norm, shape, axis, batch_stats, rng):
 
 # Column views split into slices of channels, each a work item that reads its part of x (and
 # dy) once: uneven slices (1000 channels in 7), GroupNorm slices of whole groups over two
-# samples, ReLU + residual, frozen statistics.
-SLICED = [("batch", (256, 1000), 1, {}), ("batch", (40, 3, 1024), -1, {}),
-          ("group", (2, 96, 512), -1, {"num_groups": 64}),
-          ("batch", (200, 1300), 1, {})]            # the backward's slices uneven too (3)
+# samples; or into chunks of whole rows (column_forward_chunks / column_backward_chunks):
+# uneven chunks, GroupNorm channels-last with one sample (columns of groups, B = 8). ReLU +
+# residual, frozen statistics.
+COLUMN_VIEWS = [("batch", (160, 1000), 1, {}, "columns_fused"),
+                ("batch", (40, 3, 1024), -1, {}, "columns_fused"),
+                ("group", (2, 96, 512), -1, {"num_groups": 64}, "columns_fused"),
+                ("batch", (150, 1300), 1, {}, "columns_fused"),  # the backward's slices: 3
+                ("batch", (256, 1000), 1, {}, "columns"),
+                ("batch", (1003, 100), 1, {}, "columns"),                       # 8 chunks
+                ("batch", (9, 197, 64), -1, {}, "columns"),
+                ("group", (1, 9000, 64), -1, {"num_groups": 8}, "columns")]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("norm, shape, axis, kw", SLICED)
-def test_sliced_fused_columns_match_oracle(norm, shape, axis, kw, dtype, rng):
+@pytest.mark.parametrize("norm, shape, axis, kw, path", COLUMN_VIEWS)
+def test_column_views_match_oracle(norm, shape, axis, kw, path, dtype, rng):
     from normcore._norms import _threads
     from normcore._plan import plan_batch_norm, plan_group_norm
     plan = (plan_batch_norm(shape, axis, _threads()) if norm == "batch" else
             plan_group_norm(shape, kw["num_groups"], axis, _threads()))
-    assert plan.path == plan.backward_path == "columns_fused" and plan.S > 1
+    assert plan.path == plan.backward_path == path and plan.normalize_path == "columns"
+    assert plan.S > 1 if path == "columns_fused" else plan.K > 1
     kw = dict(kw, axis=axis)
     x, w, b, dy = _inputs(rng, norm, shape, axis, dtype)
     n = _n(norm, shape, kw)

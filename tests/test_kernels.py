@@ -54,7 +54,9 @@ def test_canonical_views(planner, args, view):
     (plan_instance_norm, ((32, 56, 56, 64), -1), "columns_fused", "columns_fused"),
     (plan_group_norm, ((32, 56, 56, 64), 32, -1), "columns_fused", "columns_fused"),
     (plan_instance_norm, ((1, 56, 56, 64), -1), "columns", "columns"),     # too few samples
-    (plan_batch_norm, ((256, 1024), 1), "columns_fused", "columns_fused"),  # slices of C
+    (plan_batch_norm, ((128, 1024), 1), "columns_fused", "columns_fused"),  # slices of C
+    (plan_batch_norm, ((256, 1024), 1), "columns", "columns"),        # chunks of rows
+    (_bn_float16, ((256, 1024), 1), "columns", "columns_fused"),      # its backward: slices
     (plan_batch_norm, ((8192, 1024), 1), "columns", "columns"),       # too large to slice
     (plan_batch_norm, ((4, 8, 16), 2), "columns_fused", "columns_fused"),   # serial
     # runs of 16-63 values: flat when the columns would be swept more than 2048 at a time
@@ -131,17 +133,21 @@ def test_moments_of_wide_short_runs_go_flat(dtype):
 
 def test_fused_column_slices():
     """Slices go round the threads, hold whole channels and are not too narrow."""
-    plan = plan_batch_norm((256, 1024), 1, T)
+    plan = plan_batch_norm((128, 1024), 1, T)
     assert plan.S == 8 and plan.C * plan.B // plan.S >= 128
     assert plan.Sb == 2                                  # the backward's: 512 columns
     assert plan_batch_norm((64, 4096), 1, T).Sb == 8
-    plan = plan_batch_norm((256, 256), 1, T)             # rows of 256: 2 slices of 128
+    plan = plan_batch_norm((160, 256), 1, T)             # rows of 256: 2 slices of 128
     assert plan.S == 2 and plan.path == "columns_fused"
     plan = plan_group_norm((2, 256, 1024), 32, -1, T)    # O = 2: 4 slices each, of 8 groups
     assert (plan.O, plan.S, plan.C, plan.B) == (2, 4, 32, 32) and plan.path == "columns_fused"
     assert plan.Sb == 2
     plan = plan_batch_norm((4096, 64), 1, T)              # rows too short to slice
     assert plan.S == 1 and plan.path == "columns"
+    # enough rows per thread (CHUNK_ROWS): chunks of whole rows instead, each >= CHUNK_ROWS
+    plan = plan_batch_norm((256, 1024), 1, T)
+    assert (plan.S, plan.path, plan.K) == (1, "columns", 2)
+    assert plan_batch_norm((8192, 1024), 1, T).K == 8
     assert plan_instance_norm((32, 56, 56, 64), -1, T).S == 1      # enough samples
 
 
@@ -166,7 +172,7 @@ def _exercise_every_path(dtype, rows):
         f = fwd(x)
         bwd(dy, x, f.mean, f.rstd)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
-    f = nc.batch_norm_forward(xl, axis=-1)          # fused when small (columns_fused)
+    f = nc.batch_norm_forward(xl, axis=-1)          # fused when small, else row chunks
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1)
     # the general path's eval (column_normalize; the small call's runs frozen_normalize)
@@ -192,8 +198,9 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     name = "uint16" if dtype == np.float16 else np.dtype(dtype).name   # float16 travels as bits
     for kernel_name, kernel in cpu.KERNELS.items():
         # serial-only kernels (the merge) have no twin; small column views are always fused,
-        # so the unfused column backward's twins never run
-        if variant == "serial" and kernel_name in ("column_backward_sums", "column_backward_dx"):
+        # so the row-chunk kernels' twins never run
+        if variant == "serial" and kernel_name in ("column_forward_chunks",
+                                                   "column_backward_chunks"):
             continue
         # the small-call path's eval on the calling thread (serial plans) only
         if variant == "parallel" and kernel_name == "frozen_normalize":
