@@ -84,17 +84,19 @@ STAT_CACHE = 1 << 19
 # took 101 us against 130 (one launch instead of three, no partial moments to merge).
 SLICE_MAX = 1 << 19
 SLICE_MIN = 128
-# ... and only where a slice is more than a strided run of single columns: with B == 1
-# (BatchNorm 2-D / channels-last) and at least CHUNK_ROWS rows per thread, chunks of whole rows
-# (column_forward_chunks: x read twice, from cache) beat slices on a 2-core Xeon, where two
+# ... and only for fewer than CHUNK_ROWS rows per thread when a sample is all there is (O == 1:
+# BatchNorm, GroupNorm / InstanceNorm channels-last on one sample). With more, chunks of whole
+# rows (column_forward_chunks: x read twice, from cache) beat slices on a 2-core Xeon, where two
 # cores working on parts of the same rows ran slower than one: kernel times, slices / chunks,
 # forward (256, 1024) 94-121 / 54 us, (512, 1024) 238 / 95, (1024, 256) 100 / 44, (192, 1024)
-# 52 / 36; backward 115 / 83, 253 / 175, 130 / 67, 62 / 55. With fewer rows a chunk's
-# per-column work (sums, merges, folds) is not repaid: (128, 512) 14.5 / 18.7, (128, 4096)
-# 117 / 130, (64, 4096) 62 / 72, backward 71 / 118; (128, 1024) was mixed (45 / 32 forward,
-# 44 / 48 backward). Slices of channels with B > 1 (BatchNorm on 5 x 5 or 7 x 7 maps) stay:
-# chunks took 2x as long on (32, 128, 7, 7). float16's backward keeps the slices (it converts
-# every value, and the chunks read dy and x twice): (256, 1024) 71-81 / 77-88 us.
+# 52 / 36, BatchNorm (256, 64, 4, 4) 88 / 55, (512, 32, 5, 5) 96 / 73, GroupNorm channels-last
+# (1, 32, 32, 256) 122 / 43, (1, 28, 28, 512) 132 / 58; backward 115 / 83, 253 / 175, 130 / 67,
+# 62 / 55, 89 / 72, 200 / 115, 159 / 67, 187 / 101 (one loss: BatchNorm (192, 128, 3, 3)
+# forward 40 / 49, backward 91 / 61). With fewer rows a chunk's per-column work (sums, merges,
+# folds) is not repaid: (128, 512) 14.5 / 18.7, (128, 4096) 117 / 130, (64, 4096) 62 / 72,
+# backward 71 / 118, BatchNorm (32, 128, 7, 7) 53 / 114; (128, 1024) was mixed (45 / 32
+# forward, 44 / 48 backward). float16's backward keeps the slices (it converts every value,
+# and the chunks read dy and x twice): (256, 1024) 71-81 / 77-88 us.
 CHUNK_ROWS = 96
 # The fused column backward's slices are about this many columns wide (still one per thread
 # at least): its row loops cost more per row than the forward's, and BatchNorm 2-D backward
@@ -174,17 +176,17 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         fused = (serial or O * S >= threads) and A * math.ceil(C / S) * B <= STAT_CACHE
         path = "columns_fused" if fused else "columns"
         S = S if fused else 1
-        half = itemsize <= 2
-        if (P == B >= (FLAT_RUN_HALF if half else FLAT_RUN)
-                and math.ceil(C / S) * B > (WIDE_COLUMNS_HALF if half else WIDE_COLUMNS)):
-            path, S = "flat", 1
         if fused and S > 1:
             Sb = min(C, max(math.ceil(threads / O), math.ceil(C * B / BACKWARD_SLICE)))
             Sb = Sb if A * math.ceil(C / Sb) * B <= STAT_CACHE else S
-            if B == 1 and A >= CHUNK_ROWS * threads:
+            if O == 1 and A >= CHUNK_ROWS * threads:     # chunks of whole rows instead
                 path, S = "columns", 1
                 chunked_backward = itemsize > 2
                 Sb = 1 if chunked_backward else Sb
+        half = itemsize <= 2
+        if (P == B >= (FLAT_RUN_HALF if half else FLAT_RUN)
+                and math.ceil(C / S) * B > (WIDE_COLUMNS_HALF if half else WIDE_COLUMNS)):
+            path, S, Sb, chunked_backward = "flat", 1, 1, True
     # The row backward keeps per-block partials of the parameter cells; with P == 1 the cells
     # are per element, so the flat backward (partials per (o, chunk)) would cost more memory.
     backward_path = "rows" if path == "rows" or rows_backward or (A == 1 and P == 1) else path
@@ -201,8 +203,9 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         K = max(1, min(math.ceil(items / max(O, 1)), per_o // MIN_ITEM or 1))
         if "columns" in (path, backward_path):
             # chunks of at least CHUNK_ROWS rows (see column_forward_chunks): each chunk
-            # sums, merges and folds every column once
-            K = min(K, max(threads, A // CHUNK_ROWS), A)
+            # sums, merges and folds every column once; one per thread at least (they
+            # replace slices on inputs too small for more than one item of MIN_ITEM)
+            K = min(max(K, threads), max(threads, A // CHUNK_ROWS), A)
         nblk = max(1, min(stats, items))
     return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, short_cells,
                 serial, stats_shape, param_shape)

@@ -57,6 +57,8 @@ def test_canonical_views(planner, args, view):
     (plan_batch_norm, ((128, 1024), 1), "columns_fused", "columns_fused"),  # slices of C
     (plan_batch_norm, ((256, 1024), 1), "columns", "columns"),        # chunks of rows
     (_bn_float16, ((256, 1024), 1), "columns", "columns_fused"),      # its backward: slices
+    (plan_batch_norm, ((256, 64, 4, 4), 1), "columns", "columns"),     # chunks, runs of 16
+    (plan_group_norm, ((1, 32, 32, 256), 32, -1), "columns", "columns"),   # one sample
     (plan_batch_norm, ((8192, 1024), 1), "columns", "columns"),       # too large to slice
     (plan_batch_norm, ((4, 8, 16), 2), "columns_fused", "columns_fused"),   # serial
     # runs of 16-63 values: flat when the columns would be swept more than 2048 at a time
@@ -148,6 +150,8 @@ def test_fused_column_slices():
     plan = plan_batch_norm((256, 1024), 1, T)
     assert (plan.S, plan.path, plan.K) == (1, "columns", 2)
     assert plan_batch_norm((8192, 1024), 1, T).K == 8
+    plan = plan_batch_norm((200, 32, 3, 3), 1, T)        # one MIN_ITEM: still one per thread
+    assert (plan.S, plan.path, plan.K) == (1, "columns", T)
     assert plan_instance_norm((32, 56, 56, 64), -1, T).S == 1      # enough samples
 
 
