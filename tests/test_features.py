@@ -161,11 +161,19 @@ def test_rms_norm_gradients_match_finite_differences(rng):
 
 
 # ------------------------------------------------------------------------------- float16
+# Column views: their float32 block sums are compiled once per element type, and LLVM (free to
+# reassociate them) orders them differently for float16 and float32 data, so a statistic may
+# differ in its last float32 bit or two (measured with the fused and the chunked kernels alike).
+COLUMN_HALF = [("batch", (256, 1000), 1, {}),          # row chunks forward, slices backward
+               ("batch", (1003, 100), 1, {}),          # row chunks both ways
+               ("group", (1, 30, 30, 256), -1, {"num_groups": 16})]  # one sample's groups
+
+
 @pytest.mark.parametrize("norm, shape, axis, kw", CASES + [
     ("batch", (16, 64, 64, 64), 1, {}),             # flat forward, rows backward
     ("group", (64, 64, 7, 7), 1, {"num_groups": 16}),    # short cells on the row kernels
     ("group", (32, 8, 3, 3), 1, {"num_groups": 4}),      # ... their serial twins
-    ("instance", (64, 32, 7, 7), 1, {})])                 # rows of one short cell
+    ("instance", (64, 32, 7, 7), 1, {})] + COLUMN_HALF)  # rows of one short cell
 def test_float16_matches_float32_compute(norm, shape, axis, kw, rng):
     """float16 loads and stores only: the same float16 inputs computed in float32 and
     rounded once to float16 must agree to a float16 rounding or two."""
@@ -174,8 +182,14 @@ def test_float16_matches_float32_compute(norm, shape, axis, kw, rng):
     f16 = nc_forward(norm, x, w, b, axis=axis, **kw)
     f32 = nc_forward(norm, x.astype(np.float32), w, b, axis=axis, **kw)
     assert f16.y.dtype == np.float16 and f16.mean.dtype == np.float32
-    np.testing.assert_array_equal(f16.mean, f32.mean)
-    np.testing.assert_array_equal(f16.rstd, f32.rstd)
+    if (norm, shape, axis, kw) in COLUMN_HALF:
+        eps = np.finfo(np.float32).eps
+        scale = np.abs(f32.mean) + 1 / f32.rstd
+        assert (np.abs(f16.mean - f32.mean) <= 4 * eps * scale).all()
+        np.testing.assert_allclose(f16.rstd, f32.rstd, rtol=4 * eps)
+    else:
+        np.testing.assert_array_equal(f16.mean, f32.mean)
+        np.testing.assert_array_equal(f16.rstd, f32.rstd)
     half_ulp = np.spacing(np.abs(f32.y).astype(np.float16)).astype(np.float32)
     assert (np.abs(f16.y.astype(np.float32) - f32.y) <= half_ulp).all()
     g16 = nc_backward(norm, dy, x, f16.mean, f16.rstd, w, axis=axis, **kw)
