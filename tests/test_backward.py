@@ -186,7 +186,8 @@ def test_gradients_by_central_differences(norm, shape, axis, batch_stats, rng):
 # dy) once: uneven slices (1000 channels in 7), GroupNorm slices of whole groups over two
 # samples; or into chunks of whole rows (column_forward_chunks / column_backward_chunks):
 # uneven chunks, BatchNorm runs of 9, GroupNorm channels-last with one sample (columns of
-# groups, B = 8 / 16). ReLU + residual, frozen statistics.
+# groups, B = 8 / 16) and with two samples too large to fuse. ReLU + residual, frozen
+# statistics.
 COLUMN_VIEWS = [("batch", (160, 1000), 1, {}, "columns_fused"),
                 ("batch", (40, 3, 1024), -1, {}, "columns_fused"),
                 ("group", (2, 96, 512), -1, {"num_groups": 64}, "columns_fused"),
@@ -196,7 +197,8 @@ COLUMN_VIEWS = [("batch", (160, 1000), 1, {}, "columns_fused"),
                 ("batch", (9, 197, 64), -1, {}, "columns"),
                 ("group", (1, 9000, 64), -1, {"num_groups": 8}, "columns"),
                 ("batch", (200, 32, 3, 3), 1, {}, "columns"),          # runs of 9, 2 chunks
-                ("group", (1, 30, 30, 256), -1, {"num_groups": 16}, "columns")]
+                ("group", (1, 30, 30, 256), -1, {"num_groups": 16}, "columns"),
+                ("group", (2, 200, 200, 16), -1, {"num_groups": 4}, "columns")]  # O = 2
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
