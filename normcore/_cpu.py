@@ -4,15 +4,13 @@ Arrays arrive flat and C-contiguous (x, y, dy, dx), weight / bias as vectors of 
 the compute dtype (the front end converts them while checking them) and statistics in float64
 (the row backward also takes float32 saved statistics as they are); small per-statistic
 arithmetic (O * C values) is done here in NumPy or in small serial kernels. The elementwise
-kernels compute in float32 for float16 / float32 data (see kernels/cpu.py): their per-column
-arrays are handed over in that compute dtype too, the mean split as hi + lo.
+kernels compute in float32 for float16 / float32 data (see kernels/cpu.py).
 """
 import threading
 
 import numba
 import numpy as np
 
-from . import _dtypes
 from .kernels import cpu as K
 
 # numba's workqueue threading layer aborts when two threads enter parallel regions at once;

@@ -96,7 +96,8 @@ SLICE_MIN = 128
 # folds) is not repaid: (128, 512) 14.5 / 18.7, (128, 4096) 117 / 130, (64, 4096) 62 / 72,
 # backward 71 / 118, BatchNorm (32, 128, 7, 7) 53 / 114; (128, 1024) was mixed (45 / 32
 # forward, 44 / 48 backward). float16's backward keeps the slices (it converts every value,
-# and the chunks read dy and x twice): (256, 1024) 71-81 / 77-88 us.
+# and the chunks read dy and x twice): (256, 1024) 71-81 / 77-88 us. Views whose normalize
+# pass goes flat (NORMALIZE_COLUMNS) keep the slices too: their unfused forward is two calls.
 CHUNK_ROWS = 96
 # The fused column backward's slices are about this many columns wide (still one per thread
 # at least): its row loops cost more per row than the forward's, and BatchNorm 2-D backward
@@ -179,7 +180,8 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
         if fused and S > 1:
             Sb = min(C, max(math.ceil(threads / O), math.ceil(C * B / BACKWARD_SLICE)))
             Sb = Sb if A * math.ceil(C / Sb) * B <= STAT_CACHE else S
-            if O == 1 and A >= CHUNK_ROWS * threads:     # chunks of whole rows instead
+            if (O == 1 and A >= CHUNK_ROWS * threads      # chunks of whole rows instead,
+                    and not (P == B >= FLAT_RUN and C * B > NORMALIZE_COLUMNS)):   # in one call
                 path, S = "columns", 1
                 chunked_backward = itemsize > 2
                 Sb = 1 if chunked_backward else Sb
@@ -205,7 +207,7 @@ def canonical(O, A, C, B, P, stats_shape, param_shape, threads, itemsize=8):
             # chunks of at least CHUNK_ROWS rows (see column_forward_chunks): each chunk
             # sums, merges and folds every column once; one per thread at least (they
             # replace slices on inputs too small for more than one item of MIN_ITEM)
-            K = min(max(K, threads), max(threads, A // CHUNK_ROWS), A)
+            K = min(max(K, math.ceil(threads / O)), max(threads, A // CHUNK_ROWS), A)
         nblk = max(1, min(stats, items))
     return Plan(O, A, C, B, P, path, backward_path, normalize_path, K, S, Sb, nblk, short_cells,
                 serial, stats_shape, param_shape)
