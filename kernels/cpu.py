@@ -1819,17 +1819,24 @@ def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
                 out[j] = store(activate(v, relu), out)
 
 
+@_jit()
+def chunk_moments(x, A, J, K, narrow, item, count, mean, m2):
+    """Partial moments of work item o * K + k: sample o's J columns over the rows of its chunk
+    k, into count / mean / m2 [o, k] (see column_moments)."""
+    o = item // K
+    k = item % K
+    cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
+                              mean[o, k], m2[o, k], narrow)
+    count[o, k, :] = cnt
+
+
 @_jit(parallel=True)
 def column_moments(x, O, A, J, K, narrow, count, mean, m2):
     """Partial moments per (o, k, j) over the rows of chunk k. count/mean/m2: (O, K, J);
     narrow: see rows_column_moments."""
     x = borrow(x)
     for item in prange(O * K):
-        o = item // K
-        k = item % K
-        cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                                  mean[o, k], m2[o, k], narrow)
-        count[o, k, :] = cnt
+        chunk_moments(x, A, J, K, narrow, item, count, mean, m2)
 
 
 @_jit()
@@ -1915,11 +1922,7 @@ def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bia
     pmean = np.empty((O, K, J))
     pm2 = np.empty((O, K, J))
     for item in prange(O * K):
-        o = item // K
-        k = item % K
-        cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                                  pmean[o, k], pm2[o, k], narrow)
-        count[o, k, :] = cnt
+        chunk_moments(x, A, J, K, narrow, item, count, pmean, pm2)
     mean = np.empty((O, C))
     var = np.empty((O, C))
     merge_moments(count, pmean, pm2, B, mean, var)
@@ -2068,6 +2071,40 @@ def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
             dz_run(drow, y[lo:lo + W] if relu else y, relu, dz[lo:lo + W])
 
 
+@_jit()
+def cell_coefficients(s1, s2, rstd, w, lo, o, C, c0, c1, B, P, n, frozen, centered, dbias_out,
+                      dweight_out, a, bcoef, ccoef):
+    """The backward's per-cell results and dx coefficients of sample o's channels [c0, c1),
+    from the column sums s1 = sum(dy), s2 = sum(dy * (x - mean)) of its columns
+    (c - c0) * B + b: dbias_out / dweight_out cells c * Q + b // P (written whole), and
+    a = rstd * w, bcoef = rstd**2 * c1, ccoef = rstd * c2 - bcoef * lo per column (see
+    dx_columns; lo: the mean's low part)."""
+    Q = B // P
+    for c in range(c0, c1):
+        rs = rstd[o * C + c]
+        for q in range(c * Q, (c + 1) * Q):
+            dbias_out[o, q] = 0.0
+            dweight_out[o, q] = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        for b in range(B):
+            j = (c - c0) * B + b
+            cell = c * Q + b // P
+            sdyxhat = s2[j] * rs
+            dbias_out[o, cell] += s1[j]
+            dweight_out[o, cell] += sdyxhat
+            g1 += s1[j] * w[cell]
+            g2 += sdyxhat * w[cell]
+        k1 = 0.0 if frozen else g2 / n
+        k2 = 0.0 if frozen or not centered else g1 / n
+        bc = rs * rs * k1
+        for b in range(B):
+            j = (c - c0) * B + b
+            a[j] = rs * w[c * Q + b // P]
+            bcoef[j] = bc
+            ccoef[j] = rs * k2 - bc * lo[j]      # see fold
+
+
 @_jit(parallel=True)
 def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, centered,
                     dbias_out, dweight_out, dx, dz):
@@ -2082,7 +2119,6 @@ def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, cen
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     J = C * B
-    Q = B // P
     n = A * B
     for item in prange(O * S):
         o, c0, c1 = channel_slice(item, S, C, B)
@@ -2120,29 +2156,8 @@ def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, cen
             dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
                        ccoef, False)
             continue
-        for c in range(c0, c1):
-            rs = rstd[o * C + c]
-            for q in range(c * Q, (c + 1) * Q):
-                dbias_out[o, q] = 0.0
-                dweight_out[o, q] = 0.0
-            g1 = 0.0
-            g2 = 0.0
-            for b in range(B):
-                j = (c - c0) * B + b
-                cell = c * Q + b // P
-                sdyxhat = s2[j] * rs
-                dbias_out[o, cell] += s1[j]
-                dweight_out[o, cell] += sdyxhat
-                g1 += s1[j] * w[cell]
-                g2 += sdyxhat * w[cell]
-            c1 = 0.0 if frozen else g2 / n
-            c2 = 0.0 if frozen or not centered else g1 / n
-            bc = rs * rs * c1
-            for b in range(B):
-                j = (c - c0) * B + b
-                a[j] = rs * w[c * Q + b // P]
-                bcoef[j] = bc
-                ccoef[j] = rs * c2 - bc * lo[j]      # see fold
+        cell_coefficients(s1, s2, rstd, w, lo, o, C, c0, c1, B, P, n, frozen, centered,
+                          dbias_out, dweight_out, a, bcoef, ccoef)
         dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
                    ccoef, False)
 
@@ -2161,7 +2176,6 @@ def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, froz
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     J = C * B
-    Q = B // P
     n = A * B
     hi = np.empty((O, J), w.dtype)
     lo = np.empty((O, J), w.dtype)
@@ -2187,30 +2201,8 @@ def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, froz
             for j in range(J):
                 t1[j] += s1[o, k, j]
                 t2[j] += s2[o, k, j]
-        a, bcoef, ccoef = coefs[o, 0], coefs[o, 1], coefs[o, 2]
-        for c in range(C):
-            rs = rstd[o * C + c]
-            for q in range(c * Q, (c + 1) * Q):
-                dbias_out[o, q] = 0.0
-                dweight_out[o, q] = 0.0
-            g1 = 0.0
-            g2 = 0.0
-            for b in range(B):
-                j = c * B + b
-                cell = c * Q + b // P
-                sdyxhat = t2[j] * rs
-                dbias_out[o, cell] += t1[j]
-                dweight_out[o, cell] += sdyxhat
-                g1 += t1[j] * w[cell]
-                g2 += sdyxhat * w[cell]
-            c1 = 0.0 if frozen else g2 / n
-            c2 = 0.0 if frozen or not centered else g1 / n
-            bc = rs * rs * c1
-            for b in range(B):
-                j = c * B + b
-                a[j] = rs * w[c * Q + b // P]
-                bcoef[j] = bc
-                ccoef[j] = rs * c2 - bc * lo[o, j]      # see fold
+        cell_coefficients(t1, t2, rstd, w, lo[o], o, C, 0, C, B, P, n, frozen, centered,
+                          dbias_out, dweight_out, coefs[o, 0], coefs[o, 1], coefs[o, 2])
     for item in prange(O * K):
         o = item // K
         k = item % K
