@@ -31,6 +31,8 @@ from ._validate import (check_eps, check_input, check_like_x, check_momentum, ch
 
 _F64 = np.dtype(np.float64)
 
+# (the small path builds it with tuple.__new__: namedtuple's own __new__ is a Python call,
+# 0.2-0.5 us of a 5 us LayerNorm (4, 64))
 NormForward = namedtuple("NormForward", "y mean rstd running_mean running_var")
 NormForward.__doc__ = """Result of a *_forward call: the output y, the saved statistics mean and
 rstd (float32, float64 for float64 input), and the running statistics (None when not given)."""
@@ -306,7 +308,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         f = _small.batch_norm_forward(x, weight, bias, running_mean, running_var, training,
                                       momentum, eps, axis, out)
         if f is not None:
-            return NormForward(*f, running_mean, running_var)
+            return tuple.__new__(NormForward, f + (running_mean, running_var))
     be = check_input("x", x)
     plan = plan_batch_norm(x.shape, axis, _threads(), x.dtype.itemsize)
     return _forward_with_running(
@@ -376,7 +378,7 @@ def instance_norm_forward(x, weight=None, bias=None, *, running_mean=None, runni
         f = _small.instance_norm_forward(x, weight, bias, running_mean, running_var,
                                          use_input_stats, momentum, eps, axis, out)
         if f is not None:
-            return NormForward(*f, running_mean, running_var)
+            return tuple.__new__(NormForward, f + (running_mean, running_var))
     be = check_input("x", x)
     plan = plan_instance_norm(x.shape, axis, _threads())
     return _forward_with_running(
@@ -436,7 +438,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, *, eps=1e-5, axis=
     if type(x) is np.ndarray and activation is None and residual is None:
         f = _small.group_norm_forward(x, num_groups, weight, bias, axis, eps, out)
         if f is not None:
-            return NormForward(*f, None, None)
+            return tuple.__new__(NormForward, f + (None, None))
     be = check_input("x", x)
     plan = plan_group_norm(x.shape, num_groups, axis, _threads(), x.dtype.itemsize)
     context = _context((x.shape, "num_groups", num_groups, "axis", axis))
@@ -494,7 +496,7 @@ def layer_norm_forward(x, weight=None, bias=None, *, axis=-1, eps=1e-5, activati
     if type(x) is np.ndarray and activation is None and residual is None:
         f = _small.layer_norm_forward(x, weight, bias, axis, eps, out)
         if f is not None:
-            return NormForward(*f, None, None)
+            return tuple.__new__(NormForward, f + (None, None))
     be = check_input("x", x)
     plan = plan_layer_norm(x.shape, axis, _threads())
     context = _context((x.shape, "axis", axis))

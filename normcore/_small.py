@@ -136,7 +136,7 @@ def _param(arr, sig):
         if arr.dtype.kind != "f":
             return None
         arr = arr.astype(sig.compute)
-    return arr if sig.flat_params else arr.reshape(-1)
+    return arr if sig.flat_params else arr.ravel()
 
 
 def _stat(arr, sig):
@@ -144,7 +144,7 @@ def _stat(arr, sig):
     if not (type(arr) is np.ndarray and arr.dtype is sig.compute
             and arr.shape == sig.stats_shape and arr.flags.c_contiguous):
         return None
-    return arr if sig.flat_stats else arr.reshape(-1)
+    return arr if sig.flat_stats else arr.ravel()
 
 
 def _output(out, sig):
@@ -184,7 +184,9 @@ def _shaped(sig, y, mean, rstd):
 
 def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     """Batch statistics and y = normalize(x): (mean, rstd, var64 or None), flat."""
-    xf, yf = x.reshape(-1), y.reshape(-1)
+    # ravel, here and below, of arrays known C-contiguous: a view, as reshape(-1) gives, for
+    # half its ~0.2 us
+    xf, yf = x.ravel(), y.ravel()
     if not sig.direct:
         return _cpu.forward_train(sig.plan, xf, yf, w, b, eps, sig.compute, want_var,
                                   centered=centered)
@@ -240,7 +242,7 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
     if not batch_stats:
         # the frozen statistics read float32 running statistics as they are (exactly, as
         # float64): two conversions fewer per call than the general path's
-        xf, yf = x.reshape(-1), y.reshape(-1)
+        xf, yf = x.ravel(), y.ravel()
         if not plan.serial:
             mean64, rstd64, mean, rstd = _cpu.frozen_stats(*old, eps, plan.O, sig.compute)
             _cpu.normalize(plan, xf, yf, mean64, rstd64, w, b)
@@ -278,7 +280,7 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
     dx = _output(dx_out, sig)
     if mean is None or rstd is None or w is None or dx is None:
         return None
-    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    dyf, xf, dxf = dy.ravel(), x.ravel(), dx.ravel()
     if sig.direct_backward:
         dbias, dweight = np.zeros((1, sig.cells)), np.zeros((1, sig.cells))
         if sig.bits:
