@@ -248,8 +248,11 @@ _affine_window = _stream_window(_affine_window_formula)
 _normalize_window = _stream_window(lambda b, v, s: b.fadd(
     b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2]))
 # a * dy + ((x - hi) * nb + sh)
-_dx_scalar_window = _stream_window(lambda b, v, s: b.fadd(
-    b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3])), DX_LANES)
+def _dx_scalar_window_formula(b, v, s):
+    return b.fadd(b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3]))
+
+
+_dx_scalar_window = _stream_window(_dx_scalar_window_formula, DX_LANES)
 # (rs * w) * dy - b * ((x - hi) - lo) - cc
 _dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
     b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]),
@@ -297,10 +300,10 @@ def _runs_window(formula, lanes=LANES):
     return runs_window
 
 
-# runs: (x - hi) * sc + sh; vectors x; coefficients hi, sc, sh. (dx over runs, streamed the
-# same way with windows of 8, measured no faster: BatchNorm (256, 256, 14, 14) backward 8.5 ms
-# either way.)
+# runs: (x - hi) * sc + sh; vectors x; coefficients hi, sc, sh
 _runs_affine_window = _runs_window(_affine_window_formula)
+# runs: a * dy + ((x - hi) * nb + sh); vectors x, dy; coefficients a, hi, nb, sh
+_runs_dx_scalar_window = _runs_window(_dx_scalar_window_formula, DX_LANES)
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -761,7 +764,7 @@ def _streaming_runs(runs_window, window, element):
 
 
 def tuple_of(arrays, c):
-    """(arrays[0][c], arrays[1][c], arrays[2][c]) for a tuple of 3 arrays (jit only)."""
+    """(arrays[0][c], arrays[1][c], ...) for a tuple of 3 or 4 arrays (jit only)."""
     raise NotImplementedError
 
 
@@ -769,11 +772,16 @@ def tuple_of(arrays, c):
 def _tuple_of(arrays, c):
     if len(arrays) == 3:
         return lambda arrays, c: (arrays[0][c], arrays[1][c], arrays[2][c])
+    if len(arrays) == 4:
+        return lambda arrays, c: (arrays[0][c], arrays[1][c], arrays[2][c], arrays[3][c])
     return None
 
 
 # affine_runs, streamed: ys = (x - hi) * sc + sh; arrays (x,), coefficients (hi, sc, sh)
 stream_affine_runs = _streaming_runs(_runs_affine_window, _affine_window, _affine1)
+# dx_scalar_runs, streamed: dx = a * dy + ((x - hi) * nb + sh); arrays (x, dy), coefficients
+# (a, hi, nb, sh)
+stream_dx_scalar_runs = _streaming_runs(_runs_dx_scalar_window, _dx_scalar_window, _dx_scalar1)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -1056,10 +1064,14 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_scalar_runs(dys, xs, dxs, B, b, c, C, a, hi, nb, sh):
+def dx_scalar_runs(dys, xs, dxs, B, b, c, C, a, hi, nb, sh, stream=False):
     """dx_scalar_run (no ReLU, no residual) over a chunk of consecutive runs of B values, the
     first from offset b of channel c's run, with per-channel a, hi, nb, sh (C,): one call per
-    chunk instead of one per run, each run sliced and looped from 0 (see affine_runs)."""
+    chunk instead of one per run, each run sliced and looped from 0 (see affine_runs).
+    stream: non-temporal stores, as affine_runs' (the caller fences)."""
+    if (stream and xs.size >= STREAM_RUN
+            and stream_dx_scalar_runs(dxs, (xs, dys), B, b, c, C, (a, hi, nb, sh))):
+        return
     n = xs.size
     pos = 0
     while pos < n:
@@ -1673,7 +1685,9 @@ def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx
             lo = o * L + k * L // K
             hi = o * L + (k + 1) * L // K
             c, b = run_piece(k * L // K, C, B)
-            dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc)
+            dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc, stream)
+            if stream:
+                sfence()
         return
     for item in prange(O * K):
         o = item // K

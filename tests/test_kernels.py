@@ -299,10 +299,12 @@ def test_streaming_helpers_emit_non_temporal_stores():
     B, b0, c0 = 17, 5, 38    # runs of 17 values of the J channels, from offset 5 of the 39th
 
     @numba.njit
-    def runs(x, cols, y7):
+    def runs(x, d, cols, y7, y8):
         streamed = cpu.stream_affine_runs(y7, (x,), B, b0, c0, J, (cols[0], cols[1], cols[2]))
+        streamed_dx = cpu.stream_dx_scalar_runs(y8, (x, d), B, b0, c0, J,
+                                                (cols[0], cols[1], cols[2], cols[3]))
         cpu.sfence()
-        return streamed
+        return streamed and streamed_dx
 
     @numba.njit
     def each(x, d, w, b, cols, y1, y2, y3, y4, y5, y6):
@@ -319,21 +321,21 @@ def test_streaming_helpers_emit_non_temporal_stores():
     rng = np.random.default_rng(5)
     x, d, w, b = (rng.standard_normal(1001, dtype=np.float32)[1:] for _ in range(4))
     cols = rng.standard_normal((4, J), dtype=np.float32)
-    ys = [np.empty(1001, np.float32)[1:] for _ in range(7)]
+    ys = [np.empty(1001, np.float32)[1:] for _ in range(8)]
     each(x, d, w, b, cols, *ys[:6])
-    assert runs(x, cols, ys[6])
+    assert runs(x, d, cols, ys[6], ys[7])
     # within an ulp or two of NumPy's (which rounds each product before the sum)
     h, a, s, t = (np.tile(c, 1000 // J) for c in cols)
     run = (c0 + (b0 + np.arange(1000)) // B) % J         # the channel of each value
-    hr, ar, sr = cols[0][run], cols[1][run], cols[2][run]
+    hr, ar, sr, tr = cols[0][run], cols[1][run], cols[2][run], cols[3][run]
     wants = [(x - hi) * sc + sh, ((x - hi) - lo) * (sc * w) + b, sc * d + ((x - hi) * -sc + sh),
              (sc * w) * d - sc * ((x - hi) - lo) - sh, (x - h) * a + s, a * d - s * (x - h) - t,
-             (x - hr) * ar + sr]
+             (x - hr) * ar + sr, hr * d + ((x - ar) * sr + tr)]
     for got, want in zip(ys, wants):
         np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6)
     if platform.machine() in ("x86_64", "AMD64"):
         assert each.inspect_asm(each.signatures[0]).count("vmovntps") >= 6
-        assert runs.inspect_asm(runs.signatures[0]).count("vmovntps") >= 1
+        assert runs.inspect_asm(runs.signatures[0]).count("vmovntps") >= 2
         y = short_rows(x, w, b)
         assert short_rows.inspect_asm(short_rows.signatures[0]).count("vmovntps")
         rows = x[:128].reshape(2, 64)
