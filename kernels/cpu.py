@@ -2299,11 +2299,11 @@ def update_running(running_mean, running_var, old_mean, old_var, mean, var, O, u
     O >= 1 samples (InstanceNorm; O == 1 for BatchNorm). running_*: (C,) float32 / float64,
     not overlapping; old_*: the running statistics (read as float64, which holds float32
     exactly), possibly running_* themselves (a channel's old values are read before its new
-    ones are written). Float64 arithmetic in
-    the order of the NumPy formula it replaces, which took ten array operations (BatchNorm
-    over 1024 channels: 15.7 us with their checks; this loop 0.8 us, 3.1 without the O == 1
-    branch that LLVM vectorizes); the samples add up in order, where NumPy's mean over a
-    single channel (C == 1) pairs them, which can differ in the last bit.
+    ones are written). Float64 arithmetic in the order of the NumPy formula it replaces,
+    which took ten array operations (BatchNorm over 1024 channels: 15.7 us with their checks;
+    this loop 0.8 us, 3.1 without the O == 1 branch that LLVM vectorizes); the samples add up
+    in order, where NumPy's mean over a single channel (C == 1) pairs them, which can differ
+    in the last bit.
     """
     C = running_mean.size
     keep = 1.0 - momentum
