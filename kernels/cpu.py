@@ -1057,10 +1057,18 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
         for i in range(xs.size):
             dxs[i] = store(a * relu_dy(dys, ys, i) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
     else:
-        for i in range(xs.size):
-            dxs[i] = store(a * loadc(dys[i]) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
+        dx_scalar_row(dys, xs, dxs, a, hi, nb, sh)
     if dzs.size:
         dz_run(dys, ys, relu, dzs)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def dx_scalar_row(dys, xs, dxs, a, hi, nb, sh):
+    """dx = a * dy + ((x - hi) * nb + sh) (dx_scalar_run's loop without ReLU): alone, for
+    short_cells_loop's rows of one cell, where dx_scalar_run's other branches, or the weight
+    repeated per element, made the InstanceNorm (64, 256, 7, 7) backward 1.16-1.26x slower."""
+    for i in range(xs.size):
+        dxs[i] = store(a * loadc(dys[i]) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -1391,13 +1399,13 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
                      dweight_part, dx, stream, r0, r1):
     """rows_backward without ReLU or residual on the rows [r0, r1) of length B made of cells of
     P values, in one loop as short_rows_loop: a row's per-cell sums (run_sums, inlined), then
-    its dx while the row is in cache, with the weights repeated per element (w_dx: GroupNorm /
-    InstanceNorm short cells; plain stores, as the short LayerNorm rows') or, for rows of one
-    cell (InstanceNorm rows of up to ROW_CELL values), their scalar weight (dx_scalar_run,
-    streamed where asked). A call per row to each of backward_sums_run and dx_run cost ~100 ns
-    a row of 49 values: InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x, (64, 512, 4, 4)
-    3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one process here,
-    GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x."""
+    its dx while the row is in cache, with the weights repeated per element (w_dx: GroupNorm
+    short cells; plain stores, as the short LayerNorm rows') or, for rows of one cell
+    (InstanceNorm rows of up to ROW_CELL values), their scalar weight (dx_scalar_row;
+    dx_scalar_run where streamed). A call per row to each of backward_sums_run and dx_run
+    cost ~100 ns a row of 49 values: InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x,
+    (64, 512, 4, 4) 3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one
+    process here, GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x."""
     Q = B // P
     dbias = np.zeros(dbias_part.size)
     dweight = np.zeros(dweight_part.size)
@@ -1429,13 +1437,16 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
             g2 += w[cell] * h2
         c1 = 0.0 if frozen else g2 / B
         c2 = 0.0 if frozen or not centered else g1 / B
-        if w_dx.size == C * B:
+        if Q > 1:       # GroupNorm's short cells: w_dx repeats the weights per element
             short_row_dx(dys, y, False, xs, dx[s:s + B], y, hi, lo, rs,
                          narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
                          w_dx[c * B:(c + 1) * B])
-        else:   # a row of one cell (InstanceNorm): its scalar weight
+        elif stream:    # a row of one cell (InstanceNorm), its scalar weight: streamed
             dx_scalar_run(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r, w[c],
                           c1, c2, stream)
+        else:           # the same, plain
+            a, hq, nb, sh = dx_scalar_coefficients(np.float64(mean[r]), rstd_r, w[c], c1, c2, x)
+            dx_scalar_row(dys, xs, dx[s:s + B], a, hq, nb, sh)
         c = c + 1 if c + 1 < C else 0
     if stream:
         sfence()
