@@ -9,6 +9,8 @@ import textwrap
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normcore as nc
 from normcore._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm,
@@ -285,6 +287,45 @@ def test_frozen_stats_writes_its_samples_only(samples):
     x = np.ones((0, C, 4), np.float32)
     f = nc.instance_norm_forward(x, running_mean=rm, running_var=rv, use_input_stats=False)
     assert f.y.shape == x.shape and f.mean.shape == f.rstd.shape == (0, C)
+
+
+@numba.njit
+def _streamed_runs(x, d, ya, yd, B, b0, c0, coef):
+    C = coef.shape[1]
+    affine = cpu.stream_affine_runs(ya, (x,), B, b0, c0, C, (coef[0], coef[1], coef[2]))
+    dx = cpu.stream_dx_scalar_runs(yd, (x, d), B, b0, c0, C,
+                                   (coef[0], coef[1], coef[2], coef[3]))
+    cpu.sfence()
+    return affine, dx
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.integers(0, 69), st.integers(1, 5), st.integers(0, 4),
+       st.integers(0, 300), st.integers(0, 15))
+def test_streamed_runs_equal_the_plain_loops(B, b0, C, c0, n, offset):
+    """stream_affine_runs / stream_dx_scalar_runs over a chunk of runs of B values (windows
+    inside a run, windows across a run's end, scalar head and tail, from any alignment):
+    bit for bit affine_runs' / dx_scalar_runs' plain loops; runs shorter than a window are
+    refused (False), nothing written."""
+    b0, c0 = b0 % B, c0 % C
+    rng = np.random.default_rng(B * 1000 + n)
+    x = rng.standard_normal(n, dtype=np.float32)
+    d = rng.standard_normal(n, dtype=np.float32)
+    coef = rng.standard_normal((4, C), dtype=np.float32)
+    ya, yd = (np.full(n + 16, np.nan, np.float32)[offset:offset + n] for _ in range(2))
+    affine, dx = _streamed_runs(x, d, ya, yd, B, b0, c0, coef)
+    assert affine == (B >= cpu.LANES) and dx == (B >= cpu.DX_LANES)
+    want_a, want_d = np.empty(n, np.float32), np.empty(n, np.float32)
+    cpu.affine_runs(x, x[:0], want_a, False, B, b0, c0, C, coef[0], coef[1], coef[2])
+    cpu.dx_scalar_runs(d, x, want_d, B, b0, c0, C, coef[0], coef[1], coef[2], coef[3])
+    if affine:
+        assert np.array_equal(ya, want_a)
+    else:
+        assert np.isnan(ya).all()
+    if dx:
+        assert np.array_equal(yd, want_d)
+    else:
+        assert np.isnan(yd).all()
 
 
 def test_streaming_helpers_emit_non_temporal_stores():
