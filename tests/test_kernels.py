@@ -220,6 +220,13 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
 
 
+def _aligned_empty(like):
+    """An empty array like `like` whose data start on a 64-byte boundary."""
+    raw = np.empty(like.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
+
+
 @pytest.mark.parametrize("norm, shape, axis", [
     ("instance", (2, 4, 524289), 1),      # rows, odd lengths
     ("instance", (1024, 4, 1025), 1),     # rows of one cell, the backward's short_cells_loop
@@ -227,7 +234,7 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     ("batch", (64, 3, 32771), 1),         # flat
     ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
     ("layer", (4099, 1025), -1),          # weight per element
-    ("layer", (65536, 128), -1),          # short rows, each whole 64-byte lines
+    ("layer", (262144, 32), -1),          # short rows in blocks, each whole 64-byte lines
     ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
@@ -250,7 +257,9 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
         "group": (lambda x: nc.group_norm_forward(x, 8, wc, wc - 1, axis=axis),
                   lambda dy, x, mean, rstd: nc.group_norm_backward(dy, x, mean, rstd, 8, wc,
                                                                    axis=axis)),
-        "layer": (lambda x: nc.layer_norm_forward(x, w, w - 1),
+        # short rows stream only into 64-byte aligned outputs (NumPy's large arrays start
+        # 16 bytes past a page)
+        "layer": (lambda x: nc.layer_norm_forward(x, w, w - 1, out=_aligned_empty(x)),
                   lambda dy, x, mean, rstd: nc.layer_norm_backward(dy, x, mean, rstd, w))}[norm]
     dy = np.random.default_rng(5).standard_normal(shape, dtype=np.float32)
 
@@ -440,3 +449,29 @@ def test_backward_loops_vectorize_when_compiled_in_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     counts = dict(line.split() for line in done.stdout.split("\n") if line)
     assert len(counts) == 7 and all(int(n) > 0 for n in counts.values()), counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(64, cpu.SHORT_ROW),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans())
+def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var):
+    """rows_forward's short rows without a residual (short_rows_fused: statistics and
+    normalization row by row, in a kernel that reassociates its sums) give the blocks'
+    results (short_rows_forward, taken with a residual of zeros) bit for bit: the same
+    moments and, through exact_normalize, the elementwise loops' formula."""
+    rng = np.random.default_rng(O * 7919 + C * 613 + B)
+    R = O * C
+    x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    w = rng.standard_normal(C * B).astype(dtype)
+    bias = rng.standard_normal(C * B).astype(dtype)
+    results = []
+    for z in (x[:0], np.zeros_like(x)):
+        y = np.full_like(x, np.nan)
+        stats = np.full((3, R), np.nan)
+        var = stats[2] if want_var else stats[2, :0]
+        cpu.rows_forward(x, z, False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
+                         stats[1], var, False)
+        results.append((y, stats))
+    (y1, s1), (y2, s2) = results
+    assert not np.isnan(y1).any() and np.array_equal(y1, y2)
+    assert np.array_equal(s1, s2, equal_nan=True)

@@ -165,6 +165,51 @@ def test_float64_large_offset():
                     dtype=np.float64, cond=1e8)
 
 
+# A float32 mean of 1e4 is half an ulp (5e-4) from the float64 one: the kernels subtract it
+# as hi + lo, so y keeps no trace of the offset and is held to cond = 1 (losing lo fails it).
+SHORT_OFFSET_CASES = [
+    ("layer", (4096, 128), {}),                                 # short rows, one at a time
+    ("layer", (4096, 128), {"activation": "relu"}),             # short rows in blocks
+    ("layer", (4096, 96), {"residual": True}),
+    ("layer", (64, 1000), {}),                                  # a row per normalize_run
+    ("instance", (32, 64, 7, 7), {"axis": 1}),                  # short cells, C per sample
+    ("group", (32, 64, 7, 7), {"axis": 1, "num_groups": 8}),
+]
+
+
+@pytest.mark.parametrize("norm,shape,kw", SHORT_OFFSET_CASES,
+                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{'-'.join(c[2]) or 'plain'}"
+                              for c in SHORT_OFFSET_CASES])
+def test_offset_costs_rows_nothing(norm, shape, kw):
+    x = _offset_data(shape, seed=len(shape) * 31 + shape[-1])
+    rng = np.random.default_rng(shape[-1])
+    axis = kw.get("axis", -1)
+    pshape = shape[-1:] if norm == "layer" else (shape[axis],)
+    w = (1 + 0.25 * rng.standard_normal(pshape)).astype(np.float32)
+    b = rng.standard_normal(pshape).astype(np.float32)
+    kw = dict(kw)
+    z = None
+    if kw.pop("residual", False):
+        z = rng.standard_normal(shape).astype(np.float32)
+        kw["residual"] = z
+    groups = kw.pop("num_groups", None)
+    call = {k: v for k, v in kw.items() if k != "activation" and k != "residual"}
+    if norm == "group":
+        f = nc.group_norm_forward(x, groups, w, b, **kw)
+        ref = oracle.group_norm_forward(x, groups, w, b, **call)
+    else:
+        f = getattr(nc, f"{norm}_norm_forward")(x, w, b, **kw)
+        ref = getattr(oracle, f"{norm}_norm_forward")(x, w, b, **call)
+    y = ref.y + (z if z is not None else 0)
+    if kw.get("activation") == "relu":
+        y = np.maximum(y, 0)
+    n = oracle.reduction_length(norm, shape, axis, groups)
+    assert_close(f.y, y, dtype=np.float32, n=n, cond=1.0, what="y")
+    assert_close((f.mean - ref.mean) * ref.rstd, np.zeros(ref.mean.shape), dtype=np.float32,
+                 n=n, cond=COND, scale=1.0, what="mean error / std")
+    assert_close(f.rstd, ref.rstd, dtype=np.float32, n=n, cond=1.0, what="rstd")
+
+
 # ------------------------------------------------------ one group of more than 2**22
 def test_layer_norm_one_huge_row():
     n = 2**22 + 3
