@@ -314,7 +314,8 @@ def validate(peers, case, op, dtype):
 
 def unsupported_float16(rec, dtype):
     """normcore refusing float16 with a TypeError: a skip, not a failure."""
-    return dtype == "float16" and rec["normcore"] and rec.get("exception", "").startswith("TypeError")
+    return (dtype == "float16" and rec["normcore"]
+            and rec.get("exception", "").startswith("TypeError"))
 
 
 # ----------------------------------------------------------------------------- timing
