@@ -95,6 +95,16 @@ def summary(results, label):
             if peer != "numpy"]
 
 
+def copy_range(data):
+    """How the run's per-case copy bandwidth varied (runs before per-case copies: nothing)."""
+    spans = data.get("copy_gbps_range", {})
+    if not spans:
+        return ""
+    text = ", ".join(f"{d} {lo:.1f}-{hi:.1f} GB/s" for d, (lo, hi) in spans.items())
+    return (f" measured again just before each case (the machine's speed drifts within a run; "
+            f"{text} over this one)")
+
+
 def keep_note(keep):
     """What the ×peer keep columns are, from the --malloc keep run's own record."""
     command = " ".join(["python bench/run.py"] + keep["argv"])
@@ -126,8 +136,8 @@ def markdown(data, keep=None):
         "with `out=`/`dx_out=` buffers. GB/s counts the minimum bytes an op must move (E bytes "
         "per element: forward 2E, training BatchNorm forward 3E, backward 3E, training "
         "BatchNorm backward 5E), for normcore's faster variant; % copy is that over the copy "
-        "bandwidth. ×peer is the peer's median time over normcore's with fresh outputs "
-        "(> 1: normcore is faster)" + (keep_note(keep) if keep else "."),
+        f"bandwidth{copy_range(data)}. ×peer is the peer's median time over normcore's with "
+        "fresh outputs (> 1: normcore is faster)" + (keep_note(keep) if keep else "."),
     ]
     for device in data["copy_gbps"]:
         results = [r for r in data["results"] if r["device"] == device]

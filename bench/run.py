@@ -384,7 +384,8 @@ def time_combo(peers, case, op, dtype, args, copy_gbps):
             "groups": case.groups, "op": op, "dtype": dtype, "impl": p.name, "device": p.device,
             "median_s": median, "min_s": min(s), "max_s": max(s), "samples": len(s),
             "number": numbers[p.name], "bytes": nbytes, "gbps": nbytes / median / 1e9,
-            "frac_copy": nbytes / median / 1e9 / copy_gbps[p.device], "other_load": other_load,
+            "frac_copy": nbytes / median / 1e9 / copy_gbps[p.device],
+            "copy_gbps": copy_gbps[p.device], "other_load": other_load,
             "dropped_rounds": dropped, "waited_s": waited,
         })
     ours = {p.name for p in peers if p.is_normcore}
@@ -475,8 +476,17 @@ def main(argv=None):
     print(HEADER)
     results, first_calls, skipped = [], [], []
     t_start, load = time.perf_counter(), OtherLoad()
+    # the machine's speed drifts within a run (copy 37-45 GB/s minutes apart here), so each
+    # case's % copy is over a copy measured just before it; the run's first copy stays the
+    # headline figure, the range is recorded
+    copies = {"cpu": [copy_gbps["cpu"]]}
+    last_case = None
     for case, dtype, op in todo:
         where = {"case": case.name, "op": op, "dtype": dtype}
+        if case.name != last_case and last_case is not None:
+            copies["cpu"].append(copy_bandwidth(repeats=5))
+        last_case = case.name
+        here = {**copy_gbps, "cpu": copies["cpu"][-1]}
         records = validate(peers, case, op, dtype)
         timed, invalid = [], set()
         for rec in records:
@@ -493,12 +503,13 @@ def main(argv=None):
             timed.append(next(p for p in peers if p.name == rec["impl"]))
         if any(unsupported_float16(rec, dtype) for rec in records):
             continue  # nothing to compare normcore with
-        rows, skips = time_combo(timed, case, op, dtype, args, copy_gbps)
+        rows, skips = time_combo(timed, case, op, dtype, args, here)
         skipped += [{**where, **s} for s in skips]
         for row in rows:
             row["valid"] = row["impl"] not in invalid
             print(fmt_row(row), flush=True)
         results += rows
+    info["copy_gbps_range"] = {d: [min(v), max(v)] for d, v in copies.items()}
     info.update(results=results, first_calls=first_calls, skipped=skipped,
                 wall_s=time.perf_counter() - t_start, other_load=load.fraction())
 
