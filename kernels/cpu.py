@@ -1296,6 +1296,23 @@ def short_rows_stream(ys, B, lanes):
     return B % (64 // ys.itemsize) == 0 and B % lanes == 0 and ys.ctypes.data % 64 == 0
 
 
+@_jit(inline="always")
+def save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out):
+    """(mean, rstd) of statistic r from its moments over n values (centered=False, RMSNorm:
+    mean 0 and var = mean(x**2)), saved into mean_out / rstd_out and, unless it is empty,
+    the variance into var_out."""
+    var = m2 / n
+    if not centered:
+        var += mean * mean
+        mean = 0.0
+    rstd = 1.0 / np.sqrt(var + eps)
+    mean_out[r] = mean
+    rstd_out[r] = rstd
+    if var_out.size:
+        var_out[r] = var
+    return mean, rstd
+
+
 @_jit()
 def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
     """short_rows_forward's rows without residual or ReLU, one row at a time: its statistics
@@ -1310,15 +1327,7 @@ def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var
     for r in range(r0, r1):
         xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
         mu, m2 = block_moments(xs)
-        var = m2 / B
-        if not centered:
-            var += mu * mu
-            mu = 0.0
-        rstd = 1.0 / np.sqrt(var + eps)
-        mean_out[r] = mu
-        rstd_out[r] = rstd
-        if var_out.size:
-            var_out[r] = var
+        mu, rstd = save_stats(B, mu, m2, centered, eps, r, mean_out, rstd_out, var_out)
         hi, lo = split(mu, x)
         rs = narrow(rstd, x)
         wv, bv = w[c * B:(c + 1) * B], bias[c * B:(c + 1) * B]
@@ -1346,16 +1355,8 @@ def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rs
         b1 = min(b0 + SHORT_BLOCK, r1)
         short_rows_moments(x, b0, b1, B, mean, m2)
         for i in range(b1 - b0):
-            mu = mean[i]
-            var = m2[i] / B
-            if not centered:
-                var += mu * mu
-                mu = 0.0
-            rstd = 1.0 / np.sqrt(var + eps)
-            mean_out[b0 + i] = mu
-            rstd_out[b0 + i] = rstd
-            if var_out.size:
-                var_out[b0 + i] = var
+            mu, rstd = save_stats(B, mean[i], m2[i], centered, eps, b0 + i, mean_out,
+                                  rstd_out, var_out)
             hi[i], lo[i] = split(mu, x)
             rs[i] = rstd
         short_rows_normalize(x, z, relu, y, b0, b1, C, B, hi, lo, rs, w, bias, stream)
@@ -1399,15 +1400,7 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
         for r in range(r0, (k + 1) * R // nblk):
             n, mean, m2 = stat_moments(x, o, c, A, C, B)
-            var = m2 / n
-            if not centered:
-                var += mean * mean
-                mean = 0.0
-            rstd = 1.0 / np.sqrt(var + eps)
-            mean_out[r] = mean
-            rstd_out[r] = rstd
-            if var_out.size:
-                var_out[r] = var
+            mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
             for a in range(A):
                 lo = ((o * A + a) * C + c) * B
                 zs = z[lo:lo + B] if z.size else z
