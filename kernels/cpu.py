@@ -326,6 +326,31 @@ def sfence(typingctx):
 
 
 @intrinsic
+def prefetch(typingctx, arrays, i):
+    """A hint to bring the cache line of element i of each array of the tuple `arrays` into
+    cache (prefetcht0 on x86). i may run past an array's end into the data that follows it,
+    the next row of the array it is a slice of: a prefetch never faults."""
+    if not (isinstance(arrays, types.BaseTuple) and isinstance(i, types.Integer)
+            and all(isinstance(a, types.Array) for a in arrays)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [i8p, i32, i32, i32]))
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        for k, t in enumerate(signature.args[0]):
+            a = context.make_array(t)(context, builder, builder.extract_value(args[0], k))
+            # read, keep in all levels, data cache
+            builder.call(fn, [builder.bitcast(builder.gep(a.data, [index]), i8p),
+                              ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arrays, i), codegen
+
+
+@intrinsic
 def borrow(typingctx, arr):
     """arr without its reference count: the same data, shape and strides, no meminfo. Numba
     counts references to an array's memory with an atomic add and subtract for every slice
@@ -629,22 +654,27 @@ def _streaming(stream_window, element):
     (4 * lanes bytes), stream_window on its `lanes` values at a time, a scalar tail. False
     (nothing written) unless ys and the arrays are float32."""
 
-    def helper(ys, arrays, scalars):
+    def helper(ys, arrays, scalars, lead=(), ahead=0):
         raise NotImplementedError
 
     L = stream_window.lanes
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
-    def _helper(ys, arrays, scalars):
+    def _helper(ys, arrays, scalars, lead=(), ahead=0):
         if not (ys.dtype == types.float32 and all(a.dtype == types.float32 for a in arrays)):
-            return lambda ys, arrays, scalars: False
+            return lambda ys, arrays, scalars, lead=(), ahead=0: False
 
-        def impl(ys, arrays, scalars):
+        def impl(ys, arrays, scalars, lead=(), ahead=0):
             n = ys.size
             head = min(n, (-ys.ctypes.data) % (4 * L) // 4)
             for j in range(head):
                 ys[j] = element(j, arrays, scalars)
             i = head
+            if ahead:
+                while i + L <= n:
+                    prefetch(lead, i + ahead)
+                    stream_window(ys, i, arrays, i, (), scalars)
+                    i += L
             while i + L <= n:
                 stream_window(ys, i, arrays, i, (), scalars)
                 i += L
@@ -834,15 +864,16 @@ stream_dx_scalar_runs = _streaming_runs(_runs_dx_scalar_window, _dx_scalar_windo
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False):
+def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False, ahead=0):
     """ys = relu((xs - mean) * scale + shift + zs) with float64 scalars mean, scale, shift,
     computed in the precision of xs as (xs - hi) * scale + (shift - lo * scale): the part lo
-    of the mean that its compute-dtype hi cannot hold moves into the shift (see fold)."""
+    of the mean that its compute-dtype hi cannot hold moves into the shift (see fold).
+    ahead: as normalize_run's."""
     hi, sc, sh = fold(mean, scale, shift, xs)
     # outputs far larger than the caches: non-temporal stores skip reading each line before
     # writing it (IN / BN forward on 64 MiB: ~20% faster), but leave y out of the cache
     if (stream and xs.size >= STREAM_RUN and not relu and not zs.size
-            and stream_affine(ys, (xs,), (hi, sc, sh))):
+            and stream_affine(ys, (xs,), (hi, sc, sh), (xs,), ahead)):
         return
     if zs.size:
         for i in range(xs.size):
@@ -888,9 +919,11 @@ def affine_runs(xs, zs, ys, relu, B, b, c, C, hi, sc, sh, stream=False):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=False):
+def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=False, ahead=0):
     """y = relu((x - mean) * rstd * w + bias + z) on the piece [b0, b0 + len) of channel c's
-    run; zs is empty without a residual. w, bias: parameter cells in the compute dtype."""
+    run; zs is empty without a residual. w, bias: parameter cells in the compute dtype.
+    ahead: where streamed, prefetch x this many values on (the next run, when it follows
+    this one in memory: 0 for none)."""
     e = xs.size
     if P == 1:
         wv = w[c * B + b0:c * B + b0 + e]
@@ -898,7 +931,7 @@ def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=Fal
         hi, lo = split(mean, xs)
         rs = narrow(rstd, xs)
         if (stream and e >= STREAM_RUN and not relu and not zs.size
-                and stream_normalize(ys, (xs, wv, bv), (hi, lo, rs))):
+                and stream_normalize(ys, (xs, wv, bv), (hi, lo, rs), (xs,), ahead)):
             return
         if zs.size:
             for i in range(e):
@@ -910,7 +943,7 @@ def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=Fal
                 ys[i] = store(activate(v, relu), ys)
         return
     if P == B:      # one cell per run: no division per piece (BatchNorm NCHW runs of 196)
-        affine_run(xs, zs, ys, relu, mean, rstd * w[c], bias[c], stream)
+        affine_run(xs, zs, ys, relu, mean, rstd * w[c], bias[c], stream, ahead)
         return
     Q = B // P
     s = b0
@@ -938,7 +971,7 @@ def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=Fal
         t = min(b0 + e, (q + 1) * P)
         zq = zs[s - b0:t - b0] if zs.size else zs
         affine_run(xs[s - b0:t - b0], zq, ys[s - b0:t - b0], relu, mean, rstd * w[c * Q + q],
-                   bias[c * Q + q], stream)
+                   bias[c * Q + q], stream, ahead)
         s = t
 
 
@@ -1093,14 +1126,14 @@ def dx_scalar_coefficients(mean, rstd, wq, c1, c2, arr):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False):
+def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False, ahead=0):
     """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
     a * dy - b * (x - mean) - cc in the precision of xs; dz = dy (after ReLU's mask) when dzs
     is not empty."""
     # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
     a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, wq, c1, c2, xs)
     if (stream and xs.size >= STREAM_RUN and not relu and not dzs.size
-            and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh))):
+            and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh), (xs, dys), ahead)):
         return
     if relu:
         for i in range(xs.size):
@@ -1147,9 +1180,11 @@ def dx_scalar_runs(dys, xs, dxs, B, b, c, C, a, hi, nb, sh, stream=False):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stream=False):
+def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stream=False,
+           ahead=0):
     """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run;
-    dz = dy (after ReLU's mask) when dzs is not empty."""
+    dz = dy (after ReLU's mask) when dzs is not empty. ahead: where streamed, prefetch x and
+    dy this many values on (see normalize_run)."""
     e = xs.size
     if P == 1:
         wv = w[c * B + b0:c * B + b0 + e]
@@ -1158,7 +1193,7 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
         b = narrow(rstd * rstd * c1, xs)
         cc = narrow(rstd * c2, xs)
         if (stream and e >= STREAM_RUN and not relu and not dzs.size
-                and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc))):
+                and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc), (xs, dys), ahead)):
             return
         if relu:
             for i in range(e):
@@ -1172,7 +1207,7 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
             dz_run(dys, ys, relu, dzs)
         return
     if P == B:
-        dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w[c], c1, c2, stream)
+        dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w[c], c1, c2, stream, ahead)
         return
     Q = B // P
     s = b0
@@ -1199,7 +1234,7 @@ def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stre
         yq = ys[s - b0:t - b0] if relu else ys
         dzq = dzs[s - b0:t - b0] if dzs.size else dzs
         dx_scalar_run(dys[s - b0:t - b0], yq, relu, xs[s - b0:t - b0], dxs[s - b0:t - b0], dzq,
-                      mean, rstd, w[c * Q + q], c1, c2, stream)
+                      mean, rstd, w[c * Q + q], c1, c2, stream, ahead)
         s = t
 
 
@@ -1401,11 +1436,14 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         for r in range(r0, (k + 1) * R // nblk):
             n, mean, m2 = stat_moments(x, o, c, A, C, B)
             mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
+            # the next statistic's runs follow this one's by B values, except from the last
+            # channel of an o with A > 1
+            ahead = B if A == 1 or c + 1 < C else 0
             for a in range(A):
                 lo = ((o * A + a) * C + c) * B
                 zs = z[lo:lo + B] if z.size else z
                 normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
-                              P, stream)
+                              P, stream, ahead)
             c += 1
             if c == C:
                 o, c = o + 1, 0
@@ -1539,7 +1577,7 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
                          w_dx[c * B:(c + 1) * B])
         elif stream:    # a row of one cell (InstanceNorm), its scalar weight: streamed
             dx_scalar_run(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r, w[c],
-                          c1, c2, stream)
+                          c1, c2, stream, B)
         else:           # the same, plain
             a, hq, nb, sh = dx_scalar_coefficients(np.float64(mean[r]), rstd_r, w[c], c1, c2, x)
             dxs = dx[s:s + B]
@@ -1609,6 +1647,7 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
             flush(dbias, dbias_part)
             flush(dweight, dweight_part)
         mean_r, rstd_r = np.float64(mean[r]), np.float64(rstd[r])
+        ahead = B if A == 1 or c + 1 < C else 0     # as in rows_forward
         g1 = 0.0
         g2 = 0.0
         for a in range(A):
@@ -1625,7 +1664,7 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
             ys = y[lo:lo + B] if relu else y
             dzs = dz[lo:lo + B] if dz.size else dz
             dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean_r, rstd_r,
-                   w_dx, c1, c2, c, 0, B, P_dx, stream)
+                   w_dx, c1, c2, c, 0, B, P_dx, stream, ahead)
         c += 1
         if c == C:
             o, c = o + 1, 0
