@@ -160,15 +160,20 @@ def _float32_to_half_bits(typingctx, value):
 # forward's formulas, which read one streamed array (A/B against windows of 8, in one process:
 # LayerNorm (16384, 1024) forward 1.08x, InstanceNorm (32, 64, 56, 56) eval 1.16x, BatchNorm
 # (8192, 1024) eval 1.00-1.09x); 8 for the dx formulas, which read two (x and dy): at 16 the
-# LayerNorm (16384, 1024) backward took 1.12-1.18x as long in three runs of four.
+# LayerNorm (16384, 1024) backward took 1.12-1.18x as long in three runs of four. float64
+# rows take the same counts of lanes: windows of two lines and of one.
 LANES = 16
 DX_LANES = 8
 
 
-def _f32_run(a):
-    """A contiguous 1-d float32 array type (read-only or not)."""
-    return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 \
-        and a.layout == "C"
+def _f32_run(a, dtype=types.float32):
+    """A contiguous 1-d array type of `dtype` (read-only or not)."""
+    return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 1 and a.layout == "C"
+
+
+def _bytes(vec):
+    """The size of an element of the float vector type `vec`."""
+    return 8 if isinstance(vec.element, ir.DoubleType) else 4
 
 
 def _splat(builder, value, vec):
@@ -189,7 +194,7 @@ def _vector_at(context, builder, arrty, arr, index, vec):
 def _load_windows(context, builder, tuple_type, arrays, index, vec):
     """The vectors `vec` at [index, index + lanes) of each array of the tuple `arrays`."""
     return [builder.load(_vector_at(context, builder, t, builder.extract_value(arrays, k),
-                                    index, vec), align=4)
+                                    index, vec), align=_bytes(vec))
             for k, t in enumerate(tuple_type)]
 
 
@@ -200,10 +205,10 @@ def _splat_each(builder, tuple_type, scalars, vec):
 
 
 def _write_window(context, builder, arrty, arr, index, value):
-    """arr[index:index + lanes] = the float32 vector `value`, a non-temporal store (the
+    """arr[index:index + lanes] = the float vector `value`, a non-temporal store (the
     address must be aligned to the vector's size)."""
     store = builder.store(value, _vector_at(context, builder, arrty, arr, index, value.type),
-                          align=4 * value.type.count)
+                          align=_bytes(value.type) * value.type.count)
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32),
                                                                                 1)]))
 
@@ -211,18 +216,18 @@ def _write_window(context, builder, arrty, arr, index, value):
 def _stream_window(formula, lanes=LANES):
     """An intrinsic (ys, i, arrays, p, columns, scalars): ys[i:i + lanes] = formula(builder,
     vectors of the arrays at [i, i + lanes) then of the columns at [p, p + lanes), the scalars
-    splat to `lanes` lanes), all float32, with a non-temporal store (ys + i must be
-    4 * lanes-byte aligned). arrays, columns, scalars: tuples. The intrinsic's `.lanes` tells
-    the streaming helpers its width."""
-
-    vec = ir.VectorType(ir.FloatType(), lanes)
+    splat to `lanes` lanes), all float32 or all float64, with a non-temporal store (ys + i
+    must be aligned to the window's bytes). arrays, columns, scalars: tuples. The intrinsic's
+    `.lanes` tells the streaming helpers its width."""
 
     @intrinsic
     def stream_window(typingctx, ys, i, arrays, p, columns, scalars):
-        if not (_f32_run(ys) and ys.mutable and all(_f32_run(a) for a in arrays)
-                and all(_f32_run(a) for a in columns)
-                and all(t == types.float32 for t in scalars)):
+        dtype = getattr(ys, "dtype", None)
+        if not (dtype in (types.float32, types.float64) and _f32_run(ys, dtype) and ys.mutable
+                and all(_f32_run(a, dtype) for a in tuple(arrays) + tuple(columns))
+                and all(t == dtype for t in scalars)):
             return None
+        vec = ir.VectorType(ir.DoubleType() if dtype == types.float64 else ir.FloatType(), lanes)
 
         def codegen(context, builder, signature, args):
             vecs = (_load_windows(context, builder, signature.args[2], args[2], args[1], vec)
@@ -649,10 +654,14 @@ def dz_run(dys, ys, relu, dzs):
 
 
 def _streaming(stream_window, element):
-    """A jit-only helper (ys, arrays, scalars) -> bool that writes ys[j] = element(j, arrays,
-    scalars) for every j with non-temporal stores: a scalar head up to a window boundary of ys
-    (4 * lanes bytes), stream_window on its `lanes` values at a time, a scalar tail. False
-    (nothing written) unless ys and the arrays are float32."""
+    """A jit-only helper (ys, arrays, scalars, lead=(), ahead=0) -> bool that writes ys[j] =
+    element(j, arrays, scalars) for every j with non-temporal stores: a scalar head up to a
+    window boundary of ys (`lanes` values' bytes), stream_window on its `lanes` values at a
+    time, a scalar tail. False (nothing written) unless ys and the arrays are all float32 or
+    all float64. With ahead > 0, each window also prefetches the arrays of the tuple `lead`
+    `ahead` values on: the next row, which a row's statistics read next (LayerNorm
+    (16384, 1024) float32 forward 1.26-1.31x in one process; the hardware's prefetchers do
+    not cross a 4 KiB page, and such a row spans two)."""
 
     def helper(ys, arrays, scalars, lead=(), ahead=0):
         raise NotImplementedError
@@ -661,12 +670,14 @@ def _streaming(stream_window, element):
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, scalars, lead=(), ahead=0):
-        if not (ys.dtype == types.float32 and all(a.dtype == types.float32 for a in arrays)):
+        if not (ys.dtype in (types.float32, types.float64)
+                and all(a.dtype == ys.dtype for a in arrays)):
             return lambda ys, arrays, scalars, lead=(), ahead=0: False
+        E = ys.dtype.bitwidth // 8
 
         def impl(ys, arrays, scalars, lead=(), ahead=0):
             n = ys.size
-            head = min(n, (-ys.ctypes.data) % (4 * L) // 4)
+            head = min(n, (-ys.ctypes.data) % (E * L) // E)
             for j in range(head):
                 ys[j] = element(j, arrays, scalars)
             i = head

@@ -51,8 +51,9 @@ def _bits(a):
 _F64 = np.dtype(np.float64)
 _F32 = np.dtype(np.float32)
 # Outputs of at least this many bytes are written with non-temporal stores where a kernel can
-# (float32, no residual or ReLU; see kernels/cpu.py: affine_run): they would not stay in the
-# 32 MiB L3 anyway, and skipping the read of each line before writing it saved ~20% on 64 MiB.
+# (float32 / float64, no residual or ReLU; see kernels/cpu.py: affine_run): they would not
+# stay in the 32 MiB L3 anyway, and skipping the read of each line before writing it saved
+# ~20% on 64 MiB.
 STREAM_MIN = 1 << 24
 
 

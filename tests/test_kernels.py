@@ -227,7 +227,7 @@ def _aligned_empty(like):
     return raw[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
 
 
-@pytest.mark.parametrize("norm, shape, axis", [
+@pytest.mark.parametrize("norm, shape, axis, dtype", [(*case, np.float32) for case in [
     ("instance", (2, 4, 524289), 1),      # rows, odd lengths
     ("instance", (1024, 4, 1025), 1),     # rows of one cell, the backward's short_cells_loop
     ("instance", (4096, 16, 8, 8), 1),    # short cells: blocks of short rows, whole lines
@@ -238,17 +238,24 @@ def _aligned_empty(like):
     ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
-])
-def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
+]] + [pytest.param(*case, np.float64, id=f"{case[0]}-float64-{i}") for i, case in enumerate([
+    # the row helpers stream float64 too (the columns' and runs' helpers float32 alone)
+    ("instance", (2, 4, 262145), 1),
+    ("instance", (512, 4, 1025), 1),
+    ("layer", (2051, 1025), -1),
+    ("group", (16, 32, 64, 65), 1),       # cells of 4160 values, two per row
+    ("batch", (32, 3, 32771), 1),         # flat
+])])
+def test_streamed_outputs_equal_plain_ones(norm, shape, axis, dtype, monkeypatch):
     """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
     window boundary, windows of LANES (y) or DX_LANES (dx) values, scalar tail): bit for bit
     the plain loops' results."""
     from normcore import _cpu
-    x = np.random.default_rng(4).standard_normal(shape, dtype=np.float32)
+    x = np.random.default_rng(4).standard_normal(shape, dtype=dtype)
     assert x.nbytes >= _cpu.STREAM_MIN
-    w = np.linspace(0.5, 2, x.shape[-1], dtype=np.float32)
+    w = np.linspace(0.5, 2, x.shape[-1], dtype=dtype)
     C = x.shape[axis]
-    wc = np.linspace(0.5, 2, C, dtype=np.float32)
+    wc = np.linspace(0.5, 2, C, dtype=dtype)
     fwd, bwd = {
         "instance": (nc.instance_norm_forward, nc.instance_norm_backward),
         "batch": (lambda x: nc.batch_norm_forward(x, wc, wc - 1, axis=axis),
@@ -261,13 +268,13 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, monkeypatch):
         # 16 bytes past a page)
         "layer": (lambda x: nc.layer_norm_forward(x, w, w - 1, out=_aligned_empty(x)),
                   lambda dy, x, mean, rstd: nc.layer_norm_backward(dy, x, mean, rstd, w))}[norm]
-    dy = np.random.default_rng(5).standard_normal(shape, dtype=np.float32)
+    dy = np.random.default_rng(5).standard_normal(shape, dtype=dtype)
 
     def run():
         f = fwd(x)         # runs of odd length: most start off a 64-byte boundary
         out = [f.y, bwd(dy, x, f.mean, f.rstd).dx]
         if norm == "batch":
-            rm, rv = f.mean.astype(np.float32) + 0.25, np.full(C, 2.0, np.float32)
+            rm, rv = f.mean.astype(dtype) + 0.25, np.full(C, 2.0, dtype)
             out.append(nc.batch_norm(x, wc, wc - 1, running_mean=rm, running_var=rv,
                                      training=False, axis=axis))
         return out
@@ -394,11 +401,10 @@ def test_streaming_helpers_emit_non_temporal_stores():
 
 
 @numba.njit
-def _rows_ahead(x, d, w, b, ys, B, ahead):
+def _rows_ahead(x, d, w, b, ys, B, ahead, coefficients):
     """Each row of B values of x (and d) through the four row helpers, streamed, prefetching
     `ahead` values on (0: none); the last row's prefetches run past the arrays' end."""
-    f32 = np.float32
-    hi, lo, sc, sh = f32(0.5), f32(1e-8), f32(1.5), f32(0.25)
+    hi, lo, sc, sh = coefficients
     for r in range(x.size // B):
         xs, ds, wv, bv = x[r * B:(r + 1) * B], d[r * B:(r + 1) * B], w[:B], b[:B]
         ok = cpu.stream_affine(ys[0][r * B:(r + 1) * B], (xs,), (hi, sc, sh), (xs,), ahead)
@@ -414,21 +420,33 @@ def _rows_ahead(x, d, w, b, ys, B, ahead):
     return True
 
 
-def test_prefetching_rows_equal_the_plain_windows():
-    """The row helpers' prefetch of the next row (`ahead`, one line per window) changes no
-    value: bit for bit the windows without it, on rows of odd length (heads and tails), and
-    compiles to prefetcht0 on x86-64."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefetching_rows_equal_the_plain_windows(dtype):
+    """The row helpers stream float32 and float64 rows, and their prefetch of the next row
+    (`ahead`, one line per window) changes no value: bit for bit the windows without it, on
+    rows of odd length (heads and tails), within an ulp or two of NumPy's formulas; on x86-64
+    they compile to prefetcht0 and non-temporal stores."""
     rng = np.random.default_rng(9)
     B = 1031
-    x, d, w, b = (rng.standard_normal(4 * B + 1, dtype=np.float32)[1:] for _ in range(4))
-    got = [np.full(4 * B, np.nan, np.float32) for _ in range(4)]
-    want = [np.full(4 * B, np.nan, np.float32) for _ in range(4)]
-    assert _rows_ahead(x, d, w, b, tuple(got), B, B)
-    assert _rows_ahead(x, d, w, b, tuple(want), B, 0)
+    x, d, w, b = (rng.standard_normal(4 * B + 1).astype(dtype)[1:] for _ in range(4))
+    hi, lo, sc, sh = coefficients = tuple(dtype(v) for v in (0.5, 1e-8, 1.5, 0.25))
+    got = [np.full(4 * B, np.nan, dtype) for _ in range(4)]
+    want = [np.full(4 * B, np.nan, dtype) for _ in range(4)]
+    assert _rows_ahead(x, d, w, b, tuple(got), B, B, coefficients)
+    assert _rows_ahead(x, d, w, b, tuple(want), B, 0, coefficients)
     for g, v in zip(got, want):
         assert not np.isnan(g).any() and np.array_equal(g, v)
+    wr, br = np.tile(w[:B], 4), np.tile(b[:B], 4)
+    formulas = [(x - hi) * sc + sh, ((x - hi) - lo) * (sc * wr) + br,
+                sc * d + ((x - hi) * -sc + sh), (sc * wr) * d - sc * ((x - hi) - lo) - sh]
+    eps = np.finfo(dtype).eps
+    for g, f in zip(got, formulas):
+        np.testing.assert_allclose(g, f, rtol=4 * eps, atol=4 * eps)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert _rows_ahead.inspect_asm(_rows_ahead.signatures[0]).count("prefetcht0") >= 6
+        sig = [s for s in _rows_ahead.signatures if s[0].dtype == numba.from_dtype(dtype)][0]
+        asm = _rows_ahead.inspect_asm(sig)
+        assert asm.count("prefetcht0") >= 6
+        assert asm.count("vmovntpd" if dtype == np.float64 else "vmovntps") >= 4
 
 
 @numba.njit
