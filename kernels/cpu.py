@@ -714,13 +714,14 @@ def _streaming_columns(stream_window, element):
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, columns, J):
-        if not (ys.dtype == types.float32 and all(a.dtype == types.float32 for a in arrays)
-                and all(a.dtype == types.float32 for a in columns)):
+        if not (ys.dtype in (types.float32, types.float64)
+                and all(a.dtype == ys.dtype for a in tuple(arrays) + tuple(columns))):
             return lambda ys, arrays, columns, J: False
+        E = ys.dtype.bitwidth // 8
 
         def impl(ys, arrays, columns, J):
             n = ys.size
-            head = min(n, (-ys.ctypes.data) % (4 * L) // 4)
+            head = min(n, (-ys.ctypes.data) % (E * L) // E)
             for j in range(head):
                 ys[j] = element(j, j % J, arrays, columns)
             i = head

@@ -239,7 +239,10 @@ def _aligned_empty(like):
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
 ]] + [pytest.param(*case, np.float64, id=f"{case[0]}-float64-{i}") for i, case in enumerate([
-    # the row helpers stream float64 too (the columns' and runs' helpers float32 alone)
+    # the row and column helpers stream float64 too (the runs' helpers float32 alone)
+    ("batch", (8, 37, 113, 64), -1),      # columns, channels-last
+    ("batch", (2051, 1025), 1),           # columns, 2-D
+    ("group", (32, 32, 33, 64), -1),      # columns fused per sample
     ("instance", (2, 4, 262145), 1),
     ("instance", (512, 4, 1025), 1),
     ("layer", (2051, 1025), -1),
@@ -447,6 +450,33 @@ def test_prefetching_rows_equal_the_plain_windows(dtype):
         asm = _rows_ahead.inspect_asm(sig)
         assert asm.count("prefetcht0") >= 6
         assert asm.count("vmovntpd" if dtype == np.float64 else "vmovntps") >= 4
+
+
+@numba.njit
+def _columns_float64(x, d, cols, y1, y2, J):
+    h, a, s, t = (cpu.tile_columns(cols[0]), cpu.tile_columns(cols[1]),
+                  cpu.tile_columns(cols[2]), cpu.tile_columns(cols[3]))
+    ok = cpu.stream_columns_affine(y1, (x,), (h, a, s), J)
+    ok &= cpu.stream_columns_dx(y2, (x, d), (h, a, s, t), J)
+    cpu.sfence()
+    return ok
+
+
+def test_column_helpers_stream_float64():
+    """stream_columns_affine / stream_columns_dx take float64 blocks too (rows of 40 columns,
+    windows across rows): NumPy's formulas within an ulp or two, vmovntpd on x86-64."""
+    J = 40
+    rng = np.random.default_rng(6)
+    x, d = (rng.standard_normal(1001)[1:] for _ in range(2))
+    cols = rng.standard_normal((4, J))
+    y1, y2 = np.empty(1001)[1:], np.empty(1001)[1:]
+    assert _columns_float64(x, d, cols, y1, y2, J)
+    h, a, s, t = (np.tile(c, 1000 // J) for c in cols)
+    np.testing.assert_allclose(y1, (x - h) * a + s, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(y2, a * d - s * (x - h) - t, rtol=1e-15, atol=1e-15)
+    if platform.machine() in ("x86_64", "AMD64"):
+        sig = _columns_float64.signatures[0]
+        assert _columns_float64.inspect_asm(sig).count("vmovntpd") >= 2
 
 
 @numba.njit
