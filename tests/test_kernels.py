@@ -239,10 +239,11 @@ def _aligned_empty(like):
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
 ]] + [pytest.param(*case, np.float64, id=f"{case[0]}-float64-{i}") for i, case in enumerate([
-    # the row and column helpers stream float64 too (the runs' helpers float32 alone)
+    # the row, column and run helpers stream float64 too
     ("batch", (8, 37, 113, 64), -1),      # columns, channels-last
     ("batch", (2051, 1025), 1),           # columns, 2-D
     ("group", (32, 32, 33, 64), -1),      # columns fused per sample
+    ("batch", (64, 173, 14, 14), 1),      # flat, runs of 196
     ("instance", (2, 4, 262145), 1),
     ("instance", (512, 4, 1025), 1),
     ("layer", (2051, 1025), -1),
@@ -318,23 +319,23 @@ def _streamed_runs(x, d, ya, yd, B, b0, c0, coef):
     return affine, dx
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.integers(1, 70), st.integers(0, 69), st.integers(1, 5), st.integers(0, 4),
-       st.integers(0, 300), st.integers(0, 15))
-def test_streamed_runs_equal_the_plain_loops(B, b0, C, c0, n, offset):
+       st.integers(0, 300), st.integers(0, 15), st.sampled_from([np.float32, np.float64]))
+def test_streamed_runs_equal_the_plain_loops(B, b0, C, c0, n, offset, dtype):
     """stream_affine_runs / stream_dx_scalar_runs over a chunk of runs of B values (windows
-    inside a run, windows across a run's end, scalar head and tail, from any alignment):
-    bit for bit affine_runs' / dx_scalar_runs' plain loops; runs shorter than a window are
-    refused (False), nothing written."""
+    inside a run, windows across a run's end, scalar head and tail, from any alignment),
+    float32 or float64: bit for bit affine_runs' / dx_scalar_runs' plain loops; runs shorter
+    than a window are refused (False), nothing written."""
     b0, c0 = b0 % B, c0 % C
     rng = np.random.default_rng(B * 1000 + n)
-    x = rng.standard_normal(n, dtype=np.float32)
-    d = rng.standard_normal(n, dtype=np.float32)
-    coef = rng.standard_normal((4, C), dtype=np.float32)
-    ya, yd = (np.full(n + 16, np.nan, np.float32)[offset:offset + n] for _ in range(2))
+    x = rng.standard_normal(n).astype(dtype)
+    d = rng.standard_normal(n).astype(dtype)
+    coef = rng.standard_normal((4, C)).astype(dtype)
+    ya, yd = (np.full(n + 16, np.nan, dtype)[offset:offset + n] for _ in range(2))
     affine, dx = _streamed_runs(x, d, ya, yd, B, b0, c0, coef)
     assert affine == (B >= cpu.LANES) and dx == (B >= cpu.DX_LANES)
-    want_a, want_d = np.empty(n, np.float32), np.empty(n, np.float32)
+    want_a, want_d = np.empty(n, dtype), np.empty(n, dtype)
     cpu.affine_runs(x, x[:0], want_a, False, B, b0, c0, C, coef[0], coef[1], coef[2])
     cpu.dx_scalar_runs(d, x, want_d, B, b0, c0, C, coef[0], coef[1], coef[2], coef[3])
     if affine:
