@@ -166,9 +166,14 @@ LANES = 16
 DX_LANES = 8
 
 
-def _f32_run(a, dtype=types.float32):
+def _float_run(a, dtype=types.float32):
     """A contiguous 1-d array type of `dtype` (read-only or not)."""
     return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 1 and a.layout == "C"
+
+
+def _window_type(dtype, lanes):
+    """The LLVM vector type of `lanes` values of the float32 or float64 `dtype`."""
+    return ir.VectorType(ir.DoubleType() if dtype == types.float64 else ir.FloatType(), lanes)
 
 
 def _bytes(vec):
@@ -223,11 +228,11 @@ def _stream_window(formula, lanes=LANES):
     @intrinsic
     def stream_window(typingctx, ys, i, arrays, p, columns, scalars):
         dtype = getattr(ys, "dtype", None)
-        if not (dtype in (types.float32, types.float64) and _f32_run(ys, dtype) and ys.mutable
-                and all(_f32_run(a, dtype) for a in tuple(arrays) + tuple(columns))
+        if not (dtype in (types.float32, types.float64) and _float_run(ys, dtype) and ys.mutable
+                and all(_float_run(a, dtype) for a in tuple(arrays) + tuple(columns))
                 and all(t == dtype for t in scalars)):
             return None
-        vec = ir.VectorType(ir.DoubleType() if dtype == types.float64 else ir.FloatType(), lanes)
+        vec = _window_type(dtype, lanes)
 
         def codegen(context, builder, signature, args):
             vecs = (_load_windows(context, builder, signature.args[2], args[2], args[1], vec)
@@ -282,12 +287,12 @@ def _runs_window(formula, lanes=LANES):
     @intrinsic
     def runs_window(typingctx, ys, i, arrays, first, c0, c1):
         dtype = getattr(ys, "dtype", None)
-        if not (dtype in (types.float32, types.float64) and _f32_run(ys, dtype) and ys.mutable
-                and all(_f32_run(a, dtype) for a in arrays)
+        if not (dtype in (types.float32, types.float64) and _float_run(ys, dtype) and ys.mutable
+                and all(_float_run(a, dtype) for a in arrays)
                 and isinstance(first, types.Integer)
                 and all(t == dtype for t in tuple(c0) + tuple(c1))):
             return None
-        vec = ir.VectorType(ir.DoubleType() if dtype == types.float64 else ir.FloatType(), lanes)
+        vec = _window_type(dtype, lanes)
 
         def codegen(context, builder, signature, args):
             edge = _splat(builder, context.cast(builder, args[3], signature.args[3],
