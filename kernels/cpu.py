@@ -1044,6 +1044,26 @@ def run_sums(dys, ys, relu, xs, hi, lo, rs):
     return np.float64(h1), np.float64(h2)
 
 
+@_jit(inline="always")
+def run_sums_pair(dys, xs, hi, lo, rs, dyt, xt, hj, lj, rt):
+    """run_sums (without ReLU) of two blocks of one length in one loop: two short rows
+    (InstanceNorm) or two cells of a row (GroupNorm), each with its own mean and rstd. Their
+    four independent chains give the loop twice the work per iteration and per trip through
+    its vector epilogue."""
+    h1 = zero(rs)
+    h2 = zero(rs)
+    k1 = zero(rs)
+    k2 = zero(rs)
+    for i in range(xs.size):
+        d = loadc(dys[i])
+        e = loadc(dyt[i])
+        h1 += d
+        h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
+        k1 += e
+        k2 += e * (center(loadc(xt[i]), hj, lj) * rt)
+    return np.float64(h1), np.float64(h2), np.float64(k1), np.float64(k2)
+
+
 @_jit()
 def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B, P):
     """Add sum(dy) and sum(dy * xhat) of the piece [b0, b0 + len) of channel c's run to the
@@ -1562,7 +1582,14 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
     call per row; dx_scalar_run where streamed). A call per row to each of backward_sums_run
     and dx_run cost ~100 ns a row of 49 values: InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x,
     (64, 512, 4, 4) 3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one
-    process here, GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x."""
+    process here, GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x.
+    GroupNorm's cells add up their sums two at a time (run_sums_pair: 1.00-1.06x float32 /
+    float64, 1.04-1.12x float16 on (64, 256, 7, 7)), and InstanceNorm rows of up to BLOCK values
+    with plain stores go two at a time (instance_rows_loop)."""
+    if P == B <= BLOCK and not stream:
+        instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part,
+                           dweight_part, dx, r0, r1)
+        return
     Q = B // P
     dbias = np.zeros(dbias_part.size)
     dweight = np.zeros(dweight_part.size)
@@ -1575,23 +1602,33 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
         rs = narrow(rstd_r, x)
         g1 = 0.0
         g2 = 0.0
-        for q in range(Q):
-            if P <= BLOCK:
-                h1, h2 = run_sums(dys[q * P:(q + 1) * P], y, False, xs[q * P:(q + 1) * P], hi,
-                                  lo, rs)
-            else:       # BLOCK values at a time, as backward_sums_run's
-                h1 = 0.0
-                h2 = 0.0
-                for s0 in range(q * P, (q + 1) * P, BLOCK):
-                    s1 = min(s0 + BLOCK, (q + 1) * P)
-                    a1, a2 = run_sums(dys[s0:s1], y, False, xs[s0:s1], hi, lo, rs)
-                    h1 += a1
-                    h2 += a2
-            cell = c * Q + q
-            dbias[cell] += h1
-            dweight[cell] += h2
-            g1 += w[cell] * h1
-            g2 += w[cell] * h2
+        if Q > 1:       # GroupNorm's cells (of P <= SHORT_CELL) in pairs, an odd last one alone
+            for q in range(0, Q, 2):
+                u = min(q + 1, Q - 1)
+                h1, h2, k1, k2 = run_sums_pair(dys[q * P:(q + 1) * P], xs[q * P:(q + 1) * P],
+                                               hi, lo, rs, dys[u * P:(u + 1) * P],
+                                               xs[u * P:(u + 1) * P], hi, lo, rs)
+                cell = c * Q + q
+                dbias[cell] += h1
+                dweight[cell] += h2
+                g1 += w[cell] * h1
+                g2 += w[cell] * h2
+                if u > q:
+                    dbias[cell + 1] += k1
+                    dweight[cell + 1] += k2
+                    g1 += w[cell + 1] * k1
+                    g2 += w[cell + 1] * k2
+        else:           # a row of one cell, BLOCK values at a time (backward_sums_run's)
+            h1 = 0.0
+            h2 = 0.0
+            for s0 in range(0, B, BLOCK):
+                a1, a2 = run_sums(dys[s0:s0 + BLOCK], y, False, xs[s0:s0 + BLOCK], hi, lo, rs)
+                h1 += a1
+                h2 += a2
+            dbias[c] += h1
+            dweight[c] += h2
+            g1 += w[c] * h1
+            g2 += w[c] * h2
         c1 = 0.0 if frozen else g2 / B
         c2 = 0.0 if frozen or not centered else g1 / B
         if Q > 1:       # GroupNorm's short cells: w_dx repeats the weights per element
@@ -1609,6 +1646,55 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
         c = c + 1 if c + 1 < C else 0
     if stream:
         sfence()
+    for i in range(dbias.size):
+        dbias_part[i] += dbias[i]
+        dweight_part[i] += dweight[i]
+
+
+@_jit(inline="always")
+def scalar_dx_terms(mean, rstd, wc, h1, h2, n, frozen, centered, arr):
+    """dx_scalar_coefficients of a statistic over n values with a scalar weight wc, from its
+    sums h1 = sum(dy), h2 = sum(dy * xhat)."""
+    c1 = 0.0 if frozen else wc * h2 / n
+    c2 = 0.0 if frozen or not centered else wc * h1 / n
+    return dx_scalar_coefficients(mean, rstd, wc, c1, c2, arr)
+
+
+@_jit()
+def instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part, dweight_part,
+                       dx, r0, r1):
+    """short_cells_loop's rows of one cell (InstanceNorm) of up to BLOCK values with plain
+    stores, two rows at a time (an odd last one paired with itself): their sums in one loop
+    (run_sums_pair), then each one's dx. Against a row at a time (bench/ab.py, Xeon with
+    AVX-512): float32 (64, 256, 7, 7) 1.21-1.34x, (64, 512, 4, 4) 1.60-1.85x, float64
+    1.00-1.01x / 1.26-1.41x, rows of 196 and 784 0.99-1.02x. The two dx in one loop as well
+    made float32 rows of 784 0.80x and float64 rows of 196 0.86x."""
+    dbias = np.zeros(dbias_part.size)
+    dweight = np.zeros(dweight_part.size)
+    c = r0 % C
+    for r in range(r0, r1, 2):
+        t = min(r + 1, r1 - 1)
+        ct = c if t == r else c + 1 if c + 1 < C else 0
+        xs, dys, dxs = x[r * B:(r + 1) * B], dy[r * B:(r + 1) * B], dx[r * B:(r + 1) * B]
+        xt, dyt, dxt = x[t * B:(t + 1) * B], dy[t * B:(t + 1) * B], dx[t * B:(t + 1) * B]
+        mean_r, rstd_r = np.float64(mean[r]), np.float64(rstd[r])
+        mean_t, rstd_t = np.float64(mean[t]), np.float64(rstd[t])
+        hi, lo = split(mean_r, x)
+        hj, lj = split(mean_t, x)
+        h1, h2, k1, k2 = run_sums_pair(dys, xs, hi, lo, narrow(rstd_r, x), dyt, xt, hj, lj,
+                                       narrow(rstd_t, x))
+        dbias[c] += h1
+        dweight[c] += h2
+        if t > r:
+            dbias[ct] += k1
+            dweight[ct] += k2
+        a, hq, nb, sh = scalar_dx_terms(mean_r, rstd_r, w[c], h1, h2, B, frozen, centered, x)
+        at, hr, nt, st = scalar_dx_terms(mean_t, rstd_t, w[ct], k1, k2, B, frozen, centered, x)
+        for i in range(B):
+            dxs[i] = store(exact_dx_scalar(loadc(xs[i]), hq, nb, sh, a, loadc(dys[i])), dxs)
+        for i in range(B):
+            dxt[i] = store(exact_dx_scalar(loadc(xt[i]), hr, nt, st, at, loadc(dyt[i])), dxt)
+        c = ct + 1 if ct + 1 < C else 0
     for i in range(dbias.size):
         dbias_part[i] += dbias[i]
         dweight_part[i] += dweight[i]

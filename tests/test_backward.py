@@ -338,7 +338,9 @@ def _check_epilogues(norm, shape, kw, dtype, rng):
     ("group", (64, 64, 7, 7), 16), ("group", (32, 8, 3, 3), 4),      # rows of 196 / 18
     ("group", (64, 16, 12, 5), 2),                                    # rows of 480, cells of 60
     ("group", (32, 64, 8, 8), 4),                   # rows of 1024: the general row loop
+    ("group", (32, 48, 7, 7), 16),                  # 3 cells a row: the last pairs with itself
     ("instance", (64, 32, 7, 7), 0), ("instance", (32, 8, 3, 3), 0),
+    ("instance", (33, 24, 7, 7), 0),             # blocks of an odd count of rows in pairs
     ("instance", (16, 32, 14, 14), 0)])          # rows of one cell without the repeat
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
@@ -348,8 +350,9 @@ def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
     <= 512 values go one at a time (short_rows_fused) or, with a residual / ReLU, float16 or
     under 64 values, in blocks of rows (short_rows_forward), the backward's rows in one loop
     (short_cells_loop, which also takes InstanceNorm rows of up to 4096 values without the
-    repeat). Plain (the common call's direct path), and with a residual and ReLU (the
-    general path, whose backward takes the per-row loop). float16: tests/test_features.py."""
+    repeat; rows and cells go in pairs, run_sums_pair). Plain (the common call's direct
+    path), and with a residual and ReLU (the general path, whose backward takes the per-row
+    loop). float16: tests/test_features.py."""
     from normcore._norms import _threads
     from normcore._plan import plan_group_norm, plan_instance_norm
     if norm == "group":
