@@ -32,6 +32,6 @@ def test_readme_examples_run():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = "pip install '.[test]' && NUMBA_ENABLE_CUDASIM=1 pytest"
+    command = "pip install '.[test]' && NUMBA_ENABLE_CUDASIM=1 pytest -n 2"
     assert command in readme
     assert command in ci.splitlines()
