@@ -72,6 +72,14 @@ SHORT_ROW = 512
 SHORT_BLOCK = 128
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096
+# and those of up to PAIRED_ROW values its pairs of rows (instance_rows_loop). Against a row at
+# a time (bench/ab.py, Xeon with AVX-512), float32 / float64: (64, 256, 7, 7) 1.21-1.35x /
+# 1.00x, (64, 512, 4, 4) 1.60-1.85x / 1.26-1.41x, (1024, 512, 7, 7) 1.50x / 1.22x, rows of 196
+# 0.98-1.06x, of 784 0.92-1.02x, of 1023 0.88-0.93x. The two dx in one loop as well made float32
+# rows of 784 0.80x. Rows that can stream (STREAM_RUN) must not come here: the dx coefficients,
+# reassociated inline in this loop, differ in the last bit from dx_scalar_run's (computed by a
+# call of their own, rows of 16 values took 1.5x as long).
+PAIRED_ROW = 256
 # Parameter cells of at least this many values that backward_sums_run adds up (the rows
 # backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
 # ReLU) sum their terms in the compute precision, BLOCK values at a time (shorter ones in
@@ -1584,9 +1592,9 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
     (64, 512, 4, 4) 3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one
     process here, GroupNorm (64, 256, 7, 7) 1.5-1.6x, (64, 512, 7, 7) (rows of 784) 1.35x.
     GroupNorm's cells add up their sums two at a time (run_sums_pair: 1.00-1.06x float32 /
-    float64, 1.04-1.12x float16 on (64, 256, 7, 7)), and InstanceNorm rows of up to BLOCK values
-    with plain stores go two at a time (instance_rows_loop)."""
-    if P == B <= BLOCK and not stream:
+    float64, 1.04-1.12x float16 on (64, 256, 7, 7)), and InstanceNorm rows of up to
+    PAIRED_ROW values go two at a time (instance_rows_loop)."""
+    if P == B <= PAIRED_ROW:
         instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part,
                            dweight_part, dx, r0, r1)
         return
@@ -1663,12 +1671,9 @@ def scalar_dx_terms(mean, rstd, wc, h1, h2, n, frozen, centered, arr):
 @_jit()
 def instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part, dweight_part,
                        dx, r0, r1):
-    """short_cells_loop's rows of one cell (InstanceNorm) of up to BLOCK values with plain
-    stores, two rows at a time (an odd last one paired with itself): their sums in one loop
-    (run_sums_pair), then each one's dx. Against a row at a time (bench/ab.py, Xeon with
-    AVX-512): float32 (64, 256, 7, 7) 1.21-1.34x, (64, 512, 4, 4) 1.60-1.85x, float64
-    1.00-1.01x / 1.26-1.41x, rows of 196 and 784 0.99-1.02x. The two dx in one loop as well
-    made float32 rows of 784 0.80x and float64 rows of 196 0.86x."""
+    """short_cells_loop's rows of one cell (InstanceNorm) of up to PAIRED_ROW values (plain
+    stores), two rows at a time (an odd last one paired with itself): their sums in one loop
+    (run_sums_pair), then each one's dx."""
     dbias = np.zeros(dbias_part.size)
     dweight = np.zeros(dweight_part.size)
     c = r0 % C
