@@ -1610,7 +1610,8 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
         rs = narrow(rstd_r, x)
         g1 = 0.0
         g2 = 0.0
-        if Q > 1:       # GroupNorm's cells (of P <= SHORT_CELL) in pairs, an odd last one alone
+        if Q > 1:       # GroupNorm's cells (P <= SHORT_CELL) in pairs, an odd last one with
+            # itself (added once)
             for q in range(0, Q, 2):
                 u = min(q + 1, Q - 1)
                 h1, h2, k1, k2 = run_sums_pair(dys[q * P:(q + 1) * P], xs[q * P:(q + 1) * P],
