@@ -101,8 +101,8 @@ def copy_range(data):
     if not spans:
         return ""
     text = ", ".join(f"{d} {lo:.1f}-{hi:.1f} GB/s" for d, (lo, hi) in spans.items())
-    return (f" timed in each case's own rounds, interleaved with the peers (the machine's "
-            f"speed drifts within a run; {text} over this one)")
+    return (f" measured again just before each case (the machine's speed drifts within a run; "
+            f"{text} over this one)")
 
 
 def keep_note(keep):

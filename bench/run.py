@@ -13,8 +13,7 @@ case and timed, round-robin over the peers within each repeat. A sample is the m
 ``number`` back-to-back calls, ``number`` chosen so that a sample lasts >= 2 ms.
 GB/s is cases.min_bytes over the median; "copy" is that as a fraction of the bandwidth of a
 copy between two 256 MiB arrays (bytes read + written; the fastest of np.copyto and copies on
-all threads with plain and with streaming stores), timed in the same interleaved rounds as
-the case, as if it were one more peer.
+all threads with plain and with streaming stores), measured in the same run.
 
 Allocator: with glibc's defaults every allocation of 32 MiB or more is a fresh mapping, so a
 peer returning fresh outputs pays a page fault per 4 KiB of them on every call (PyTorch's
@@ -220,32 +219,22 @@ def _parallel_copies():
     return [lambda dst, src: copy(dst, src, 64), lambda dst, src: stream_copy(dst, src, 64)]
 
 
-class Copy:
-    """A copy between two preallocated arrays of `nbytes`: the fastest of xp.copyto and, on
-    the CPU, copies on all threads with plain and streaming stores. `gbps` is its median
-    bandwidth over `repeats` calls, counting read + write; calling it copies once more."""
-
-    def __init__(self, xp=np, sync=lambda: None, nbytes=256 << 20, repeats=11):
-        self.nbytes, self.sync = nbytes, sync
-        self.src, self.dst = xp.ones(nbytes // 8), xp.zeros(nbytes // 8)
-        self.gbps = 0.0
-        for copy in [xp.copyto] + (_parallel_copies() if xp is np else []):
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                copy(self.dst, self.src)
-                sync()
-                times.append(time.perf_counter() - t0)
-            gbps = self.bandwidth(float(np.median(times[1:])))
-            if gbps > self.gbps:
-                self.gbps, self.copy = gbps, copy
-
-    def bandwidth(self, seconds):
-        return 2 * self.nbytes / seconds / 1e9
-
-    def __call__(self):
-        self.copy(self.dst, self.src)
-        self.sync()
+def copy_bandwidth(xp=np, sync=lambda: None, nbytes=256 << 20, repeats=11):
+    """Median GB/s of a copy between two preallocated arrays, counting read + write: the
+    fastest of xp.copyto and, on the CPU, copies on all threads with plain and streaming
+    stores."""
+    src, dst = xp.ones(nbytes // 8), xp.zeros(nbytes // 8)
+    copies = [xp.copyto] + (_parallel_copies() if xp is np else [])
+    best = 0.0
+    for copy in copies:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            copy(dst, src)
+            sync()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * nbytes / float(np.median(times[1:])) / 1e9)
+    return best
 
 
 class OtherLoad:
@@ -383,11 +372,7 @@ def measure(thunks, repeats, max_seconds, busy=0.1):
     return samples, numbers, float(np.mean(loads)), dropped
 
 
-def time_combo(peers, case, op, dtype, args, copies):
-    """Time the peers on one (case, op, dtype), and each device's copy in the same rounds:
-    the machine's speed drifts (a copy before each case still left two-pass kernels' % copy
-    swinging with the machine's phase), so each row's % copy is over the copy's median from
-    the rounds that timed it."""
+def time_combo(peers, case, op, dtype, args, copy_gbps):
     inputs = cs.make_inputs(case, dtype)
     thunks, skipped = {}, []
     for p in peers:
@@ -399,12 +384,7 @@ def time_combo(peers, case, op, dtype, args, copies):
         return [], skipped
     waited = wait_for_quiet(min(30.0, args.wait_quiet))
     args.wait_quiet -= waited
-    devices = {p.device for p in peers if p.name in thunks}
-    for device in devices:
-        thunks[f"({device} copy)"] = copies[device]
     samples, numbers, other_load, dropped = measure(thunks, args.repeats, args.max_seconds)
-    copy_gbps = {d: copies[d].bandwidth(float(np.median(samples[f"({d} copy)"])))
-                 for d in devices}
     nbytes = cs.min_bytes(case.norm, op, inputs["x"].size, inputs["x"].itemsize)
     rows = []
     for p in peers:
@@ -499,21 +479,31 @@ def main(argv=None):
     if args.validate:
         return validate_only(peers, todo)
     wait_for_quiet(min(30.0, args.wait_quiet))
-    copies = {"cpu": Copy()}
+    copy_gbps = {"cpu": copy_bandwidth()}
     if any(p.device == "cuda" for p in peers):
         import cupy
-        copies["cuda"] = Copy(cupy, cupy.cuda.get_current_stream().synchronize)
-    copy_gbps = {d: c.gbps for d, c in copies.items()}
+        copy_gbps["cuda"] = copy_bandwidth(cupy, cupy.cuda.get_current_stream().synchronize)
     info["copy_gbps"] = copy_gbps
     print(f"# {info['machine']['cpu']}, threads {threads}, copy bandwidth "
           + ", ".join(f"{k} {v:.1f} GB/s" for k, v in copy_gbps.items()))
     print(HEADER)
     results, first_calls, skipped = [], [], []
     t_start, load = time.perf_counter(), OtherLoad()
-    # the run's first copy stays the headline figure; each row's own (see time_combo) makes
-    # the recorded range
+    # the machine's speed drifts within a run (copy 37-45 GB/s minutes apart here), so each
+    # case's % copy is over a copy measured just before it; the run's first copy stays the
+    # headline figure, the range is recorded. Not inside the case's rounds: a copy there sweeps
+    # the caches for whichever peer follows it, and on a 480 MiB L3, which holds a case's
+    # arrays between calls, a rotation of normcore, torch and the copy left normcore cold in 2
+    # of 3 rounds and torch in 1 of 3 (BatchNorm / InstanceNorm eval forwards: x torch
+    # 1.09-1.34 without the copy in the rounds, 1.26-1.42 with it, in one process).
+    copies = {"cpu": [copy_gbps["cpu"]]}
+    last_case = None
     for case, dtype, op in todo:
         where = {"case": case.name, "op": op, "dtype": dtype}
+        if case.name != last_case and last_case is not None:
+            copies["cpu"].append(copy_bandwidth(repeats=5))
+        last_case = case.name
+        here = {**copy_gbps, "cpu": copies["cpu"][-1]}
         records = validate(peers, case, op, dtype)
         timed, invalid = [], set()
         for rec in records:
@@ -530,16 +520,13 @@ def main(argv=None):
             timed.append(next(p for p in peers if p.name == rec["impl"]))
         if any(unsupported_float16(rec, dtype) for rec in records):
             continue  # nothing to compare normcore with
-        rows, skips = time_combo(timed, case, op, dtype, args, copies)
+        rows, skips = time_combo(timed, case, op, dtype, args, here)
         skipped += [{**where, **s} for s in skips]
         for row in rows:
             row["valid"] = row["impl"] not in invalid
             print(fmt_row(row), flush=True)
         results += rows
-    seen = collections.defaultdict(list)
-    for row in results:
-        seen[row["device"]].append(row["copy_gbps"])
-    info["copy_gbps_range"] = {d: [min(v), max(v)] for d, v in seen.items()}
+    info["copy_gbps_range"] = {d: [min(v), max(v)] for d, v in copies.items()}
     info.update(results=results, first_calls=first_calls, skipped=skipped,
                 wall_s=time.perf_counter() - t_start, other_load=load.fraction())
 
