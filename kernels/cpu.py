@@ -1655,9 +1655,8 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
         c = c + 1 if c + 1 < C else 0
     if stream:
         sfence()
-    for i in range(dbias.size):
-        dbias_part[i] += dbias[i]
-        dweight_part[i] += dweight[i]
+    flush(dbias, dbias_part)
+    flush(dweight, dweight_part)
 
 
 @_jit(inline="always")
@@ -1701,9 +1700,8 @@ def instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part,
         for i in range(B):
             dxt[i] = store(exact_dx_scalar(loadc(xt[i]), hr, nt, st, at, loadc(dyt[i])), dxt)
         c = ct + 1 if ct + 1 < C else 0
-    for i in range(dbias.size):
-        dbias_part[i] += dbias[i]
-        dweight_part[i] += dweight[i]
+    flush(dbias, dbias_part)
+    flush(dweight, dweight_part)
 
 
 @_jit(parallel=True)
