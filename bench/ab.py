@@ -3,6 +3,7 @@
     python bench/ab.py HEAD~1                              # every case, float32
     python bench/ab.py 2a452bc --case ln_narrow,bn_2d_small --dtype float32,float64
     python bench/ab.py HEAD --norm layer --shape 2048x128 --op bwd --fresh
+    python bench/ab.py HEAD --case ln_narrow --cold       # every call with empty caches
 
 Both versions get the same inputs and are timed interleaved by bench/run.py's `measure`
 (rounds rotate the order; rounds during which other processes held the CPU are dropped), with
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--max-seconds", type=float, default=3.0)
     p.add_argument("--fresh", action="store_true", help="fresh outputs instead of out=")
+    p.add_argument("--cold", action="store_true",
+                   help="sweep the caches before every call (run.py --cold's CacheSweep)")
     return p.parse_args(argv)
 
 
@@ -101,8 +104,10 @@ def main(argv=None):
         if why:
             raise SystemExit(f"{v.name}: {why}")
     ops = [s for s in args.op.split(",") if s]
+    sweep = run.CacheSweep() if args.cold else None
     print(f"# old: {sha[:12]} ({args.rev}); new: the working tree; "
-          f"{'fresh outputs' if args.fresh else 'out= buffers'}; medians of up to "
+          f"{'fresh outputs' if args.fresh else 'out= buffers'}; "
+          f"{'caches swept before every call; ' if sweep else ''}medians of up to "
           f"{args.repeats} interleaved rounds")
     for case in chosen_cases(args):
         for dtype in args.dtype.split(","):
@@ -111,7 +116,8 @@ def main(argv=None):
                 if ops and op not in ops:
                     continue
                 thunks = {v.name: v.prepare(case, op, inputs)[0] for v in versions}
-                samples, _, _, _ = run.measure(thunks, args.repeats, args.max_seconds)
+                samples, _, _, _ = run.measure(thunks, args.repeats, args.max_seconds,
+                                               before=sweep)
                 t_old, t_new = (float(np.median(samples[n])) for n in ("old", "new"))
                 print(f"{case.name:<15} {'x'.join(map(str, case.shape)):<16} {op:<8} {dtype:<8}"
                       f" old {run.fmt_time(t_old)}  new {run.fmt_time(t_new)}"

@@ -1,9 +1,11 @@
 """Make the README's performance table from a bench/run.py results file.
 
-    python bench/report.py [bench/results/latest.json] [--keep bench/results/keep.json] [--print]
+    python bench/report.py [bench/results/latest.json] [--keep bench/results/keep.json]
+                           [--cold bench/results/cold.json] [--print]
 
 The second file, when there (a run with --malloc keep), adds each peer's ratio measured
-without page faults on fresh outputs. Rewrites the text between <!-- bench:start --> and
+without page faults on fresh outputs; the third (a run with --cold) adds a table of its own,
+every call starting with empty caches. Rewrites the text between <!-- bench:start --> and
 <!-- bench:end --> in README.md when both markers are there, else (or with --print) prints
 the table. Every number comes from the JSON files.
 """
@@ -123,7 +125,25 @@ def cache_text(m):
     return f"cache size {m['cache']} (/proc/cpuinfo)" if m.get("cache") else "cache not recorded"
 
 
-def markdown(data, keep=None):
+def cold_section(cold):
+    """The --cold run's table and summary: the memory-bound regime, on any L3."""
+    m = cold["machine"]
+    command = " ".join(["python bench/run.py"] + cold["argv"])
+    bandwidth = ", ".join(f"{d} {g:.1f} GB/s" for d, g in cold["copy_gbps"].items())
+    lines = [
+        "", "**Memory-bound: caches swept before every call**", "",
+        f"Measured with `{command}` at `{m['commit']}`, {m['date'][:10]} (copy bandwidth "
+        f"{bandwidth}{copy_range(cold)}). Before every timed call of every peer, one thread "
+        f"reads {cold['cold_sweep_bytes'] >> 20} MiB (twice the L3, {cache_text(m)}; not "
+        f"timed), so that each call finds x, dy and its outputs in memory, as on a machine "
+        f"whose L3 is smaller than the case. The table above is the other regime: there a "
+        f"case's arrays stay in this machine's L3 between calls, for every peer alike.", ""]
+    lines += device_table(cold["results"])
+    lines += [""] + [line + "." for line in summary(cold["results"], "Caches swept:")]
+    return lines
+
+
+def markdown(data, keep=None, cold=None):
     m, v = data["machine"], data["machine"]["versions"]
     threads = ", ".join(f"{k} {n}" for k, n in m["threads"].items())
     bw = ", ".join(f"{d} {g:.1f} GB/s" for d, g in data["copy_gbps"].items())
@@ -169,6 +189,8 @@ def markdown(data, keep=None):
                       f"then kept): on {m['usable_cpus']} cores this stalls parallel code, "
                       f"PyTorch's more than normcore's; {data['other_load']:.0%} over the "
                       f"whole run."]
+    if cold:
+        lines += cold_section(cold)
     return "\n".join(line for i, line in enumerate(lines)
                      if line or not (i and lines[i - 1] == "")) + "\n"
 
@@ -189,11 +211,14 @@ def main(argv=None):
                    default=ROOT / "bench" / "results" / "latest.json")
     p.add_argument("--keep", type=Path, default=ROOT / "bench" / "results" / "keep.json",
                    help="results of a --malloc keep run, when the file is there")
+    p.add_argument("--cold", type=Path, default=ROOT / "bench" / "results" / "cold.json",
+                   help="results of a --cold run, when the file is there")
     p.add_argument("--print", action="store_true", help="print the table, leave README.md alone")
     args = p.parse_args(argv)
     path = args.json
     keep = json.loads(args.keep.read_text()) if args.keep.exists() else None
-    table = markdown(json.loads(path.read_text()), keep)
+    cold = json.loads(args.cold.read_text()) if args.cold.exists() else None
+    table = markdown(json.loads(path.read_text()), keep, cold)
     readme = ROOT / "README.md"
     if not args.print and update_readme(table, readme):
         print(f"updated {readme} from {path}")

@@ -21,6 +21,14 @@ LayerNorm (8192, 1024) forward: 14-16 ms, 3.0-3.4 ms without; normcore keeps its
 outputs, see normcore._outputs). ``--malloc keep`` re-runs this script with GLIBC_TUNABLES set
 so that glibc keeps and reuses what the process frees: no peer pays those faults, and the
 times compare the kernels and per-call work alone (results in bench/results/keep.json).
+
+Caches: a case's arrays stay in the caches between calls when they fit, and the L3 differs
+between this project's machines (32 MiB on an AMD EPYC, 480 MiB on an Intel Xeon, where the
+64 MiB cases never leave it). ``--cold`` reads a buffer twice the L3's size, on one thread,
+before every timed call (the read is not timed), so that every peer starts each call with x,
+dy and the outputs in memory, not in cache: the memory-bound regime the % copy targets are
+about, on any L3 (results in bench/results/cold.json; only cases whose x is COLD_MIN_BYTES or
+more, the ones that are about bandwidth).
 """
 import argparse
 import collections
@@ -44,6 +52,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2}  # max |err| / max(1, max |ref|)
 MIN_SAMPLE_S = 2e-3
 # glibc keeps freed blocks below 1 GiB on its heap (and never trims below 4 GiB): see --malloc
+# --cold: cases smaller than this (bn_2d_small, the 7 x 7 maps, ln_tiny) are about per-call
+# and in-cache speed, and are left out; a sweep smaller than this cannot empty any L3 we use
+COLD_MIN_BYTES = 8 << 20
+COLD_SWEEP_MIN = 512 << 20
 KEEP_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 
 
@@ -71,17 +83,21 @@ def parse_args(argv=None):
     p.add_argument("--malloc", choices=["default", "keep"], default="default",
                    help="keep: run under GLIBC_TUNABLES=" + KEEP_TUNABLES + " (no page faults on "
                         "fresh outputs for any peer; default results file keep.json)")
+    p.add_argument("--cold", action="store_true",
+                   help="sweep the caches before every timed call (cases whose x is 8 MiB or "
+                        "more; default results file cold.json)")
     p.add_argument("--json", type=Path,
                    help="results file (default bench/results/latest.json; quick.json with "
-                        "--quick, keep.json with --malloc keep)")
+                        "--quick, keep.json with --malloc keep, cold.json with --cold)")
     a = p.parse_args(argv)
     a.case = [s for c in a.case for s in c.split(",") if s]
     a.impl = [s for c in a.impl for s in c.split(",") if s]
     a.dtype = a.dtype or (["float32"] if a.quick else ["float32", "float64", "float16"])
     a.repeats = a.repeats or (5 if a.quick else 15)
-    a.max_seconds = a.max_seconds or (0.5 if a.quick else 2.0)
+    # a cold round spends ~60 ms per call on the sweep here: more time for the same rounds
+    a.max_seconds = a.max_seconds or (0.5 if a.quick else 6.0 if a.cold else 2.0)
     a.wait_quiet = (5.0 if a.quick else 60.0) if a.wait_quiet is None else a.wait_quiet
-    a.json = a.json or RESULTS / ("quick.json" if a.quick else
+    a.json = a.json or RESULTS / ("quick.json" if a.quick else "cold.json" if a.cold else
                                   "keep.json" if a.malloc == "keep" else "latest.json")
     return a
 
@@ -130,6 +146,33 @@ def l3_size():
         except OSError:
             pass
     return None
+
+
+def l3_bytes():
+    """l3_size() in bytes, or None."""
+    size = l3_size()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class CacheSweep:
+    """Empties the caches of what the last call left there: a read of a buffer twice the L3's
+    size (COLD_SWEEP_MIN at least). One thread and NumPy: a sweep on Numba's thread pool
+    would leave its threads spinning into the next peer's call (torch's, say), and a read
+    leaves nothing dirty behind. Measured on the 480 MiB Xeon, LayerNorm (65536, 128) forward
+    into out=: 1.7 ms back to back, 3.1 ms after a 512 MiB read, 3.3 ms after 960 MiB or
+    1920 MiB reads (58 / 121 ms each), 3.0 ms after the 256 MiB copy on all threads."""
+
+    def __init__(self, l3=None):
+        l3 = l3 or l3_bytes() or 0
+        self.nbytes = max(2 * l3, COLD_SWEEP_MIN)
+        self.buffer = np.ones(self.nbytes // 8)
+
+    def __call__(self):
+        self.buffer.sum()
 
 
 def openmp_runtimes():
@@ -333,17 +376,19 @@ def unsupported_float16(rec, dtype):
 
 # ----------------------------------------------------------------------------- timing
 
-def measure(thunks, repeats, max_seconds, busy=0.1):
+def measure(thunks, repeats, max_seconds, busy=0.1, before=None):
     """Per-call seconds of each sample, interleaved over the thunks: each round times every
     thunk once, in a rotated order. A round during which other processes used more than
     ``busy`` of the CPU is dropped (until 2 * max_seconds have passed): on a shared 2-core
-    machine one busy process stalls every parallel region."""
+    machine one busy process stalls every parallel region. ``before``, when given, runs
+    before every call, untimed (a CacheSweep), and a sample is then one call."""
     numbers = {}
     for name, f in thunks.items():
         f()  # warm-up: caches, page faults, lazy initialisation
         t0 = time.perf_counter()
         f()
-        numbers[name] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
+        numbers[name] = 1 if before else max(
+            1, int(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
     names, samples, loads, dropped = list(thunks), {name: [] for name in thunks}, [], 0
     start = time.perf_counter()
     gc.disable()
@@ -356,6 +401,8 @@ def measure(thunks, repeats, max_seconds, busy=0.1):
             load, times = OtherLoad(), {}
             for name in names[k:] + names[:k]:
                 f, n = thunks[name], numbers[name]
+                if before:
+                    before()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     f()
@@ -384,7 +431,8 @@ def time_combo(peers, case, op, dtype, args, copy_gbps):
         return [], skipped
     waited = wait_for_quiet(min(30.0, args.wait_quiet))
     args.wait_quiet -= waited
-    samples, numbers, other_load, dropped = measure(thunks, args.repeats, args.max_seconds)
+    samples, numbers, other_load, dropped = measure(thunks, args.repeats, args.max_seconds,
+                                                    before=args.sweep)
     nbytes = cs.min_bytes(case.norm, op, inputs["x"].size, inputs["x"].itemsize)
     rows = []
     for p in peers:
@@ -471,10 +519,21 @@ def main(argv=None):
             print(f"# {p.name}: unavailable ({why})")
         else:
             peers.append(p)
-    todo = [(c, d, op) for c in cs.select(cs.CASES, args.case, args.norm, args.quick)
+    chosen = cs.select(cs.CASES, args.case, args.norm, args.quick)
+    args.sweep = None
+    if args.cold:
+        itemsize = min(np.dtype(d).itemsize for d in args.dtype)
+        small = [c.name for c in chosen if np.prod(c.shape) * itemsize < COLD_MIN_BYTES]
+        if small:
+            print(f"# --cold leaves out {', '.join(small)}: x under {COLD_MIN_BYTES >> 20} MiB")
+        chosen = [c for c in chosen if c.name not in small]
+        if not args.validate:
+            args.sweep = CacheSweep()
+    todo = [(c, d, op) for c in chosen
             for d in args.dtype for op in c.ops if not args.op or op in args.op]
     info = {"machine": machine_info(threads), "argv": sys.argv[1:], "repeats": args.repeats,
-            "peers": [p.name for p in peers]}
+            "peers": [p.name for p in peers],
+            "cold_sweep_bytes": args.sweep.nbytes if args.sweep else 0}
 
     if args.validate:
         return validate_only(peers, todo)
@@ -485,7 +544,9 @@ def main(argv=None):
         copy_gbps["cuda"] = copy_bandwidth(cupy, cupy.cuda.get_current_stream().synchronize)
     info["copy_gbps"] = copy_gbps
     print(f"# {info['machine']['cpu']}, threads {threads}, copy bandwidth "
-          + ", ".join(f"{k} {v:.1f} GB/s" for k, v in copy_gbps.items()))
+          + ", ".join(f"{k} {v:.1f} GB/s" for k, v in copy_gbps.items())
+          + (f"; caches swept ({args.sweep.nbytes >> 20} MiB read) before every call"
+             if args.sweep else ""))
     print(HEADER)
     results, first_calls, skipped = [], [], []
     t_start, load = time.perf_counter(), OtherLoad()
