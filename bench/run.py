@@ -167,9 +167,13 @@ class CacheSweep:
     1920 MiB reads (58 / 121 ms each), 3.0 ms after the 256 MiB copy on all threads."""
 
     def __init__(self, l3=None):
-        l3 = l3 or l3_bytes() or 0
-        self.nbytes = max(2 * l3, COLD_SWEEP_MIN)
+        self.nbytes = self.size(l3 or l3_bytes())
         self.buffer = np.ones(self.nbytes // 8)
+
+    @staticmethod
+    def size(l3):
+        """Bytes to read for an L3 of `l3` bytes (None: unknown)."""
+        return max(2 * (l3 or 0), COLD_SWEEP_MIN)
 
     def __call__(self):
         self.buffer.sum()
@@ -477,6 +481,14 @@ def fmt_row(r):
             f"{r['gbps']:6.1f} {r['frac_copy']:5.0%}  {speed}{flag}")
 
 
+def cold_cases(chosen, dtypes):
+    """(cases --cold times, names of those it leaves out): x under COLD_MIN_BYTES in the
+    narrowest of `dtypes`."""
+    itemsize = min(np.dtype(d).itemsize for d in dtypes)
+    small = [c.name for c in chosen if np.prod(c.shape) * itemsize < COLD_MIN_BYTES]
+    return [c for c in chosen if c.name not in small], small
+
+
 def validate_only(peers, todo):
     failures = skips = 0
     for case, dtype, op in todo:
@@ -522,11 +534,9 @@ def main(argv=None):
     chosen = cs.select(cs.CASES, args.case, args.norm, args.quick)
     args.sweep = None
     if args.cold:
-        itemsize = min(np.dtype(d).itemsize for d in args.dtype)
-        small = [c.name for c in chosen if np.prod(c.shape) * itemsize < COLD_MIN_BYTES]
+        chosen, small = cold_cases(chosen, args.dtype)
         if small:
             print(f"# --cold leaves out {', '.join(small)}: x under {COLD_MIN_BYTES >> 20} MiB")
-        chosen = [c for c in chosen if c.name not in small]
         if not args.validate:
             args.sweep = CacheSweep()
     todo = [(c, d, op) for c in chosen

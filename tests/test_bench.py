@@ -1,0 +1,87 @@
+"""The bench harness's own logic (bench/run.py, bench/report.py), without timing anything
+that matters: --cold's sweep and case selection, measure's per-call hook, and the README
+table's cold section, built from made-up results."""
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import cases as cs  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("491520K", 491520 << 10), ("32M", 32 << 20), ("1G", 1 << 30), ("1048576", 1 << 20),
+    (None, None), ("", None), ("lots", None)])
+def test_l3_bytes_parses_sysfs_sizes(monkeypatch, text, expected):
+    monkeypatch.setattr(run, "l3_size", lambda: text)
+    assert run.l3_bytes() == expected
+
+
+def test_cold_sweep_reads_twice_the_l3_and_never_less_than_its_minimum():
+    assert run.CacheSweep.size(480 << 20) == 960 << 20
+    assert run.CacheSweep.size(32 << 20) == run.COLD_SWEEP_MIN
+    assert run.CacheSweep.size(None) == run.COLD_SWEEP_MIN
+
+
+def test_cold_leaves_out_the_cases_under_its_size_in_the_narrowest_dtype():
+    kept, small = run.cold_cases(cs.CASES, ["float32"])
+    assert {"ln_tiny", "bn_2d_small", "bn_nchw_7x7", "gn32_nchw_7x7", "in_nchw_7x7"} == set(small)
+    assert {c.name for c in kept} == {c.name for c in cs.CASES} - set(small)
+    # ln_bert's x is 32 MiB in float32, 16 MiB in float16: kept either way
+    assert "ln_bert" in {c.name for c in run.cold_cases(cs.CASES, ["float16", "float64"])[0]}
+
+
+def test_cold_args_have_their_own_results_file_and_time_budget():
+    a = run.parse_args(["--cold"])
+    assert a.cold and a.json.name == "cold.json" and a.max_seconds > 2.0
+    assert run.parse_args([]).json.name == "latest.json"
+
+
+def test_measure_runs_the_hook_once_before_every_timed_call_and_times_single_calls():
+    log = []
+    thunks = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    samples, numbers, _, _ = run.measure(thunks, repeats=4, max_seconds=10.0, busy=1.0,
+                                         before=lambda: log.append("sweep"))
+    assert numbers == {"a": 1, "b": 1}
+    assert len(samples["a"]) == len(samples["b"]) == 4
+    timed = log[4:]     # two warm-up calls per thunk come first, without the hook
+    assert log[:4] == ["a", "a", "b", "b"]
+    assert timed == [x for pair in zip(["sweep"] * 8, timed[1::2]) for x in pair]
+    assert sorted(timed[1::2]) == ["a"] * 4 + ["b"] * 4
+
+
+def _row(case, op, impl, median, speedup=None):
+    row = {"case": case, "op": op, "dtype": "float32", "impl": impl, "device": "cpu",
+           "shape": [8192, 1024], "median_s": median, "gbps": 20.0, "frac_copy": 0.5,
+           "other_load": 0.0, "valid": True}
+    if speedup is not None:
+        row["speedup"] = speedup
+    return row
+
+
+def _run_record(argv, results, sweep=0):
+    machine = {"cpu": "Test CPU", "cache": None, "l3": "491520K", "usable_cpus": 2,
+               "threads": {"numba": 2}, "openmp_runtimes": [], "commit": "abc1234",
+               "date": "2026-12-04T00:00:00+00:00",
+               "versions": {"numpy": "2", "numba": "0.68", "normcore": "0.1.0"}}
+    return {"machine": machine, "argv": argv, "copy_gbps": {"cpu": 40.0},
+            "results": results, "cold_sweep_bytes": sweep, "other_load": 0.0}
+
+
+def test_report_puts_the_cold_run_in_a_table_of_its_own_with_its_geomean():
+    warm = _run_record([], [_row("ln_bert", "fwd", "normcore", 2e-3, {"torch": 3.0}),
+                            _row("ln_bert", "fwd", "torch", 6e-3)])
+    cold = _run_record(["--cold"], [_row("ln_bert", "fwd", "normcore", 2.5e-3, {"torch": 1.2}),
+                                    _row("ln_bert", "fwd", "torch", 3e-3)], sweep=960 << 20)
+    text = report.markdown(warm, cold=cold)
+    head, _, tail = text.partition("**Memory-bound: caches swept before every call**")
+    assert tail, "no cold section"
+    assert "3.00×" in head and "3.00×" not in tail
+    assert "1.20×" in tail and "reads 960 MiB" in tail and "`python bench/run.py --cold`" in tail
+    assert "Caches swept: ×torch float32: geomean 1.20, 1 of 1 below 1.5×." in tail
+    assert "Caches swept" not in head
+    assert "Memory-bound" not in report.markdown(warm)
