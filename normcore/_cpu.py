@@ -75,14 +75,18 @@ def moments(plan, x, narrow=False):
     on long runs)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
-    if plan.path == "rows":
+    if plan.path == "rows" and A == 1:
         mean = np.empty(O * C)
         var = np.empty(O * C)
         _run(plan, K.rows_moments, x, O, A, C, B, mean, var)
         return mean, var
     mean = np.empty((O, C))
     var = np.empty((O, C))
-    if plan.path == "flat":
+    if plan.path in ("rows", "flat"):
+        # statistics of A > 1 runs too: rows_moments jumps from run to run of one statistic
+        # (its forward keeps them in cache for the second pass, which moments lacks), the
+        # flat kernel reads memory in order: moments over (0, 2, 3) of (32, 64, 56, 56)
+        # 1.42x float32 / 1.46x float64 from memory, 1.02-1.03x from cache
         shape = (O, plan.K, C)
         count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
         _run(plan, K.flat_moments, x, O, A, C, B, plan.K, count, pmean, pm2)

@@ -135,6 +135,23 @@ def test_moments_of_wide_short_runs_go_flat(dtype):
     np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=tol)
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 32, 32), (8, 16, 32, 32)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_of_statistics_over_several_runs_read_memory_in_order(shape, dtype):
+    """moments over (0, 2, 3) of channels-first maps, whose plan is the forward's rows (a
+    statistic's runs kept in cache for its second pass), sums with the flat kernel, which
+    reads memory in order, and still gives NumPy's float64 mean and variance; the first shape
+    runs on the calling thread, the second in chunks on the threads."""
+    plan, perm = plan_moments(shape, (0, 2, 3), T)
+    assert perm is None and plan.path == "rows" and plan.A > 1
+    x = np.random.default_rng(6).standard_normal(shape).astype(dtype) * 3 + 7
+    mean, var = nc.moments(x, axis=(0, 2, 3))
+    x64 = x.astype(np.float64)
+    tol = 64 * np.finfo(dtype).eps
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=tol)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=tol)
+
+
 def test_fused_column_slices():
     """Slices go round the threads, hold whole channels and are not too narrow."""
     plan = plan_batch_norm((128, 1024), 1, T)
