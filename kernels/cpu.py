@@ -1203,8 +1203,8 @@ def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=Fa
 def dx_scalar_row(dys, xs, dxs, a, hi, nb, sh):
     """dx = a * dy + ((x - hi) * nb + sh): dx_scalar_run's loop without ReLU, alone (in it,
     dx_scalar_run's other branches, or the weight repeated per element, made short_cells_loop's
-    InstanceNorm (64, 256, 7, 7) backward 1.16-1.26x slower; short_cells_loop now writes the
-    same formula inline, exact_dx_scalar)."""
+    InstanceNorm (64, 256, 7, 7) backward 1.16-1.26x slower; the row loops compiled with
+    _REDUCE inline the same formula as exact_dx_scalar_row)."""
     for i in range(xs.size):
         dxs[i] = store(a * loadc(dys[i]) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
 
@@ -1416,12 +1416,12 @@ def rows_ahead(x, B):
 
 
 @_jit(inline="always")
-def prefetch_row(arrays, s, ahead, B, itemsize):
+def prefetch_row(arrays, s, ahead, B):
     """Prefetch the lines of values [s + ahead, s + ahead + B) of each array of the tuple
-    `arrays`, unless ahead is 0. The short-row loops read a row of 256-512 bytes at a time,
-    and the hardware's prefetchers stop at each 4 KiB page."""
+    `arrays` (of one element size), unless ahead is 0. The short-row loops read a row of
+    256-512 bytes at a time, and the hardware's prefetchers stop at each 4 KiB page."""
     if ahead:
-        for i in range(s + ahead, s + ahead + B, 64 // itemsize):
+        for i in range(s + ahead, s + ahead + B, 64 // arrays[0].itemsize):
             prefetch(arrays, i)
 
 
@@ -1439,7 +1439,7 @@ def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var
     ahead = rows_ahead(x, B)
     for r in range(r0, r1):
         xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
-        prefetch_row((x,), r * B, ahead, B, x.itemsize)
+        prefetch_row((x,), r * B, ahead, B)
         mu, m2 = block_moments(xs)
         mu, rstd = save_stats(B, mu, m2, centered, eps, r, mean_out, rstd_out, var_out)
         hi, lo = split(mu, x)
@@ -1583,7 +1583,7 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
             flush(dbias, dbias_part)
             flush(dweight, dweight_part)
         s = r * B
-        prefetch_row((x, dy), s, ahead, B, x.itemsize)
+        prefetch_row((x, dy), s, ahead, B)
         xs, dys = x[s:s + B], dy[s:s + B]
         ys = y[s:s + B] if relu else y
         rstd_r = np.float64(rstd[r])
@@ -1615,8 +1615,8 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
     P values, in one loop as short_rows_loop: a row's per-cell sums (run_sums, inlined), then
     its dx while the row is in cache, with the weights repeated per element (w_dx: GroupNorm
     short cells; plain stores, as the short LayerNorm rows') or, for rows of one cell
-    (InstanceNorm rows of up to ROW_CELL values), their scalar weight (dx_scalar_row's loop,
-    inline through exact_dx_scalar: 1.05-1.14x on (64, 256, 7, 7) float16 / float32 against a
+    (InstanceNorm rows of up to ROW_CELL values), their scalar weight (exact_dx_scalar_row,
+    inlined: 1.05-1.14x on (64, 256, 7, 7) float16 / float32 against a
     call per row; dx_scalar_run where streamed). A call per row to each of backward_sums_run
     and dx_run cost ~100 ns a row of 49 values: InstanceNorm (64, 256, 7, 7) backward 2.4-2.8x,
     (64, 512, 4, 4) 3.3-3.8x, (32, 128, 14, 14) 1.7x, (16, 64, 28, 28) 1.1-1.2x faster in one
