@@ -273,8 +273,11 @@ def _affine_window_formula(b, v, s):
 
 _affine_window = _stream_window(_affine_window_formula)
 # ((x - hi) - lo) * (rs * w) + bias
-_normalize_window = _stream_window(lambda b, v, s: b.fadd(
-    b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2]))
+def _normalize_window_formula(b, v, s):
+    return b.fadd(b.fmul(b.fsub(b.fsub(v[0], s[0]), s[1]), b.fmul(s[2], v[1])), v[2])
+
+
+_normalize_window = _stream_window(_normalize_window_formula)
 # a * dy + ((x - hi) * nb + sh)
 def _dx_scalar_window_formula(b, v, s):
     return b.fadd(b.fmul(s[0], v[1]), b.fadd(b.fmul(b.fsub(v[0], s[1]), s[2]), s[3]))
@@ -294,36 +297,38 @@ _columns_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
 
 
 def _runs_window(formula, lanes=LANES):
-    """An intrinsic (ys, i, arrays, first, c0, c1): as _stream_window's, with the scalars
-    per lane: a window of a chunk of runs (one cell each) spans at most two of them when
-    runs hold `lanes` values or more, so its lanes below `first` take the coefficients c0
-    (a tuple) of the first run and the others c1 of the next: a compare and a select per
+    """An intrinsic (ys, i, arrays, p, columns, first, c0, c1): as _stream_window's, with the
+    scalars per lane: a window of a chunk of runs (one cell each) spans at most two of them
+    when runs hold `lanes` values or more, so its lanes below `first` take the coefficients
+    c0 (a tuple) of the first run and the others c1 of the next: a compare and a select per
     coefficient per window, instead of a scalar loop at every run's edge."""
 
     index = ir.VectorType(ir.IntType(64), lanes)
 
     @intrinsic
-    def runs_window(typingctx, ys, i, arrays, first, c0, c1):
-        if not (_streamable(ys, arrays)
-                and all(_float_run(a, ys.dtype) for a in (ys,) + tuple(arrays))
+    def runs_window(typingctx, ys, i, arrays, p, columns, first, c0, c1):
+        every = tuple(arrays) + tuple(columns)
+        if not (_streamable(ys, every)
+                and all(_float_run(a, ys.dtype) for a in (ys,) + every)
                 and ys.mutable and isinstance(first, types.Integer)
                 and all(t == ys.dtype for t in tuple(c0) + tuple(c1))):
             return None
         vec = _window_type(ys.dtype, lanes)
 
         def codegen(context, builder, signature, args):
-            edge = _splat(builder, context.cast(builder, args[3], signature.args[3],
+            edge = _splat(builder, context.cast(builder, args[5], signature.args[5],
                                                 types.int64), index)
             low = builder.icmp_signed("<", ir.Constant(index, list(range(lanes))), edge)
             coefficients = [builder.select(low, here, after) for here, after in zip(
-                _splat_each(builder, signature.args[4], args[4], vec),
-                _splat_each(builder, signature.args[5], args[5], vec))]
-            vecs = _load_windows(context, builder, signature.args[2], args[2], args[1], vec)
+                _splat_each(builder, signature.args[6], args[6], vec),
+                _splat_each(builder, signature.args[7], args[7], vec))]
+            vecs = (_load_windows(context, builder, signature.args[2], args[2], args[1], vec)
+                    + _load_windows(context, builder, signature.args[4], args[4], args[3], vec))
             _write_window(context, builder, signature.args[0], args[0], args[1],
                           formula(builder, vecs, coefficients))
             return context.get_dummy_value()
 
-        return types.void(ys, i, arrays, first, c0, c1), codegen
+        return types.void(ys, i, arrays, p, columns, first, c0, c1), codegen
 
     runs_window.lanes = lanes
     return runs_window
@@ -333,6 +338,8 @@ def _runs_window(formula, lanes=LANES):
 _runs_affine_window = _runs_window(_affine_window_formula)
 # runs: a * dy + ((x - hi) * nb + sh); vectors x, dy; coefficients a, hi, nb, sh
 _runs_dx_scalar_window = _runs_window(_dx_scalar_window_formula, DX_LANES)
+# rows: ((x - hi) - lo) * (rs * w) + bias; vectors x, w, bias; coefficients hi, lo, rs
+_runs_normalize_window = _runs_window(_normalize_window_formula)
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -863,7 +870,7 @@ def _streaming_runs(runs_window, window, element):
                         window(ys, j, arrays, 0, (), here)
                 else:                           # the window across run c's end
                     c1 = c + 1 if c + 1 < C else 0
-                    runs_window(ys, i, arrays, B - b, here, tuple_of(coefficients, c1))
+                    runs_window(ys, i, arrays, 0, (), B - b, here, tuple_of(coefficients, c1))
                     step = L
                 i += step
                 b += step
@@ -1425,29 +1432,149 @@ def prefetch_row(arrays, s, ahead, B):
             prefetch(arrays, i)
 
 
-@_jit()
-def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
-    """short_rows_forward's rows without residual or ReLU, one row at a time: its statistics
-    and at once its normalization with plain stores. Reading the next row while the last one
-    is written kept memory busier than a block's reads and then its writes (bench/ab.py
-    against the blocks, float32 / float64): LayerNorm (65536, 128) forward 1.15 / 1.05-1.14x,
-    (16384, 64) 1.40 / 1.33x, (65536, 100) 1.31x; GroupNorm (64, 256, 7, 7) 32 groups 1.22 /
-    1.09x, 128 groups 1.35 / 1.05x. The same rows streamed one at a time were no faster than
-    plain (0.94-1.02x). The normalization keeps the elementwise loops' formula exactly
-    (exact_normalize), though this kernel reassociates its sums."""
-    c = r0 % C
+@_jit(inline="always")
+def row_scalars(x, r, B, mu, m2, centered, eps, mean_out, rstd_out, var_out):
+    """Row r's statistics from its moments over B values, saved, and what its normalization
+    takes: the mean split as (hi, lo) and rstd, in the compute precision."""
+    mu, rstd = save_stats(B, mu, m2, centered, eps, r, mean_out, rstd_out, var_out)
+    hi, lo = split(mu, x)
+    return hi, lo, narrow(rstd, x)
+
+
+@_jit(inline="always")
+def fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
+    """short_rows_fused's loop with plain stores, pipelined: row r + 1's sums come before
+    row r's normalization, which leaves the chain of divisions and a square root of its
+    statistics time to finish before they are needed (against a row's sums, statistics and
+    normalization in turn, float32 LayerNorm (2048, 128) in L2 1.29x, (65536, 128) in L3
+    1.16x; rows of 512 from memory 0.99x). The loop starts a row early, to take row r0's
+    sums: a copy of the sums before it would be vectorized on its own and could round
+    them otherwise (1 ulp of a variance, against short_rows_forward's)."""
+    if r0 >= r1:
+        return
     ahead = rows_ahead(x, B)
-    for r in range(r0, r1):
-        xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
-        prefetch_row((x,), r * B, ahead, B)
-        mu, m2 = block_moments(xs)
-        mu, rstd = save_stats(B, mu, m2, centered, eps, r, mean_out, rstd_out, var_out)
-        hi, lo = split(mu, x)
-        rs = narrow(rstd, x)
-        wv, bv = w[c * B:(c + 1) * B], bias[c * B:(c + 1) * B]
-        c = c + 1 if c + 1 < C else 0
-        for i in range(B):
-            ys[i] = store(exact_normalize(loadc(xs[i]), hi, lo, rs * wv[i], bv[i]), ys)
+    c = r0 % C
+    hi, lo = split(0.0, x)
+    rs = narrow(0.0, x)
+    for r in range(r0 - 1, r1):
+        # the last row takes its own sums again (its statistics saved twice, equal) rather
+        # than a test around them in every row
+        n = min(r + 1, r1 - 1)
+        prefetch_row((x,), n * B, ahead, B)
+        mu, m2 = block_moments(x[n * B:(n + 1) * B])
+        if r >= r0:
+            xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
+            wv, bv = w[c * B:(c + 1) * B], bias[c * B:(c + 1) * B]
+            for i in range(B):
+                ys[i] = store(exact_normalize(loadc(xs[i]), hi, lo, rs * wv[i], bv[i]), ys)
+            c = c + 1 if c + 1 < C else 0
+        hi, lo, rs = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out, var_out)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def normalize_piece(y, x, j0, j1, wt, bt, p, hi, lo, rs):
+    """y[j0:j1] = ((x - hi) - lo) * (rs * w) + bias with plain stores, on a piece of one row
+    whose weight and bias start at wt[p], bt[p]."""
+    n = j1 - j0
+    ys, xs, wv, bv = y[j0:j1], x[j0:j1], wt[p:p + n], bt[p:p + n]
+    for j in range(n):
+        ys[j] = _normalize1(j, (xs, wv, bv), (hi, lo, rs))
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def stream_row_piece(y, x, wt, bt, i, end, p, hi, lo, rs):
+    """normalize_piece's values streamed, a window of LANES values at a time from the flat
+    index i (on a window boundary of y) while the windows end by `end`; returns where the
+    next window starts."""
+    while i + LANES <= end:
+        _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
+        i += LANES
+        p += LANES
+    return i
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def stream_row_seam(y, x, wt, bt, i, p, first, here, after):
+    """The streamed window at i across a row's end: its lanes below `first` with the row's
+    (hi, lo, rs), `here`, the others with the next row's, `after`; weight and bias from p on
+    in the tiled wt / bt."""
+    _runs_normalize_window(y, i, (x,), p, (wt, bt), first, here, after)
+
+
+def streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
+                        r1):
+    """fused_rows with non-temporal stores, wherever y starts: the windows keep to y's 64-byte
+    lines and run across the rows' ends, where a window takes each row's statistics in its
+    own lanes (stream_row_seam), so that every line is written by non-temporal stores alone;
+    plain stores only before the block's first line boundary and after its last. wt, bt:
+    the weight and bias cells tiled (tile_columns), for a window past the last cell's end.
+    Its own loop, as in short_rows_normalize. Nothing for float16 (jit only)."""
+    raise NotImplementedError
+
+
+@overload(streamed_fused_rows, jit_options={"fastmath": _REDUCE})
+def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
+                         r1):
+    if not _streamable(y, (x, wt, bt)):
+        return lambda x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1: None
+
+    def impl(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
+        if r0 >= r1:
+            return
+        ahead = rows_ahead(x, B)
+        c = r0 % C
+        hi, lo = split(0.0, x)
+        rs = narrow(0.0, x)
+        i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % LANES
+        for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
+            n = min(r + 1, r1 - 1)
+            prefetch_row((x,), n * B, ahead, B)
+            mu, m2 = block_moments(x[n * B:(n + 1) * B])
+            end = (r + 1) * B
+            if r >= r0:
+                i = stream_row_piece(y, x, wt, bt, i, end, c * B + i - r * B, hi, lo, rs)
+            h, low, rsn = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out,
+                                      var_out)
+            if r < r0:          # row r0's values before the first line boundary
+                normalize_piece(y, x, r0 * B, i, wt, bt, c * B, h, low, rsn)
+            elif n == r:        # the last row's values after the last one
+                normalize_piece(y, x, i, end, wt, bt, c * B + i - r * B, hi, lo, rs)
+            elif i < end:
+                stream_row_seam(y, x, wt, bt, i, c * B + i - r * B, end - i, (hi, lo, rs),
+                                (h, low, rsn))
+                i += LANES
+            if r >= r0:
+                c = c + 1 if c + 1 < C else 0
+            hi, lo, rs = h, low, rsn
+        sfence()
+
+    return impl
+
+
+@_jit()
+def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1,
+                     stream):
+    """short_rows_forward's rows without residual or ReLU, one row at a time: its statistics
+    and at once its normalization. Reading the next row while the last one is written kept
+    memory busier than a block's reads and then its writes (bench/ab.py against the blocks,
+    float32 / float64): LayerNorm (65536, 128) forward 1.15 / 1.05-1.14x, (16384, 64) 1.40 /
+    1.33x, (65536, 100) 1.31x; GroupNorm (64, 256, 7, 7) 32 groups 1.22 / 1.09x, 128 groups
+    1.35 / 1.05x. The normalization keeps the elementwise loops' formula exactly
+    (exact_normalize; the streamed windows compute the same), though this kernel
+    reassociates its sums.
+    stream: non-temporal stores (streamed_fused_rows), with w and bias tiled. LayerNorm
+    forward into NumPy's out= (16 bytes past a line), caches swept before each call / not:
+    float32 (65536, 128) 1.39 / 1.45x, (16384, 512) 1.60x, (131072, 256) 2.10x against
+    plain stores and no pipelining; then against the pipelined plain stores, float32
+    (262144, 64) 1.08 / 1.04x, (65536, 100) 1.08 / 1.07x, float64 (65536, 128) 1.22 / 1.26x,
+    (16384, 256) 1.54x, (131072, 64) 1.31x. A call of stream_normalize per row instead, its
+    plain head and tail on each row's partial lines, ran 0.68x on rows of 128 16 bytes off
+    a line, 0.86x on float64 rows of 128 aligned."""
+    if stream:
+        streamed_fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                            r0, r1)
+    else:
+        fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1)
 
 
 @_jit()
@@ -1500,9 +1627,13 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         # float16 rows kept the blocks (rows of 64: 0.82-0.88x one at a time, 128: 0.98x), and
         # float32 rows under 64 values (49: 0.91-1.0x)
         if not relu and not z.size and (x.itemsize == 8 or x.itemsize == 4 and B >= 64):
+            # the windows need y's lines to hold whole values
+            stream = stream and y.ctypes.data % y.itemsize == 0
+            wt = tile_columns(w) if stream else w
+            bt = tile_columns(bias) if stream else bias
             for k in prange(nblk):
-                short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
-                                 var_out, k * R // nblk, (k + 1) * R // nblk)
+                short_rows_fused(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                                 var_out, k * R // nblk, (k + 1) * R // nblk, stream)
             return
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
         for k in prange(nblk):

@@ -579,3 +579,32 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
     (y1, s1), (y2, s2) = results
     assert not np.isnan(y1).any() and np.array_equal(y1, y2)
     assert np.array_equal(s1, s2, equal_nan=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(64, cpu.SHORT_ROW),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15))
+def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, centered,
+                                                               offset):
+    """short_rows_fused with non-temporal stores (streamed_fused_rows: windows on y's 64-byte
+    lines that run across the rows' ends, each row's statistics in its own lanes, plain stores
+    before a block's first line boundary and after its last) writes the plain stores' values
+    bit for bit, `offset` values past a line, and nothing outside y."""
+    rng = np.random.default_rng(O * 7919 + C * 613 + B + offset)
+    R = O * C
+    x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    w = rng.standard_normal(C * B).astype(dtype)
+    bias = rng.standard_normal(C * B).astype(dtype)
+    results = []
+    for stream in (True, False):
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+        y = buf[start:start + R * B]
+        stats = np.full((2, R), np.nan)
+        cpu.rows_forward(x, x[:0], False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
+                         stats[1], stats[0, :0], stream)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        results.append((y, stats))
+    (y1, s1), (y2, s2) = results
+    assert not np.isnan(y1).any() and np.array_equal(y1, y2)
+    assert np.array_equal(s1, s2)
