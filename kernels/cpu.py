@@ -285,9 +285,12 @@ def _dx_scalar_window_formula(b, v, s):
 
 _dx_scalar_window = _stream_window(_dx_scalar_window_formula, DX_LANES)
 # (rs * w) * dy - b * ((x - hi) - lo) - cc
-_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
-    b.fmul(b.fmul(s[2], v[2]), v[1]), b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4]),
-    DX_LANES)
+def _dx_window_formula(b, v, s):
+    return b.fsub(b.fsub(b.fmul(b.fmul(s[2], v[2]), v[1]),
+                         b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4])
+
+
+_dx_window = _stream_window(_dx_window_formula, DX_LANES)
 # columns: (x - hi) * scale + shift; vectors x, hi, scale, shift
 _columns_affine_window = _stream_window(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]),
                                                           v[3]))
@@ -340,6 +343,9 @@ _runs_affine_window = _runs_window(_affine_window_formula)
 _runs_dx_scalar_window = _runs_window(_dx_scalar_window_formula, DX_LANES)
 # rows: ((x - hi) - lo) * (rs * w) + bias; vectors x, w, bias; coefficients hi, lo, rs
 _runs_normalize_window = _runs_window(_normalize_window_formula)
+# rows: (rs * w) * dy - b * ((x - hi) - lo) - cc; vectors x, dy, w; coefficients hi, lo, rs,
+# b, cc
+_runs_dx_window = _runs_window(_dx_window_formula, DX_LANES)
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -1627,8 +1633,8 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         # float16 rows kept the blocks (rows of 64: 0.82-0.88x one at a time, 128: 0.98x), and
         # float32 rows under 64 values (49: 0.91-1.0x)
         if not relu and not z.size and (x.itemsize == 8 or x.itemsize == 4 and B >= 64):
-            # the windows need y's lines to hold whole values
-            stream = stream and y.ctypes.data % y.itemsize == 0
+            # rows of a window or more (one spans two rows at most), y's lines of whole values
+            stream = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
             wt = tile_columns(w) if stream else w
             bt = tile_columns(bias) if stream else bias
             for k in prange(nblk):
@@ -1679,12 +1685,17 @@ def short_row_dx(dys, ys, relu, xs, dxs, dzs, hi, lo, rs, b, c, w):
 
 
 @_jit()
-def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_part,
-                        dweight_part, dx, dz, r0, r1):
+def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                        dweight_part, dx, dz, r0, r1, stream):
     """rows_backward on the rows [r0, r1) of length B <= SHORT_ROW with a parameter cell per
     element (LayerNorm, RMSNorm). relu reaches the row loop as a constant (two compiled
-    loops): passed through as a run-time flag, the row helpers took 1.3x as long."""
-    if relu:
+    loops): passed through as a run-time flag, the row helpers took 1.3x as long. stream
+    (no ReLU, no residual): dx with non-temporal stores (streamed_short_rows_loop), wt: w
+    tiled."""
+    if stream:
+        streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                                 dweight_part, dx, r0, r1)
+    elif relu:
         short_rows_loop(dy, y, True, x, B, mean, rstd, w, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1)
     else:
@@ -1737,6 +1748,97 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
             dz_run(dys, ys, relu, dz[s:s + B])
     flush(dbias, dbias_part)
     flush(dweight, dweight_part)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def dx_piece(dx, x, dy, j0, j1, wt, p, hi, lo, rs, b, cc):
+    """dx[j0:j1] = (rs * w) * dy - b * ((x - hi) - lo) - cc with plain stores, on a piece of
+    one row whose weights start at wt[p]."""
+    n = j1 - j0
+    dxs, xs, dys, wv = dx[j0:j1], x[j0:j1], dy[j0:j1], wt[p:p + n]
+    for j in range(n):
+        dxs[j] = _dx1(j, (xs, dys, wv), (hi, lo, rs, b, cc))
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def stream_dx_piece(dx, x, dy, wt, i, end, p, hi, lo, rs, b, cc):
+    """dx_piece's values streamed, DX_LANES at a time from the flat index i (on a window
+    boundary of dx) while the windows end by `end`; returns where the next one starts."""
+    while i + DX_LANES <= end:
+        _dx_window(dx, i, (x, dy), p, (wt,), (hi, lo, rs, b, cc))
+        i += DX_LANES
+        p += DX_LANES
+    return i
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def stream_dx_seam(dx, x, dy, wt, i, p, first, here, after):
+    """The streamed dx window at i across a row's end (as stream_row_seam): its lanes below
+    `first` with the row's (hi, lo, rs, b, cc), `here`, the others with the next row's."""
+    _runs_dx_window(dx, i, (x, dy), p, (wt,), first, here, after)
+
+
+def streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                             dweight_part, dx, r0, r1):
+    """short_rows_loop without ReLU or residual, dx streamed wherever it starts (as
+    streamed_fused_rows): windows of DX_LANES values from dx's first 64-byte line boundary
+    run across the rows' ends, a row's dx written once the next row's sums have given its
+    coefficients; plain stores before the first line boundary and after the last. Nothing
+    for float16 (jit only)."""
+    raise NotImplementedError
+
+
+@overload(streamed_short_rows_loop, jit_options={"fastmath": _REDUCE})
+def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                              dweight_part, dx, r0, r1):
+    if not _streamable(dx, (x, dy, wt)):
+        return (lambda dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part,
+                dx, r0, r1: None)
+
+    def impl(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part, dx, r0,
+             r1):
+        if r0 >= r1:
+            return
+        w = borrow(w)
+        dbias = np.zeros(dbias_part.size, w.dtype)
+        dweight = np.zeros(dweight_part.size, w.dtype)
+        ahead = rows_ahead(x, B)
+        line = 64 // dx.itemsize
+        base = dx.ctypes.data // dx.itemsize
+        i = r0 * B + (-(base + r0 * B)) % line
+        hi, lo = split(0.0, x)
+        rs = bq = cq = narrow(0.0, x)
+        for r in range(r0, r1):
+            if (r - r0) % BLOCK_ROWS == 0 and r > r0:
+                flush(dbias, dbias_part)
+                flush(dweight, dweight_part)
+            s = r * B
+            prefetch_row((x, dy), s, ahead, B)
+            xs, dys = x[s:s + B], dy[s:s + B]
+            rstd_r = np.float64(rstd[r])
+            h, low = split(np.float64(mean[r]), x)
+            rsn = narrow(rstd_r, x)
+            g1, g2 = cell_sums(dys, dys, False, xs, h, low, rsn, w, dbias, dweight)
+            c1 = 0.0 if frozen else g2 / B
+            c2 = 0.0 if frozen or not centered else g1 / B
+            bn, cn = narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x)
+            if r == r0:         # row r0's values before the first line boundary
+                dx_piece(dx, x, dy, s, i, wt, 0, h, low, rsn, bn, cn)
+            elif i < s:
+                stream_dx_seam(dx, x, dy, wt, i, i - s + B, s - i, (hi, lo, rs, bq, cq),
+                               (h, low, rsn, bn, cn))
+                i += DX_LANES
+            hi, lo, rs, bq, cq = h, low, rsn, bn, cn
+            # the last row's windows stop at a line boundary: a line half streamed and half
+            # written by plain stores costs more than it saves
+            end = s + B if r + 1 < r1 else s + B - (base + s + B) % line
+            i = stream_dx_piece(dx, x, dy, wt, i, end, i - s, hi, lo, rs, bq, cq)
+        dx_piece(dx, x, dy, i, r1 * B, wt, i - (r1 - 1) * B, hi, lo, rs, bq, cq)
+        flush(dbias, dbias_part)
+        flush(dweight, dweight_part)
+        sfence()
+
+    return impl
 
 
 @_jit()
@@ -1888,10 +1990,14 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
     if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+        # float32 / float64 (the windows' types), rows of a line or more
+        stream = (stream and not relu and not dz.size and dx.itemsize >= 4
+                  and B * dx.itemsize >= 64 and dx.ctypes.data % dx.itemsize == 0)
+        wt = tile_columns(w, DX_LANES) if stream else w
         for k in prange(nblk):
-            short_rows_backward(dy, y, relu, x, B, mean, rstd, w, frozen, centered,
+            short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
                                 dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
-                                (k + 1) * R // nblk)
+                                (k + 1) * R // nblk, stream)
         return
     if (A == 1 and P > 1 and not relu and not dz.size
             and (w_dx.size == C * B or P == B <= ROW_CELL)):

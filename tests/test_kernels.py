@@ -582,7 +582,7 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 3), st.integers(64, cpu.SHORT_ROW),
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, cpu.SHORT_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15))
 def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, centered,
                                                                offset):
@@ -608,3 +608,35 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
     (y1, s1), (y2, s2) = results
     assert not np.isnan(y1).any() and np.array_equal(y1, y2)
     assert np.array_equal(s1, s2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, cpu.SHORT_ROW),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans(),
+       st.integers(0, 15))
+def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dtype, centered,
+                                                                       frozen, offset):
+    """The short rows' backward with non-temporal stores for dx (streamed_short_rows_loop:
+    windows from dx's first line boundary across the rows' ends, a row's last window once the
+    next row's sums are taken) writes short_rows_loop's dx bit for bit, `offset` values past a
+    line, and nothing outside dx; the same dweight and dbias partials."""
+    rng = np.random.default_rng(R * 7919 + B * 613 + offset)
+    x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    dy = rng.standard_normal(R * B).astype(dtype)
+    w = rng.standard_normal(B).astype(dtype)
+    mean = (3 + 0.1 * rng.standard_normal(R)).astype(dtype)
+    rstd = (1 + 0.1 * rng.random(R)).astype(dtype)
+    nblk = min(R, 4)
+    results = []
+    for stream in (True, False):
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+        dx = buf[start:start + R * B]
+        parts = np.zeros((2, nblk, B))
+        cpu.rows_backward(dy, x[:0], False, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
+                          centered, nblk, parts[0], parts[1], dx, x[:0], stream)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        results.append((dx, parts))
+    (dx1, p1), (dx2, p2) = results
+    assert not np.isnan(dx1).any() and np.array_equal(dx1, dx2)
+    assert np.array_equal(p1, p2)
