@@ -70,6 +70,16 @@ BLOCK_ROWS = 32
 # Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
 SHORT_ROW = 512
 SHORT_BLOCK = 128
+# Rows of at most FUSED_ROW values with a weight per element, without residual or ReLU, take
+# short_rows_fused's forward (float32 from 64 values on). Against the long rows' loop
+# (stat_moments, then normalize_run) into NumPy's out=, LayerNorm float32 (8192, 1024)
+# 1.18-1.28x with caches swept and 1.09-1.21x without, (16384, 1024) 1.26-1.27x, (32768, 768)
+# 1.59x, float64 (8192, 1024) 1.25-1.32x; into fresh (aligned) outputs (8192, 1024)
+# 0.97-0.99x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x. Plain rows of up to SHORT_ROW
+# only would leave the statistics of rows in between a last bit apart with and without
+# streamed stores (the two loops' sums vectorize differently). Float32 rows of 2048
+# 0.84-1.00x, of 4096 0.86-0.97x.
+FUSED_ROW = 1024
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096
 # and those of up to PAIRED_ROW values its pairs of rows (instance_rows_loop). Against a row at
@@ -1488,10 +1498,16 @@ def normalize_piece(y, x, j0, j1, wt, bt, p, hi, lo, rs):
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def stream_row_piece(y, x, wt, bt, i, end, p, hi, lo, rs):
+def stream_row_piece(y, x, wt, bt, i, end, p, hi, lo, rs, ahead):
     """normalize_piece's values streamed, a window of LANES values at a time from the flat
     index i (on a window boundary of y) while the windows end by `end`; returns where the
-    next window starts."""
+    next window starts. ahead > 0: each window prefetches x that many values on."""
+    if ahead:
+        while i + LANES <= end:
+            prefetch((x,), i + ahead)
+            _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
+            i += LANES
+            p += LANES
     while i + LANES <= end:
         _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
         i += LANES
@@ -1514,7 +1530,10 @@ def streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, v
     own lanes (stream_row_seam), so that every line is written by non-temporal stores alone;
     plain stores only before the block's first line boundary and after its last. wt, bt:
     the weight and bias cells tiled (tile_columns), for a window past the last cell's end.
-    Its own loop, as in short_rows_normalize. Nothing for float16 (jit only)."""
+    Each window prefetches a line of the row after the next (whose sums come next), rather
+    than a row's lines at once as fused_rows does: LayerNorm (65536, 128) 1.04-1.06x with
+    caches swept. Its own loop, as in short_rows_normalize. Nothing for float16 (jit
+    only)."""
     raise NotImplementedError
 
 
@@ -1534,11 +1553,11 @@ def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, 
         i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % LANES
         for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
             n = min(r + 1, r1 - 1)
-            prefetch_row((x,), n * B, ahead, B)
             mu, m2 = block_moments(x[n * B:(n + 1) * B])
             end = (r + 1) * B
             if r >= r0:
-                i = stream_row_piece(y, x, wt, bt, i, end, c * B + i - r * B, hi, lo, rs)
+                i = stream_row_piece(y, x, wt, bt, i, end, c * B + i - r * B, hi, lo, rs,
+                                     B + ahead if ahead else 0)
             h, low, rsn = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out,
                                       var_out)
             if r < r0:          # row r0's values before the first line boundary
@@ -1560,14 +1579,14 @@ def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, 
 @_jit()
 def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1,
                      stream):
-    """short_rows_forward's rows without residual or ReLU, one row at a time: its statistics
-    and at once its normalization. Reading the next row while the last one is written kept
-    memory busier than a block's reads and then its writes (bench/ab.py against the blocks,
-    float32 / float64): LayerNorm (65536, 128) forward 1.15 / 1.05-1.14x, (16384, 64) 1.40 /
-    1.33x, (65536, 100) 1.31x; GroupNorm (64, 256, 7, 7) 32 groups 1.22 / 1.09x, 128 groups
-    1.35 / 1.05x. The normalization keeps the elementwise loops' formula exactly
-    (exact_normalize; the streamed windows compute the same), though this kernel
-    reassociates its sums.
+    """rows_forward's rows of up to FUSED_ROW values with a weight per element, without
+    residual or ReLU, one row at a time: its statistics and at once its normalization.
+    Reading the next row while the last one is written kept memory busier than a block's
+    reads and then its writes (bench/ab.py against the blocks, float32 / float64): LayerNorm
+    (65536, 128) forward 1.15 / 1.05-1.14x, (16384, 64) 1.40 / 1.33x, (65536, 100) 1.31x;
+    GroupNorm (64, 256, 7, 7) 32 groups 1.22 / 1.09x, 128 groups 1.35 / 1.05x. The
+    normalization keeps the elementwise loops' formula exactly (exact_normalize; the streamed
+    windows compute the same), though this kernel reassociates its sums.
     stream: non-temporal stores (streamed_fused_rows), with w and bias tiled. LayerNorm
     forward into NumPy's out= (16 bytes past a line), caches swept before each call / not:
     float32 (65536, 128) 1.39 / 1.45x, (16384, 512) 1.60x, (131072, 256) 2.10x against
@@ -1629,18 +1648,20 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
+    # float16 rows kept the blocks below (rows of 64: 0.82-0.88x one at a time, 128: 0.98x),
+    # and float32 rows under 64 values (49: 0.91-1.0x)
+    fused = (A == 1 and P == 1 and not relu and not z.size
+             and (x.itemsize == 8 or x.itemsize == 4 and B >= 64))
+    # rows of a window or more (one spans two rows at most), y's lines of whole values
+    streamed = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
+    if fused and B <= FUSED_ROW:
+        wt = tile_columns(w) if streamed else w
+        bt = tile_columns(bias) if streamed else bias
+        for k in prange(nblk):
+            short_rows_fused(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
+                             k * R // nblk, (k + 1) * R // nblk, streamed)
+        return
     if A == 1 and P == 1 and B <= SHORT_ROW:
-        # float16 rows kept the blocks (rows of 64: 0.82-0.88x one at a time, 128: 0.98x), and
-        # float32 rows under 64 values (49: 0.91-1.0x)
-        if not relu and not z.size and (x.itemsize == 8 or x.itemsize == 4 and B >= 64):
-            # rows of a window or more (one spans two rows at most), y's lines of whole values
-            stream = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
-            wt = tile_columns(w) if stream else w
-            bt = tile_columns(bias) if stream else bias
-            for k in prange(nblk):
-                short_rows_fused(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                                 var_out, k * R // nblk, (k + 1) * R // nblk, stream)
-            return
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
         for k in prange(nblk):
             short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,

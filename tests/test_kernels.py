@@ -582,7 +582,7 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, cpu.SHORT_ROW),
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, cpu.FUSED_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15))
 def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, centered,
                                                                offset):
