@@ -78,7 +78,10 @@ SHORT_BLOCK = 128
 # 0.97-0.99x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x. Plain rows of up to SHORT_ROW
 # only would leave the statistics of rows in between a last bit apart with and without
 # streamed stores (the two loops' sums vectorize differently). Float32 rows of 2048
-# 0.84-1.00x, of 4096 0.86-0.97x.
+# 0.84-1.00x, of 4096 0.86-0.97x. The backward's rows of up to FUSED_ROW values go through
+# short_rows_backward: against the long rows' loop, caches swept, (8192, 1024) float32 1.24x,
+# float64 1.19x, (16384, 1024) 1.48x; fresh outputs 1.05x, in cache (256, 1024) 1.00x; rows
+# of 2048 0.78-0.93x, 4096 0.97-1.01x.
 FUSED_ROW = 1024
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096
@@ -1708,7 +1711,7 @@ def short_row_dx(dys, ys, relu, xs, dxs, dzs, hi, lo, rs, b, c, w):
 @_jit()
 def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1, stream):
-    """rows_backward on the rows [r0, r1) of length B <= SHORT_ROW with a parameter cell per
+    """rows_backward on the rows [r0, r1) of length B <= FUSED_ROW with a parameter cell per
     element (LayerNorm, RMSNorm). relu reaches the row loop as a constant (two compiled
     loops): passed through as a run-time flag, the row helpers took 1.3x as long. stream
     (no ReLU, no residual): dx with non-temporal stores (streamed_short_rows_loop), wt: w
@@ -2010,7 +2013,7 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
-    if A == 1 and C == 1 and P == 1 and B <= SHORT_ROW:
+    if A == 1 and C == 1 and P == 1 and B <= FUSED_ROW:
         # float32 / float64 (the windows' types), rows of a line or more
         stream = (stream and not relu and not dz.size and dx.itemsize >= 4
                   and B * dx.itemsize >= 64 and dx.ctypes.data % dx.itemsize == 0)

@@ -611,7 +611,7 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 300), st.integers(1, cpu.SHORT_ROW),
+@given(st.integers(1, 300), st.integers(1, cpu.FUSED_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans(),
        st.integers(0, 15))
 def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dtype, centered,
