@@ -1806,9 +1806,9 @@ def streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbia
                              dweight_part, dx, r0, r1):
     """short_rows_loop without ReLU or residual, dx streamed wherever it starts (as
     streamed_fused_rows): windows of DX_LANES values from dx's first 64-byte line boundary
-    run across the rows' ends, a row's dx written once the next row's sums have given its
-    coefficients; plain stores before the first line boundary and after the last. Nothing
-    for float16 (jit only)."""
+    run across the rows' ends; a row's windows follow its sums, but the one across its end
+    waits for the next row's, which give the coefficients of its last lanes. Plain stores
+    before the first line boundary and after the last. Nothing for float16 (jit only)."""
     raise NotImplementedError
 
 
