@@ -73,15 +73,18 @@ SHORT_BLOCK = 128
 # Rows of at most FUSED_ROW values with a weight per element, without residual or ReLU, take
 # short_rows_fused's forward (float32 from 64 values on). Against the long rows' loop
 # (stat_moments, then normalize_run) into NumPy's out=, LayerNorm float32 (8192, 1024)
-# 1.18-1.28x with caches swept and 1.09-1.21x without, (16384, 1024) 1.26-1.27x, (32768, 768)
+# 1.18-1.28x with caches swept and 1.09-1.21x without, (16384, 1024) 1.23-1.27x, (32768, 768)
 # 1.59x, float64 (8192, 1024) 1.25-1.32x; into fresh (aligned) outputs (8192, 1024)
-# 0.97-0.99x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x. Plain rows of up to SHORT_ROW
+# 0.97-1.02x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x; GroupNorm 32 groups on
+# (64, 512, 7, 7) (rows of 784) 1.07x float32, 1.01x float64, (256, 512, 7, 7) streamed with
+# caches swept 1.48x. Plain rows of up to SHORT_ROW
 # only would leave the statistics of rows in between a last bit apart with and without
 # streamed stores (the two loops' sums vectorize differently). Float32 rows of 2048
 # 0.84-1.00x, of 4096 0.86-0.97x. The backward's rows of up to FUSED_ROW values go through
 # short_rows_backward: against the long rows' loop, caches swept, (8192, 1024) float32 1.24x,
-# float64 1.19x, (16384, 1024) 1.48x; fresh outputs 1.05x, in cache (256, 1024) 1.00x; rows
-# of 2048 0.78-0.93x, 4096 0.97-1.01x.
+# float64 1.19x, float16 1.23x (warm), (16384, 1024) 1.48x; fresh outputs 1.05x, in cache
+# (256, 1024) 1.00x, with ReLU or a residual (not streamed) 0.99-1.02x; rows of 2048
+# 0.78-0.93x, 4096 0.97-1.01x.
 FUSED_ROW = 1024
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096
@@ -137,7 +140,9 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     (an elementwise loop inlined into a reduction kernel would lose (x - hi) - lo to
     reassociation). Inlined elementwise loops also lost their vectorization (dx_run: LayerNorm
     (65536, 128) backward 3.6x slower), so only the reduction helpers use it (the moments,
-    cell_sums, run_sums), each inlined into callers compiled with _REDUCE like itself."""
+    cell_sums, run_sums, row_scalars) and loops whose formulas carry their own flags
+    (exact_normalize, exact_dx_scalar: fused_rows, exact_dx_scalar_row), each inlined into
+    callers compiled with _REDUCE like itself."""
 
     def decorate(func):
         kernel = _compile(func, parallel, fastmath, inline)
@@ -1461,20 +1466,28 @@ def row_scalars(x, r, B, mu, m2, centered, eps, mean_out, rstd_out, var_out):
 
 
 @_jit(inline="always")
+def fused_start(x, B, C, r0):
+    """What the fused rows' loops start from: the prefetch distance (rows_ahead), row r0's
+    cell, and (hi, lo, rs) in the compute precision, zeros until the first row's replace
+    them."""
+    hi, lo = split(0.0, x)
+    return rows_ahead(x, B), r0 % C, hi, lo, narrow(0.0, x)
+
+
+@_jit(inline="always")
 def fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
     """short_rows_fused's loop with plain stores, pipelined: row r + 1's sums come before
     row r's normalization, which leaves the chain of divisions and a square root of its
     statistics time to finish before they are needed (against a row's sums, statistics and
-    normalization in turn, float32 LayerNorm (2048, 128) in L2 1.29x, (65536, 128) in L3
-    1.16x; rows of 512 from memory 0.99x). The loop starts a row early, to take row r0's
+    normalization in turn, float32 LayerNorm through bench/ab.py: (2048, 128) 1.04-1.11x,
+    (16384, 128) 1.09x, (16384, 64) 1.09-1.12x; a standalone copy on one thread, (2048, 128)
+    1.29x, and on two (65536, 128) in L3 1.16x, rows of 512 from memory 0.99x). The loop
+    starts a row early, to take row r0's
     sums: a copy of the sums before it would be vectorized on its own and could round
     them otherwise (1 ulp of a variance, against short_rows_forward's)."""
     if r0 >= r1:
         return
-    ahead = rows_ahead(x, B)
-    c = r0 % C
-    hi, lo = split(0.0, x)
-    rs = narrow(0.0, x)
+    ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
     for r in range(r0 - 1, r1):
         # the last row takes its own sums again (its statistics saved twice, equal) rather
         # than a test around them in every row
@@ -1528,15 +1541,15 @@ def stream_row_seam(y, x, wt, bt, i, p, first, here, after):
 
 def streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
                         r1):
-    """fused_rows with non-temporal stores, wherever y starts: the windows keep to y's 64-byte
-    lines and run across the rows' ends, where a window takes each row's statistics in its
-    own lanes (stream_row_seam), so that every line is written by non-temporal stores alone;
-    plain stores only before the block's first line boundary and after its last. wt, bt:
-    the weight and bias cells tiled (tile_columns), for a window past the last cell's end.
-    Each window prefetches a line of the row after the next (whose sums come next), rather
-    than a row's lines at once as fused_rows does: LayerNorm (65536, 128) 1.04-1.06x with
-    caches swept. Its own loop, as in short_rows_normalize. Nothing for float16 (jit
-    only)."""
+    """fused_rows with non-temporal stores, wherever y starts: windows of LANES values (whole
+    64-byte lines) from y's first window boundary on run across the rows' ends, where a
+    window takes each row's statistics in its own lanes (stream_row_seam), so that every
+    line is written by non-temporal stores alone; plain stores only before the block's first
+    window boundary and after its last. wt, bt: the weight and bias cells tiled
+    (tile_columns), for a window past the last cell's end. Each window prefetches x rows_ahead
+    past the next row (whose sums come next), rather than a row's lines at once as fused_rows
+    does: LayerNorm (65536, 128) 1.04-1.07x with caches swept. Its own loop, as in
+    short_rows_normalize. float32 / float64 arrays of one dtype (jit only)."""
     raise NotImplementedError
 
 
@@ -1544,15 +1557,16 @@ def streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, v
 def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
                          r1):
     if not _streamable(y, (x, wt, bt)):
-        return lambda x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1: None
+        def unstreamable(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
+                         r1):
+            raise TypeError("streamed_fused_rows: float32 or float64 arrays of one dtype")
+
+        return unstreamable
 
     def impl(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
         if r0 >= r1:
             return
-        ahead = rows_ahead(x, B)
-        c = r0 % C
-        hi, lo = split(0.0, x)
-        rs = narrow(0.0, x)
+        ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
         i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % LANES
         for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
             n = min(r + 1, r1 - 1)
@@ -1818,7 +1832,8 @@ def streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbia
     before the first line boundary and after the last. Each window prefetches x and dy
     rows_ahead on, rather than a row's lines at once (LayerNorm backward, caches swept,
     (65536, 128) 1.06-1.10x, (8192, 1024) 1.14-1.19x, (16384, 1024) 1.12-1.23x; a row
-    further on: 0.96-1.06x against that). Nothing for float16 (jit only)."""
+    further on: 0.96-1.06x against that). float32 / float64 arrays of one dtype (jit
+    only)."""
     raise NotImplementedError
 
 
@@ -1826,8 +1841,11 @@ def streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbia
 def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
                               dweight_part, dx, r0, r1):
     if not _streamable(dx, (x, dy, wt)):
-        return (lambda dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part,
-                dx, r0, r1: None)
+        def unstreamable(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                         dweight_part, dx, r0, r1):
+            raise TypeError("streamed_short_rows_loop: float32 or float64 arrays of one dtype")
+
+        return unstreamable
 
     def impl(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part, dx, r0,
              r1):
@@ -2018,7 +2036,8 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
     compute dtype (w's) first.
     y: the saved output (read with relu only); dz: the residual's gradient, or empty.
-    stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
+    stream: non-temporal stores for dx where dx_run or streamed_short_rows_loop can use
+    them (see rows_forward).
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C

@@ -54,8 +54,9 @@ FLAT_FORWARD = 1 << 22
 # The row kernels take parameter cells of at most SHORT_CELL values (GroupNorm and InstanceNorm
 # channels-first on maps of up to 8 x 8) repeated per element, so that the normalize pass and
 # the backward's dx pass run over a statistic's cells as one loop rather than a loop of P
-# values per cell, and rows of up to SHORT_ROW values (kernels/cpu.py) go as LayerNorm's short
-# rows do, in blocks: a call per row of 49 values cost more than its arithmetic. The backward's
+# values per cell, and rows of up to FUSED_ROW values (kernels/cpu.py) go as LayerNorm's rows
+# do (short_rows_fused; in blocks of rows up to SHORT_ROW values with a residual, ReLU or
+# float16): a call per row of 49 values cost more than its arithmetic. The backward's
 # sums stay per cell (per-element partials of dbias / dweight cost more than they saved:
 # GroupNorm (8, 512, 7, 7) 74 / 179 us), in one loop over the rows (short_cells_loop). The
 # repeat is a sample's worth of parameters per call, so it pays from SHORT_CELL_SAMPLES samples
@@ -64,7 +65,7 @@ FLAT_FORWARD = 1 << 22
 # InstanceNorm (64, 256, 7, 7) 1.6 / 2.8x float32, 1.6 / 2.4x float64, 2.0 / 2.0x float16;
 # (64, 512, 4, 4) 2.0-2.8 / 3.1-3.8x; (32, 64, 8, 8) 1.3-1.8 / 1.9-2.4x; GroupNorm
 # (64, 256, 7, 7) 0.95-1.07 / 1.5-1.6x, (64, 256, 4, 4) 1.25 / 2.3x, (64, 512, 7, 7) (rows of
-# 784, not blocked) 1.0 / 1.35x. Above 64 values the cells' own loops are long enough:
+# 784, then not blocked) 1.0 / 1.35x. Above 64 values the cells' own loops are long enough:
 # per-element parameters gained nothing on (32, 256, 10, 10) or (16, 128, 14, 14) and lost
 # on (32, 64, 28, 28) (0.91x forward).
 SHORT_CELL = 64

@@ -595,19 +595,34 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
     w = rng.standard_normal(C * B).astype(dtype)
     bias = rng.standard_normal(C * B).astype(dtype)
-    results = []
-    for stream in (True, False):
+
+    def output():
         buf = np.full(R * B + 64, np.nan, dtype)
         start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
-        y = buf[start:start + R * B]
-        stats = np.full((2, R), np.nan)
+        return buf, start, buf[start:start + R * B], np.full((3, R), np.nan)
+
+    results = []
+    for stream in (True, False):
+        buf, start, y, stats = output()
         cpu.rows_forward(x, x[:0], False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
-                         stats[1], stats[0, :0], stream)
+                         stats[1], stats[2], stream)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         results.append((y, stats))
     (y1, s1), (y2, s2) = results
     assert not np.isnan(y1).any() and np.array_equal(y1, y2)
     assert np.array_equal(s1, s2)
+    if B >= cpu.LANES:
+        # the streamed loop itself, whatever rows_forward routes, on blocks of rows cut
+        # anywhere (blocks of one row, blocks from r0 > 0)
+        k = int(rng.integers(0, R))
+        bounds = sorted({0, R, k, min(k + 1, R), *rng.integers(0, R + 1, 2).tolist()})
+        buf, start, y3, s3 = output()
+        wt, bt = cpu.tile_columns(w), cpu.tile_columns(bias)
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            cpu.short_rows_fused(x, centered, C, B, wt, bt, 1e-5, y3, s3[0], s3[1], s3[2], r0,
+                                 r1, True)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        assert np.array_equal(y3, y2) and np.array_equal(s3, s2)
 
 
 @settings(max_examples=40, deadline=None)
@@ -640,3 +655,19 @@ def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dt
     (dx1, p1), (dx2, p2) = results
     assert not np.isnan(dx1).any() and np.array_equal(dx1, dx2)
     assert np.array_equal(p1, p2)
+    if B * x.itemsize >= 64:
+        # the streamed loop itself, on blocks of rows cut anywhere (blocks of one row, blocks
+        # from r0 > 0): dx bit for bit; the partials add up in another order
+        k = int(rng.integers(0, R))
+        bounds = sorted({0, R, k, min(k + 1, R), *rng.integers(0, R + 1, 2).tolist()})
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+        dx3 = buf[start:start + R * B]
+        parts = np.zeros((2, B))
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            cpu.short_rows_backward(dy, x[:0], False, x, B, mean, rstd, w,
+                                    cpu.tile_columns(w, cpu.DX_LANES), frozen, centered,
+                                    parts[0], parts[1], dx3, x[:0], r0, r1, True)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        assert np.array_equal(dx3, dx2)
+        np.testing.assert_allclose(parts, p2.sum(axis=1), rtol=1e-4, atol=1e-3 * R)
