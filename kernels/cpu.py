@@ -1741,6 +1741,21 @@ def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered, 
                         dweight_part, dx, dz, r0, r1)
 
 
+@_jit(inline="always")
+def row_dx_coefficients(dys, ys, relu, xs, r, B, mean, rstd, w, frozen, centered, dbias,
+                        dweight):
+    """Row r's sums (cell_sums, into the parameter partials dbias / dweight) and the
+    coefficients of its dx = (rs * w) * dy - bq * ((x - hi) - lo) - cq: (hi, lo, rs, bq, cq)
+    in the compute precision."""
+    rstd_r = np.float64(rstd[r])
+    hi, lo = split(np.float64(mean[r]), xs)
+    rs = narrow(rstd_r, xs)
+    g1, g2 = cell_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight)
+    c1 = 0.0 if frozen else g2 / B
+    c2 = 0.0 if frozen or not centered else g1 / B
+    return hi, lo, rs, narrow(rstd_r * rstd_r * c1, xs), narrow(rstd_r * c2, xs)
+
+
 @_jit()
 def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_part,
                     dweight_part, dx, dz, r0, r1):
@@ -1766,14 +1781,9 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
         prefetch_row((x, dy), s, ahead, B)
         xs, dys = x[s:s + B], dy[s:s + B]
         ys = y[s:s + B] if relu else y
-        rstd_r = np.float64(rstd[r])
-        hi, lo = split(np.float64(mean[r]), x)
-        rs = narrow(rstd_r, x)
-        g1, g2 = cell_sums(dys, ys, relu, xs, hi, lo, rs, w, dbias, dweight)
-        c1 = 0.0 if frozen else g2 / B
-        c2 = 0.0 if frozen or not centered else g1 / B
+        hi, lo, rs, bq, cq = row_dx_coefficients(dys, ys, relu, xs, r, B, mean, rstd, w, frozen,
+                                                 centered, dbias, dweight)
         dxs = dx[s:s + B]
-        bq, cq = narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x)
         if relu:
             for i in range(B):
                 dxs[i] = store(exact_dx(loadc(xs[i]), hi, lo, rs * w[i], relu_dy(dys, ys, i),
@@ -1866,13 +1876,8 @@ def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbi
                 flush(dweight, dweight_part)
             s = r * B
             xs, dys = x[s:s + B], dy[s:s + B]
-            rstd_r = np.float64(rstd[r])
-            h, low = split(np.float64(mean[r]), x)
-            rsn = narrow(rstd_r, x)
-            g1, g2 = cell_sums(dys, dys, False, xs, h, low, rsn, w, dbias, dweight)
-            c1 = 0.0 if frozen else g2 / B
-            c2 = 0.0 if frozen or not centered else g1 / B
-            bn, cn = narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x)
+            h, low, rsn, bn, cn = row_dx_coefficients(dys, dys, False, xs, r, B, mean, rstd, w,
+                                                      frozen, centered, dbias, dweight)
             if r == r0:         # row r0's values before the first line boundary
                 dx_piece(dx, x, dy, s, i, wt, 0, h, low, rsn, bn, cn)
             elif i < s:
