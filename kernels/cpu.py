@@ -77,9 +77,9 @@ SHORT_BLOCK = 128
 # 1.59x, float64 (8192, 1024) 1.25-1.32x; into fresh (aligned) outputs (8192, 1024)
 # 0.97-1.02x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x; GroupNorm 32 groups on
 # (64, 512, 7, 7) (rows of 784) 1.07x float32, 1.01x float64, (256, 512, 7, 7) streamed with
-# caches swept 1.48x. Plain rows of up to SHORT_ROW
-# only would leave the statistics of rows in between a last bit apart with and without
-# streamed stores (the two loops' sums vectorize differently). Float32 rows of 2048
+# caches swept 1.48x. Plain rows of up to SHORT_ROW only would leave the statistics of rows
+# in between a last bit apart with and without streamed stores (the two loops' sums
+# vectorize differently). Float32 rows of 2048
 # 0.84-1.00x, of 4096 0.86-0.97x. The backward's rows of up to FUSED_ROW values go through
 # short_rows_backward: against the long rows' loop, caches swept, (8192, 1024) float32 1.24x,
 # float64 1.19x, float16 1.23x (warm), (16384, 1024) 1.48x; fresh outputs 1.05x, in cache
@@ -1482,9 +1482,9 @@ def fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, 
     normalization in turn, float32 LayerNorm through bench/ab.py: (2048, 128) 1.04-1.11x,
     (16384, 128) 1.09x, (16384, 64) 1.09-1.12x; a standalone copy on one thread, (2048, 128)
     1.29x, and on two (65536, 128) in L3 1.16x, rows of 512 from memory 0.99x). The loop
-    starts a row early, to take row r0's
-    sums: a copy of the sums before it would be vectorized on its own and could round
-    them otherwise (1 ulp of a variance, against short_rows_forward's)."""
+    starts a row early, to take row r0's sums: a copy of the sums before it would be
+    vectorized on its own and could round them otherwise (1 ulp of a variance, against
+    short_rows_forward's)."""
     if r0 >= r1:
         return
     ahead, c, hi, lo, rs = fused_start(x, B, C, r0)

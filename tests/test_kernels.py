@@ -120,6 +120,17 @@ def test_short_instance_rows(shape, short_cells):
     assert plan.path == "rows" and plan.short_cells == short_cells
 
 
+def _assert_moments_match_numpy(shape, axis, dtype, seed):
+    """nc.moments over `axis` of a shifted normal sample equals NumPy's float64 mean and
+    variance within 64 ulps of the dtype."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype) * 3 + 7
+    mean, var = nc.moments(x, axis=axis)
+    x64 = x.astype(np.float64)
+    tol = 64 * np.finfo(dtype).eps
+    np.testing.assert_allclose(mean, x64.mean(axis=axis), rtol=tol)
+    np.testing.assert_allclose(var, x64.var(axis=axis), rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_moments_of_wide_short_runs_go_flat(dtype):
     """moments over (0, 2, 3) of channels-first maps of 16-63 values takes BatchNorm's rule
@@ -127,12 +138,7 @@ def test_moments_of_wide_short_runs_go_flat(dtype):
     shape = (8, 96, 5, 5)
     plan, perm = plan_moments(shape, (0, 2, 3), T)
     assert perm is None and plan.path == "flat"
-    x = np.random.default_rng(5).standard_normal(shape).astype(dtype) * 3 + 7
-    mean, var = nc.moments(x, axis=(0, 2, 3))
-    x64 = x.astype(np.float64)
-    tol = 64 * np.finfo(dtype).eps
-    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=tol)
-    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=tol)
+    _assert_moments_match_numpy(shape, (0, 2, 3), dtype, seed=5)
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 32, 32), (8, 16, 32, 32)])
@@ -144,12 +150,7 @@ def test_moments_of_statistics_over_several_runs_read_memory_in_order(shape, dty
     runs on the calling thread, the second in chunks on the threads."""
     plan, perm = plan_moments(shape, (0, 2, 3), T)
     assert perm is None and plan.path == "rows" and plan.A > 1
-    x = np.random.default_rng(6).standard_normal(shape).astype(dtype) * 3 + 7
-    mean, var = nc.moments(x, axis=(0, 2, 3))
-    x64 = x.astype(np.float64)
-    tol = 64 * np.finfo(dtype).eps
-    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=tol)
-    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=tol)
+    _assert_moments_match_numpy(shape, (0, 2, 3), dtype, seed=6)
 
 
 def test_fused_column_slices():
