@@ -677,3 +677,97 @@ def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dt
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         np.testing.assert_allclose(dx3, dx2, rtol=0, atol=8 * eps * scale)
         np.testing.assert_allclose(parts, p2.sum(axis=1), rtol=1e-4, atol=1e-3 * R)
+
+
+@numba.njit
+def _seamed_blocks(x, C, B, P, wt, bt, y, mean, rstd, bounds):
+    """stream_seamed_row over the rows of each block [bounds[k], bounds[k + 1]), as
+    rows_forward's loop calls it, from the saved statistics (float64)."""
+    for k in range(bounds.size - 1):
+        r0, r1 = bounds[k], bounds[k + 1]
+        i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % cpu.LANES
+        hi, lo = cpu.split(0.0, x)
+        before = (hi, lo, cpu.narrow(0.0, x))
+        for r in range(r0, r1):
+            i, before = cpu.stream_seamed_row(x, y, wt, bt, C, B, P, r, r % C, mean[r],
+                                              rstd[r], i, before, r == r0, r == r1 - 1)
+    cpu.sfence()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(cpu.LANES, 1200), st.integers(0, 3),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 15), st.data())
+def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, dtype, offset,
+                                                                  data):
+    """rows_forward's rows of A == 1 that stream (stream_seamed_row: windows on y's lines
+    across the ends of the rows and of their parameter cells, plain stores before a block's
+    first line boundary and after its last) write the plain loop's values bit for bit,
+    `offset` values past a line, and nothing outside y: LayerNorm rows (a weight per element,
+    Q == 0) and rows of Q cells of P values (InstanceNorm, GroupNorm). rows_forward streams
+    rows over FUSED_ROW values or cells of STREAM_RUN; the helper itself is driven over
+    shorter ones too, on blocks of rows cut anywhere."""
+    B = P * max(Q, 1)
+    if Q == 0:
+        P = 1
+    R = O * C
+    rng = np.random.default_rng(O * 7919 + C * 613 + B + offset)
+    x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    cells = C * B // P
+    w = rng.standard_normal(cells).astype(dtype)
+    bias = rng.standard_normal(cells).astype(dtype)
+
+    def output():
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+        return buf, start, buf[start:start + R * B]
+
+    results = []
+    for stream in (True, False):
+        buf, start, y = output()
+        stats = np.full((3, R), np.nan)
+        cpu.rows_forward(x, x[:0], False, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0],
+                         stats[1], stats[2], stream)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        results.append((y, stats))
+    (y1, s1), (y2, s2) = results
+    assert not np.isnan(y1).any() and np.array_equal(y1, y2) and np.array_equal(s1, s2)
+    cut = data.draw(st.lists(st.integers(0, R), max_size=3))
+    bounds = np.array(sorted({0, R, *cut}))
+    buf, start, y3 = output()
+    wt, bt = (cpu.tile_columns(w), cpu.tile_columns(bias)) if P == 1 else (w, bias)
+    _seamed_blocks(x, C, B, P, wt, bt, y3, s2[0], s2[1], bounds)
+    assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+    assert np.array_equal(y3, y2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 2), st.integers(cpu.STREAM_RUN, 1300),
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans(),
+       st.integers(0, 15), st.data())
+def test_streamed_long_rows_dx_equals_the_plain_one_wherever_dx_starts(O, C, B, dtype, centered,
+                                                                      frozen, offset, data):
+    """The backward's rows of STREAM_RUN values or more with a weight per element (LayerNorm
+    long rows: stream_seamed_dx_row, windows from dx's first line boundary across the rows'
+    ends, plain stores before a block's first line boundary and after its last whole line)
+    write the plain loop's dx bit for bit, `offset` values past a line, and nothing outside
+    dx; the same dweight and dbias partials; blocks of any number of rows."""
+    R = O * C
+    rng = np.random.default_rng(R * 7919 + B * 613 + offset)
+    x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    dy = rng.standard_normal(R * B).astype(dtype)
+    w = rng.standard_normal(C * B).astype(dtype)
+    mean = (3 + 0.1 * rng.standard_normal(R)).astype(dtype)
+    rstd = (1 + 0.1 * rng.random(R)).astype(dtype)
+    nblk = data.draw(st.integers(1, R))
+    results = []
+    for stream in (True, False):
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+        dx = buf[start:start + R * B]
+        parts = np.zeros((2, nblk, C * B))
+        cpu.rows_backward(dy, x[:0], False, x, O, 1, C, B, 1, mean, rstd, w, w, frozen,
+                          centered, nblk, parts[0], parts[1], dx, x[:0], stream)
+        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+        results.append((dx, parts))
+    (dx1, p1), (dx2, p2) = results
+    assert not np.isnan(dx1).any() and np.array_equal(dx1, dx2) and np.array_equal(p1, p2)
