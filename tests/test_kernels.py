@@ -771,3 +771,30 @@ def test_streamed_long_rows_dx_equals_the_plain_one_wherever_dx_starts(O, C, B, 
         results.append((dx, parts))
     (dx1, p1), (dx2, p2) = results
     assert not np.isnan(dx1).any() and np.array_equal(dx1, dx2) and np.array_equal(p1, p2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_rows_prefetch_into_the_l2_and_change_no_value(dtype):
+    """stream_row_piece prefetches the next row into the L2 alone (prefetcht1 on x86-64) when
+    it lies LONG_ROW bytes or more ahead, into every level (prefetcht0) when nearer; neither
+    changes a value."""
+    B = cpu.LONG_ROW // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(2 * B + 64).astype(dtype)
+    w, b = (rng.standard_normal(B + cpu.LANES).astype(dtype) for _ in range(2))
+    hi, lo, rs = dtype(0.5), dtype(1e-8), dtype(1.5)
+    ys = []
+    for ahead in (B, B // 2, 0):
+        buf = np.full(2 * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize
+        y = buf[start:start + B]
+        assert cpu.stream_row_piece(y, x[:B], w, b, 0, B, 0, hi, lo, rs, ahead) == B
+        ys.append(y)
+    assert not np.isnan(ys[0]).any()
+    assert np.array_equal(ys[0], ys[2]) and np.array_equal(ys[1], ys[2])
+    if platform.machine() in ("x86_64", "AMD64"):
+        # compiled afresh: a function loaded from Numba's cache has no assembly to show
+        piece = numba.njit(fastmath=cpu._ELEMENTWISE)(cpu.stream_row_piece.py_func)
+        piece(ys[0], x[:B], w, b, 0, B, 0, hi, lo, rs, B)
+        asm = next(iter(piece.inspect_asm().values()))
+        assert "prefetcht1" in asm and "prefetcht0" in asm
