@@ -240,7 +240,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         dbias, dweight = np.empty(shape), np.empty(shape)
         if plan.backward_path == "columns_fused":
             _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, P, plan.Sb, mean, rstd, w,
-                 frozen, centered, dbias, dweight, dx, dz)
+                 frozen, centered, dbias, dweight, dx, dz,
+                 dx.nbytes >= STREAM_MIN and plan.Sb == 1)
         else:
             _run(plan, K.column_backward_chunks, dy, y, relu, x, O, A, C, B, P, plan.K, mean,
                  rstd, w, frozen, centered, dbias, dweight, dx, dz, dx.nbytes >= STREAM_MIN)
