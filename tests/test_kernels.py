@@ -680,7 +680,7 @@ def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dt
 
 
 @numba.njit
-def _seamed_blocks(x, C, B, P, wt, bt, y, mean, rstd, bounds):
+def _seamed_blocks(x, z, relu, C, B, P, wt, bt, y, mean, rstd, bounds):
     """stream_seamed_row over the rows of each block [bounds[k], bounds[k + 1]), as
     rows_forward's loop calls it, from the saved statistics (float64)."""
     for k in range(bounds.size - 1):
@@ -689,8 +689,8 @@ def _seamed_blocks(x, C, B, P, wt, bt, y, mean, rstd, bounds):
         hi, lo = cpu.split(0.0, x)
         before = (hi, lo, cpu.narrow(0.0, x))
         for r in range(r0, r1):
-            i, before = cpu.stream_seamed_row(x, y, wt, bt, C, B, P, r, r % C, mean[r],
-                                              rstd[r], i, before, r == r0, r == r1 - 1)
+            i, before = cpu.stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, r % C,
+                                              mean[r], rstd[r], i, before, r == r0, r == r1 - 1)
     cpu.sfence()
 
 
@@ -703,9 +703,11 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     across the ends of the rows and of their parameter cells, plain stores before a block's
     first line boundary and after its last) write the plain loop's values bit for bit,
     `offset` values past a line, and nothing outside y: LayerNorm rows (a weight per element,
-    Q == 0) and rows of Q cells of P values (InstanceNorm, GroupNorm). rows_forward streams
-    rows over FUSED_ROW values or cells of STREAM_RUN; the helper itself is driven over
-    shorter ones too, on blocks of rows cut anywhere."""
+    Q == 0) and rows of Q cells of P values (InstanceNorm, GroupNorm), with or without a
+    residual and ReLU. rows_forward streams rows over SHORT_ROW values (FUSED_ROW without an
+    epilogue) or cells of STREAM_RUN; the helper itself is driven over shorter ones too, on
+    blocks of rows cut anywhere."""
+    residual, relu = data.draw(st.booleans()), data.draw(st.booleans())
     B = P * max(Q, 1)
     if Q == 0:
         P = 1
@@ -715,6 +717,7 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     cells = C * B // P
     w = rng.standard_normal(cells).astype(dtype)
     bias = rng.standard_normal(cells).astype(dtype)
+    z = rng.standard_normal(R * B).astype(dtype) if residual else x[:0]
 
     def output():
         buf = np.full(R * B + 64, np.nan, dtype)
@@ -725,7 +728,7 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     for stream in (True, False):
         buf, start, y = output()
         stats = np.full((3, R), np.nan)
-        cpu.rows_forward(x, x[:0], False, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0],
+        cpu.rows_forward(x, z, relu, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0],
                          stats[1], stats[2], stream)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         results.append((y, stats))
@@ -735,7 +738,7 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     bounds = np.array(sorted({0, R, *cut}))
     buf, start, y3 = output()
     wt, bt = (cpu.tile_columns(w), cpu.tile_columns(bias)) if P == 1 else (w, bias)
-    _seamed_blocks(x, C, B, P, wt, bt, y3, s2[0], s2[1], bounds)
+    _seamed_blocks(x, z, relu, C, B, P, wt, bt, y3, s2[0], s2[1], bounds)
     assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
     assert np.array_equal(y3, y2)
 
