@@ -57,6 +57,14 @@ _F32 = np.dtype(np.float32)
 STREAM_MIN = 1 << 24
 
 
+def streams(out):
+    """Whether a kernel may write `out` with non-temporal stores: STREAM_MIN bytes or more, and
+    its data at a whole element's address (NumPy allows any byte offset, as np.frombuffer with
+    an offset gives; the streamed windows find their line boundaries in whole elements, and a
+    non-temporal store off its alignment faults)."""
+    return out.nbytes >= STREAM_MIN and out.ctypes.data % out.itemsize == 0
+
+
 # Empty arrays that tell a kernel an optional argument is absent (shared: never written).
 _EMPTY = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
 _EMPTY64 = _EMPTY[_F64]
@@ -111,7 +119,7 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
     _run(plan, normalize_kernel(plan), x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w,
-         bias, y, y.nbytes >= STREAM_MIN)
+         bias, y, streams(y))
 
 
 def row_cells(plan, w):
@@ -139,7 +147,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         if x.dtype.char == "e":
             x, y = x.view(np.uint16), y.view(np.uint16)
         z = _none_like(x) if z is None else _bits(z)
-        stream = y.nbytes >= STREAM_MIN
+        stream = streams(y)
         if path == "rows":
             _run(plan, K.rows_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
                  row_period(plan), row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd,
@@ -157,7 +165,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         z = _none_like(x) if z is None else _bits(z)
         _run(plan, K.column_forward_chunks, x, z, relu, centered, plan.O, plan.A, plan.C,
              plan.B, plan.P, plan.K, stats_dtype != np.float64, w, bias, eps, y, mean, rstd,
-             var, y.nbytes >= STREAM_MIN)
+             var, streams(y))
         return mean, rstd, (var if want_var else None)
     mean64, var64 = moments(plan, x, narrow=stats_dtype != np.float64)
     if not centered:
@@ -230,7 +238,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         dbias, dweight = np.zeros((nblk, C * Q)), np.zeros((nblk, C * Q))
         _run(plan, K.rows_backward, dy, y, relu, x, O, A, C, B, P, mean, rstd, w,
              row_cells(plan, w), frozen, centered, nblk, dbias, dweight, dx, dz,
-             dx.nbytes >= STREAM_MIN)
+             streams(dx))
         if nblk == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)
@@ -241,10 +249,10 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         if plan.backward_path == "columns_fused":
             _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, P, plan.Sb, mean, rstd, w,
                  frozen, centered, dbias, dweight, dx, dz,
-                 dx.nbytes >= STREAM_MIN and plan.Sb == 1)
+                 streams(dx) and plan.Sb == 1)
         else:
             _run(plan, K.column_backward_chunks, dy, y, relu, x, O, A, C, B, P, plan.K, mean,
-                 rstd, w, frozen, centered, dbias, dweight, dx, dz, dx.nbytes >= STREAM_MIN)
+                 rstd, w, frozen, centered, dbias, dweight, dx, dz, streams(dx))
         if O == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)
@@ -259,5 +267,5 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
     c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
     _run(plan, K.flat_backward_dx, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
-         c1, c2, dx, dz, dx.nbytes >= STREAM_MIN)
+         c1, c2, dx, dz, streams(dx))
     return sdyxhat.sum(0), sdy.sum(0)

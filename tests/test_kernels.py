@@ -789,7 +789,8 @@ def test_long_rows_prefetch_into_the_l2_and_change_no_value(dtype):
     ys = []
     for ahead in (B, B // 2, 0):
         buf = np.full(2 * B + 64, np.nan, dtype)
-        start = (-buf.ctypes.data) % 64 // buf.itemsize
+        # a window's bytes (LANES values: 128 for float64)
+        start = (-buf.ctypes.data) % (cpu.LANES * buf.itemsize) // buf.itemsize
         y = buf[start:start + B]
         assert cpu.stream_row_piece(y, x[:B], w, b, 0, B, 0, hi, lo, rs, ahead) == B
         ys.append(y)
@@ -801,3 +802,58 @@ def test_long_rows_prefetch_into_the_l2_and_change_no_value(dtype):
         piece(ys[0], x[:B], w, b, 0, B, 0, hi, lo, rs, B)
         asm = next(iter(piece.inspect_asm().values()))
         assert "prefetcht1" in asm and "prefetcht0" in asm
+
+
+def _off_by_one_byte(like):
+    """An array shaped and typed like `like`, its data one byte past an element's alignment
+    (as np.frombuffer with an offset gives)."""
+    buf = np.zeros(like.nbytes + 8, np.uint8)
+    return buf[1:1 + like.nbytes].view(like.dtype).reshape(like.shape)
+
+
+@pytest.mark.parametrize("norm, shape, axis", [
+    ("layer", (2051, 2049), -1),          # rows
+    ("group", (64, 32, 33, 64), -1),      # columns fused per sample
+    ("batch", (48, 3, 32771), 1),         # flat
+    ("batch", (16, 37, 113, 64), -1),     # columns in chunks
+])
+def test_outputs_off_their_alignment_are_written_plain(norm, shape, axis):
+    """Outputs of STREAM_MIN bytes or more whose data is not at a whole element's address
+    (NumPy allows that) are written with plain stores: the streamed windows' non-temporal
+    stores fault there (a segmentation fault before). x off its alignment too; the values
+    are those of aligned arrays, bit for bit."""
+    from normcore import _cpu
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    C = x.shape[axis]
+    w = np.linspace(0.5, 2, C, dtype=np.float32)
+    fwd, bwd = {
+        "layer": (lambda x, out: nc.layer_norm_forward(x, w, w - 1, out=out),
+                  lambda dy, x, f, out: nc.layer_norm_backward(dy, x, f.mean, f.rstd, w,
+                                                               dx_out=out)),
+        "group": (lambda x, out: nc.group_norm_forward(x, 8, w, w - 1, axis=axis, out=out),
+                  lambda dy, x, f, out: nc.group_norm_backward(dy, x, f.mean, f.rstd, 8, w,
+                                                               axis=axis, dx_out=out)),
+        "batch": (lambda x, out: nc.batch_norm_forward(x, w, w - 1, axis=axis, out=out),
+                  lambda dy, x, f, out: nc.batch_norm_backward(dy, x, f.mean, f.rstd, w,
+                                                               axis=axis, dx_out=out))}[norm]
+    assert x.nbytes >= _cpu.STREAM_MIN
+    want_f = fwd(x, None)
+    want_dx = bwd(dy, x, want_f, None).dx
+    xo = _off_by_one_byte(x)
+    xo[...] = x
+    for xs in (x, xo):
+        y, dx = _off_by_one_byte(x), _off_by_one_byte(x)
+        assert not y.flags.aligned
+        f = fwd(xs, y)
+        assert f.y is y and np.array_equal(y, want_f.y)
+        assert np.array_equal(bwd(dy, xs, f, dx).dx, want_dx)
+    if norm == "batch":
+        y = _off_by_one_byte(x)
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        nc.batch_norm(xo, w, w - 1, running_mean=rm, running_var=rv, training=False, axis=axis,
+                      out=y)
+        want = nc.batch_norm(x, w, w - 1, running_mean=rm, running_var=rv, training=False,
+                             axis=axis)
+        assert np.array_equal(y, want)
