@@ -1650,8 +1650,9 @@ def _seamed_row(residual, relu):
     (its values after its last window). Returns the next i and this row's last coefficients.
     P == 1: weight and bias per element, tiled in wt, bt; otherwise the cells (C * B // P,).
     Each window prefetches x (and z) a row on; rows with a weight per element, into the L2
-    alone from LONG_ROW bytes (see stream_row_piece; the cells' rows were not measured that
-    way). float32 / float64 arrays of one dtype."""
+    alone from LONG_ROW bytes (see stream_row_piece; cells, which read no weight per element,
+    measured 0.94-0.95x that way on GroupNorm (32, 64, 56, 56), rows of 25 KiB). float32 /
+    float64 arrays of one dtype."""
     if residual or relu:
         row = _epilogue_formula(_normalize_window_formula, residual, relu)
         row_window, row_seam = _stream_window(row), _runs_window(row)
