@@ -100,11 +100,11 @@ PAIRED_ROW = 256
 # bytes or more (rows_ahead)
 PREFETCH_BYTES = 2048
 PREFETCH_ROW = 512
-# Rows of LONG_ROW bytes or more prefetch the next row into the L2 only as they stream
-# (stream_row_piece): the row, its weight and bias fill a 48 KiB L1 already. LayerNorm
-# forward into out=, caches swept: float32 (4096, 4096) 1.03-1.06x (1.09x warm, 1.02x into
-# fresh outputs), (2048, 8192) 1.05x, float64 (4096, 4096) 1.12x; every prefetch into the L2
-# only: float32 (8192, 2048) 0.98x, (8192, 1024) forward 0.94x, backward 0.92x.
+# Rows of LONG_ROW bytes or more with a weight per element prefetch the next row into the L2
+# only as they stream (_seamed_row): the row, its weight and bias fill a 48 KiB L1 already.
+# LayerNorm forward into out=, caches swept: float32 (4096, 4096) 1.03-1.06x (1.09x warm,
+# 1.02x into fresh outputs), (2048, 8192) 1.05x, float64 (4096, 4096) 1.12x; every prefetch
+# into the L2 only: float32 (8192, 2048) 0.98x, (8192, 1024) forward 0.94x, backward 0.92x.
 LONG_ROW = 1 << 14
 # Parameter cells of at least this many values that backward_sums_run adds up (the rows
 # backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
@@ -424,7 +424,7 @@ def _prefetcher(locality):
 
 prefetch = _prefetcher(3)
 # for rows of LONG_ROW bytes or more, whose next row would push the row itself, its weight
-# and its bias out of the L1 (stream_row_piece)
+# and its bias out of the L1 (_seamed_row)
 prefetch_l2 = _prefetcher(2)
 
 
@@ -1484,6 +1484,19 @@ def row_scalars(x, r, B, mu, m2, centered, eps, mean_out, rstd_out, var_out):
 
 
 @_jit(inline="always")
+def window_above(a, j, lanes):
+    """The first flat index from j on whose element of `a` starts a window of `lanes` values
+    (lanes * itemsize bytes from a's address 0; a's data at a whole element's address)."""
+    return j + (-(a.ctypes.data // a.itemsize + j)) % lanes
+
+
+@_jit(inline="always")
+def window_below(a, j, lanes):
+    """The last flat index up to j whose element of `a` starts such a window."""
+    return j - (a.ctypes.data // a.itemsize + j) % lanes
+
+
+@_jit(inline="always")
 def fused_start(x, B, C, r0):
     """What the fused rows' loops start from: the prefetch distance (rows_ahead), row r0's
     cell, and (hi, lo, rs) in the compute precision, zeros until the first row's replace
@@ -1535,14 +1548,7 @@ def normalize_piece(y, x, j0, j1, wt, bt, p, hi, lo, rs):
 def stream_row_piece(y, x, wt, bt, i, end, p, hi, lo, rs, ahead):
     """normalize_piece's values streamed, a window of LANES values at a time from the flat
     index i (on a window boundary of y) while the windows end by `end`; returns where the
-    next window starts. ahead > 0: each window prefetches x that many values on, into the L2
-    alone from LONG_ROW bytes on (the next of rows that long)."""
-    if ahead * x.itemsize >= LONG_ROW:
-        while i + LANES <= end:
-            prefetch_l2((x,), i + ahead)
-            _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
-            i += LANES
-            p += LANES
+    next window starts. ahead > 0: each window prefetches x that many values on."""
     if ahead:
         while i + LANES <= end:
             prefetch((x,), i + ahead)
@@ -1592,7 +1598,7 @@ def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, 
         if r0 >= r1:
             return
         ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
-        i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % LANES
+        i = window_above(y, r0 * B, LANES)
         for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
             n = min(r + 1, r1 - 1)
             mu, m2 = block_moments(x[n * B:(n + 1) * B])
@@ -1650,7 +1656,7 @@ def _seamed_row(residual, relu):
     (its values after its last window). Returns the next i and this row's last coefficients.
     P == 1: weight and bias per element, tiled in wt, bt; otherwise the cells (C * B // P,).
     Each window prefetches x (and z) a row on; rows with a weight per element, into the L2
-    alone from LONG_ROW bytes (see stream_row_piece; cells, which read no weight per element,
+    alone from LONG_ROW bytes (prefetch_l2; cells, which read no weight per element,
     measured 0.94-0.95x that way on GroupNorm (32, 64, 56, 56), rows of 25 KiB). float32 /
     float64 arrays of one dtype."""
     if residual or relu:
@@ -1678,7 +1684,8 @@ def _seamed_row(residual, relu):
 
         def impl(x, z, y, wt, bt, C, B, P, r, c, mean, rstd, i, before, first, last):
             s = r * B
-            far = B * y.itemsize >= LONG_ROW
+            # the windows' arrays, also prefetched (`residual` is a constant of this helper)
+            xz = (x, z) if residual else (x,)
             if P == 1:
                 hi, lo = split(mean, x)
                 here = (hi, lo, narrow(rstd, x))
@@ -1687,32 +1694,19 @@ def _seamed_row(residual, relu):
                     for j in range(s, i):
                         y[j] = _row_value(x, z, wt, bt, j, p + j, here, residual, relu)
                 elif i < s:     # the last row's cell ends where this one's starts, or at C * B
-                    q = (c if c else C) * B - (s - i)
-                    if residual:
-                        row_seam(y, i, (x, z), q, (wt, bt), s - i, before, here)
-                    else:
-                        row_seam(y, i, (x,), q, (wt, bt), s - i, before, here)
+                    row_seam(y, i, xz, (c if c else C) * B - (s - i), (wt, bt), s - i, before,
+                             here)
                     i += LANES
                 # (a loop per case: a test inside the loop cost stream_normalize 0.88x)
-                if residual and far:
+                if B * y.itemsize >= LONG_ROW:
                     while i + LANES <= s + B:
-                        prefetch_l2((x, z), i + B)
-                        row_window(y, i, (x, z), p + i, (wt, bt), here)
-                        i += LANES
-                elif residual:
-                    while i + LANES <= s + B:
-                        prefetch((x, z), i + B)
-                        row_window(y, i, (x, z), p + i, (wt, bt), here)
-                        i += LANES
-                elif far:
-                    while i + LANES <= s + B:
-                        prefetch_l2((x,), i + B)
-                        row_window(y, i, (x,), p + i, (wt, bt), here)
+                        prefetch_l2(xz, i + B)
+                        row_window(y, i, xz, p + i, (wt, bt), here)
                         i += LANES
                 else:
                     while i + LANES <= s + B:
-                        prefetch((x,), i + B)
-                        row_window(y, i, (x,), p + i, (wt, bt), here)
+                        prefetch(xz, i + B)
+                        row_window(y, i, xz, p + i, (wt, bt), here)
                         i += LANES
                 if last:
                     for j in range(i, s + B):
@@ -1726,21 +1720,12 @@ def _seamed_row(residual, relu):
                     for j in range(t, i):
                         y[j] = _cell_value(x, z, j, here, residual, relu)
                 elif i < t:
-                    if residual:
-                        cell_seam(y, i, (x, z), 0, (), t - i, before, here)
-                    else:
-                        cell_seam(y, i, (x,), 0, (), t - i, before, here)
+                    cell_seam(y, i, xz, 0, (), t - i, before, here)
                     i += LANES
-                if residual:
-                    while i + LANES <= t + P:
-                        prefetch((x, z), i + B)
-                        cell_window(y, i, (x, z), 0, (), here)
-                        i += LANES
-                else:
-                    while i + LANES <= t + P:
-                        prefetch((x,), i + B)
-                        cell_window(y, i, (x,), 0, (), here)
-                        i += LANES
+                while i + LANES <= t + P:
+                    prefetch(xz, i + B)
+                    cell_window(y, i, xz, 0, (), here)
+                    i += LANES
                 if last and q == Q - 1:
                     for j in range(i, t + P):
                         y[j] = _cell_value(x, z, j, here, residual, relu)
@@ -1771,9 +1756,8 @@ def _cell_value(x, z, j, here, residual, relu):
     return activate(v, relu)
 
 
-_seamed_rows = (_seamed_row(False, False), _seamed_row(False, True), _seamed_row(True, False),
-                _seamed_row(True, True))
-_seamed_plain, _seamed_relu, _seamed_residual, _seamed_both = _seamed_rows
+_seamed_plain, _seamed_relu = _seamed_row(False, False), _seamed_row(False, True)
+_seamed_residual, _seamed_both = _seamed_row(True, False), _seamed_row(True, True)
 
 
 @_jit(inline="always")
@@ -1899,7 +1883,7 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         r0 = k * R // nblk
         r1 = (k + 1) * R // nblk
         o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
-        i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % LANES
+        i = window_above(y, r0 * B, LANES)
         h0, l0 = split(0.0, x)
         before = (h0, l0, narrow(0.0, x))
         for r in range(r0, r1):
@@ -2084,8 +2068,7 @@ def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbi
         dweight = np.zeros(dweight_part.size, w.dtype)
         ahead = rows_ahead(x, B)
         line = 64 // dx.itemsize
-        base = dx.ctypes.data // dx.itemsize
-        i = r0 * B + (-(base + r0 * B)) % line
+        i = window_above(dx, r0 * B, line)
         hi, lo = split(0.0, x)
         rs = bq = cq = narrow(0.0, x)
         for r in range(r0, r1):
@@ -2105,7 +2088,7 @@ def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbi
             hi, lo, rs, bq, cq = h, low, rsn, bn, cn
             # the last row's windows stop at a line boundary: a line half streamed and half
             # written by plain stores costs more than it saves
-            end = s + B if r + 1 < r1 else s + B - (base + s + B) % line
+            end = s + B if r + 1 < r1 else window_below(dx, s + B, line)
             i = stream_dx_piece(dx, x, dy, wt, i, end, i - s, hi, lo, rs, bq, cq, ahead)
         dx_piece(dx, x, dy, i, r1 * B, wt, i - (r1 - 1) * B, hi, lo, rs, bq, cq)
         flush(dbias, dbias_part)
@@ -2156,9 +2139,7 @@ def _stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, befo
             stream_dx_seam(dx, x, dy, wt, i, (c if c else C) * B - (s - i), s - i, before,
                            here)
             i += DX_LANES
-        end = s + B
-        if last:
-            end -= (dx.ctypes.data // dx.itemsize + end) % (64 // dx.itemsize)
+        end = window_below(dx, s + B, 64 // dx.itemsize) if last else s + B
         i = stream_dx_piece(dx, x, dy, wt, i, end, p + i, *here, B)
         if last:
             dx_piece(dx, x, dy, i, s + B, wt, p + i, *here)
@@ -2358,7 +2339,7 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
     seamed = (stream and A == 1 and P_dx == 1 and B >= STREAM_RUN and not relu and not dz.size
               and dx.itemsize >= 4 and dx.ctypes.data % dx.itemsize == 0)
     wt = tile_columns(w_dx, DX_LANES) if seamed else w_dx
-    i = r0 * B + (-(dx.ctypes.data // dx.itemsize + r0 * B)) % (64 // dx.itemsize)
+    i = window_above(dx, r0 * B, 64 // dx.itemsize)
     h0, l0 = split(0.0, x)
     z0 = narrow(0.0, x)
     before = (h0, l0, z0, z0, z0)

@@ -685,7 +685,7 @@ def _seamed_blocks(x, z, relu, C, B, P, wt, bt, y, mean, rstd, bounds):
     rows_forward's loop calls it, from the saved statistics (float64)."""
     for k in range(bounds.size - 1):
         r0, r1 = bounds[k], bounds[k + 1]
-        i = r0 * B + (-(y.ctypes.data // y.itemsize + r0 * B)) % cpu.LANES
+        i = cpu.window_above(y, r0 * B, cpu.LANES)
         hi, lo = cpu.split(0.0, x)
         before = (hi, lo, cpu.narrow(0.0, x))
         for r in range(r0, r1):
@@ -778,29 +778,28 @@ def test_streamed_long_rows_dx_equals_the_plain_one_wherever_dx_starts(O, C, B, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_long_rows_prefetch_into_the_l2_and_change_no_value(dtype):
-    """stream_row_piece prefetches the next row into the L2 alone (prefetcht1 on x86-64) when
-    it lies LONG_ROW bytes or more ahead, into every level (prefetcht0) when nearer; neither
-    changes a value."""
-    B = cpu.LONG_ROW // np.dtype(dtype).itemsize
+    """The seamed rows with a weight per element prefetch the next row into the L2 alone
+    (prefetcht1 on x86-64) from rows of LONG_ROW bytes on, into every level (prefetcht0) when
+    shorter; neither changes a value: the plain loop's, bit for bit."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal(2 * B + 64).astype(dtype)
-    w, b = (rng.standard_normal(B + cpu.LANES).astype(dtype) for _ in range(2))
-    hi, lo, rs = dtype(0.5), dtype(1e-8), dtype(1.5)
-    ys = []
-    for ahead in (B, B // 2, 0):
-        buf = np.full(2 * B + 64, np.nan, dtype)
-        # a window's bytes (LANES values: 128 for float64)
-        start = (-buf.ctypes.data) % (cpu.LANES * buf.itemsize) // buf.itemsize
-        y = buf[start:start + B]
-        assert cpu.stream_row_piece(y, x[:B], w, b, 0, B, 0, hi, lo, rs, ahead) == B
-        ys.append(y)
-    assert not np.isnan(ys[0]).any()
-    assert np.array_equal(ys[0], ys[2]) and np.array_equal(ys[1], ys[2])
+    E = np.dtype(dtype).itemsize
+    for B in (cpu.LONG_ROW // E, cpu.LONG_ROW // 2 // E):
+        R = 3
+        x = rng.standard_normal(R * B).astype(dtype)
+        w, b = (rng.standard_normal(B).astype(dtype) for _ in range(2))
+        want = np.empty_like(x)
+        stats = np.empty((3, R))
+        cpu.rows_forward(x, x[:0], False, True, R, 1, 1, B, 1, w, b, 1e-5, want, stats[0],
+                         stats[1], stats[2], False)
+        buf = np.full(R * B + 64, np.nan, dtype)
+        start = (-buf.ctypes.data) % 64 // buf.itemsize + 4
+        y = buf[start:start + R * B]
+        _seamed_blocks(x, x[:0], False, 1, B, 1, cpu.tile_columns(w), cpu.tile_columns(b), y,
+                       stats[0], stats[1], np.array([0, R]))
+        assert np.array_equal(y, want)
     if platform.machine() in ("x86_64", "AMD64"):
-        # compiled afresh: a function loaded from Numba's cache has no assembly to show
-        piece = numba.njit(fastmath=cpu._ELEMENTWISE)(cpu.stream_row_piece.py_func)
-        piece(ys[0], x[:B], w, b, 0, B, 0, hi, lo, rs, B)
-        asm = next(iter(piece.inspect_asm().values()))
+        sig = [s for s in _seamed_blocks.signatures if s[0].dtype == numba.from_dtype(dtype)][0]
+        asm = _seamed_blocks.inspect_asm(sig)
         assert "prefetcht1" in asm and "prefetcht0" in asm
 
 
