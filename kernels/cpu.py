@@ -308,8 +308,17 @@ def _dx_scalar_window_formula(b, v, s):
 
 
 _dx_scalar_window = _stream_window(_dx_scalar_window_formula, DX_LANES)
-# (rs * w) * dy - b * ((x - hi) - lo) - cc
+def _relu_mask_vector(b, d, y):
+    """d where ReLU let the value through (y > 0), else 0, lane by lane (relu_dy's select)."""
+    zero = ir.Constant(d.type, None)
+    return b.select(b.fcmp_ordered(">", y, zero), d, zero)
+
+
+# (rs * w) * dy - b * ((x - hi) - lo) - cc on vectors x, dy, w; on vectors x, dy, y, w (the
+# arrays (x, dy, y) of a ReLU's backward), dy masked by ReLU's gradient first
 def _dx_window_formula(b, v, s):
+    if len(v) == 4:
+        v = [v[0], _relu_mask_vector(b, v[1], v[2]), v[3]]
     return b.fsub(b.fsub(b.fmul(b.fmul(s[2], v[2]), v[1]),
                          b.fmul(s[3], b.fsub(b.fsub(v[0], s[0]), s[1]))), s[4])
 
@@ -321,6 +330,8 @@ _columns_affine_window = _stream_window(lambda b, v, s: b.fadd(b.fmul(b.fsub(v[0
 # columns: a * dy - b * (x - hi) - c; vectors x, dy, hi, a, b, c
 _columns_dx_window = _stream_window(lambda b, v, s: b.fsub(b.fsub(
     b.fmul(v[3], v[1]), b.fmul(v[4], b.fsub(v[0], v[2]))), v[5]), DX_LANES)
+# dz = dy masked by ReLU's gradient (the residual's): vectors dy, y
+_dz_window = _stream_window(lambda b, v, s: _relu_mask_vector(b, v[0], v[1]), DX_LANES)
 
 
 def _runs_window(formula, lanes=LANES):
@@ -841,9 +852,18 @@ def _dx_scalar1(j, v, s):
     return s[0] * v[1][j] + ((v[0][j] - s[1]) * s[2] + s[3])
 
 
-@_jit(fastmath=_ELEMENTWISE)
 def _dx1(j, v, s):
-    return (s[2] * v[2][j]) * v[1][j] - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4]
+    """_dx_window's formula on element j of the arrays v: (x, dy, w) or (x, dy, y, w), dy
+    then masked by ReLU's gradient (jit only)."""
+    raise NotImplementedError
+
+
+@overload(_dx1, jit_options={"fastmath": _ELEMENTWISE})
+def _dx1_impl(j, v, s):
+    if len(v) == 4:
+        return lambda j, v, s: ((s[2] * v[3][j]) * relu_dy(v[1], v[2], j)
+                                - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4])
+    return lambda j, v, s: (s[2] * v[2][j]) * v[1][j] - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4]
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -927,12 +947,15 @@ def _streaming_runs(runs_window, window, element):
 
 
 def tuple_of(arrays, c):
-    """(arrays[0][c], arrays[1][c], ...) for a tuple of 3 or 4 arrays (jit only)."""
+    """(arrays[0][c], arrays[1][c], ...) for a tuple of 2 to 4 arrays, c an index or a slice
+    (jit only)."""
     raise NotImplementedError
 
 
 @overload(tuple_of)
 def _tuple_of(arrays, c):
+    if len(arrays) == 2:
+        return lambda arrays, c: (arrays[0][c], arrays[1][c])
     if len(arrays) == 3:
         return lambda arrays, c: (arrays[0][c], arrays[1][c], arrays[2][c])
     if len(arrays) == 4:
@@ -1929,12 +1952,15 @@ def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered, 
                         dweight_part, dx, dz, r0, r1, stream):
     """rows_backward on the rows [r0, r1) of length B <= FUSED_ROW with a parameter cell per
     element (LayerNorm, RMSNorm). relu reaches the row loop as a constant (two compiled
-    loops): passed through as a run-time flag, the row helpers took 1.3x as long. stream
-    (no ReLU, no residual): dx with non-temporal stores (streamed_short_rows_loop), wt: w
+    loops): passed through as a run-time flag, the row helpers took 1.3x as long. stream:
+    dx (and dz behind a ReLU) with non-temporal stores (streamed_short_rows_loop), wt: w
     tiled."""
-    if stream:
-        streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
-                                 dweight_part, dx, r0, r1)
+    if stream and relu:
+        streamed_short_rows_loop((x, dy, y), B, mean, rstd, w, wt, frozen, centered,
+                                 dbias_part, dweight_part, dx, dz, r0, r1)
+    elif stream:
+        streamed_short_rows_loop((x, dy), B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                                 dweight_part, dx, dz, r0, r1)
     elif relu:
         short_rows_loop(dy, y, True, x, B, mean, rstd, w, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1)
@@ -2001,74 +2027,119 @@ def short_rows_loop(dy, y, relu, x, B, mean, rstd, w, frozen, centered, dbias_pa
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def dx_piece(dx, x, dy, j0, j1, wt, p, hi, lo, rs, b, cc):
+def dx_piece(dx, arrays, j0, j1, wt, p, hi, lo, rs, b, cc):
     """dx[j0:j1] = (rs * w) * dy - b * ((x - hi) - lo) - cc with plain stores, on a piece of
-    one row whose weights start at wt[p]."""
+    one row whose weights start at wt[p]; arrays: (x, dy), or (x, dy, y) for dy masked by
+    ReLU's gradient (y > 0)."""
     n = j1 - j0
-    dxs, xs, dys, wv = dx[j0:j1], x[j0:j1], dy[j0:j1], wt[p:p + n]
+    pieces = tuple_of(arrays, slice(j0, j1)) + (wt[p:p + n],)
     for j in range(n):
-        dxs[j] = _dx1(j, (xs, dys, wv), (hi, lo, rs, b, cc))
+        dx[j0 + j] = _dx1(j, pieces, (hi, lo, rs, b, cc))
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def stream_dx_piece(dx, x, dy, wt, i, end, p, hi, lo, rs, b, cc, ahead):
+def stream_dx_piece(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
     """dx_piece's values streamed, DX_LANES at a time from the flat index i (on a window
     boundary of dx) while the windows end by `end`; returns where the next one starts.
-    ahead > 0: each window prefetches x and dy that many values on."""
+    ahead > 0: each window prefetches the arrays that many values on."""
     if ahead:
         while i + DX_LANES <= end:
-            prefetch((x, dy), i + ahead)
-            _dx_window(dx, i, (x, dy), p, (wt,), (hi, lo, rs, b, cc))
+            prefetch(arrays, i + ahead)
+            _dx_window(dx, i, arrays, p, (wt,), (hi, lo, rs, b, cc))
             i += DX_LANES
             p += DX_LANES
     while i + DX_LANES <= end:
-        _dx_window(dx, i, (x, dy), p, (wt,), (hi, lo, rs, b, cc))
+        _dx_window(dx, i, arrays, p, (wt,), (hi, lo, rs, b, cc))
         i += DX_LANES
         p += DX_LANES
     return i
 
 
 @_jit(fastmath=_ELEMENTWISE)
-def stream_dx_seam(dx, x, dy, wt, i, p, first, here, after):
+def stream_dx_seam(dx, arrays, wt, i, p, first, here, after):
     """The streamed dx window at i across a row's end (as stream_row_seam): its lanes below
     `first` with the row's (hi, lo, rs, b, cc), `here`, the others with the next row's."""
-    _runs_dx_window(dx, i, (x, dy), p, (wt,), first, here, after)
+    _runs_dx_window(dx, i, arrays, p, (wt,), first, here, after)
 
 
-def streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
-                             dweight_part, dx, r0, r1):
-    """short_rows_loop without ReLU or residual, dx streamed wherever it starts (as
-    streamed_fused_rows): windows of DX_LANES values from dx's first 64-byte line boundary
-    run across the rows' ends; a row's windows follow its sums, but the one across its end
-    waits for the next row's, which give the coefficients of its last lanes. Plain stores
-    before the first line boundary and after the last. Each window prefetches x and dy
-    rows_ahead on, rather than a row's lines at once (LayerNorm backward, caches swept,
-    (65536, 128) 1.06-1.10x, (8192, 1024) 1.14-1.19x, (16384, 1024) 1.12-1.23x; a row
-    further on: 0.96-1.06x against that). float32 / float64 arrays of one dtype (jit
-    only)."""
+@_jit(fastmath=_ELEMENTWISE)
+def dz_piece(dz, dy, y, j0, j1):
+    """dz[j0:j1] = dy masked by ReLU's gradient, plain stores."""
+    for j in range(j0, j1):
+        dz[j] = store(relu_dy(dy, y, j), dz)
+
+
+def stream_dz_piece(dz, dy, y, i, end):
+    """dz_piece's values streamed, DX_LANES at a time from the flat index i (on a window
+    boundary of dz) while the windows end by `end`; returns where the next one starts. dz
+    depends on no statistic: a row's windows need no seam, and dz's own line boundaries
+    need not be dx's. float32 / float64 arrays of one dtype (jit only)."""
+    raise NotImplementedError
+
+
+@overload(stream_dz_piece, jit_options={"fastmath": _ELEMENTWISE})
+def _stream_dz_piece(dz, dy, y, i, end):
+    if not _streamable(dz, (dy, y)):
+        def unstreamable(dz, dy, y, i, end):
+            if i >= 0:
+                raise TypeError("stream_dz_piece: float32 or float64 arrays of one dtype")
+            return i
+
+        return unstreamable
+
+    def impl(dz, dy, y, i, end):
+        while i + DX_LANES <= end:
+            _dz_window(dz, i, (dy, y), 0, (), ())
+            i += DX_LANES
+        return i
+
+    return impl
+
+
+def streamed_short_rows_loop(arrays, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                             dweight_part, dx, dz, r0, r1):
+    """short_rows_loop with dx streamed wherever it starts (as streamed_fused_rows): windows
+    of DX_LANES values from dx's first 64-byte line boundary run across the rows' ends; a
+    row's windows follow its sums, but the one across its end waits for the next row's,
+    which give the coefficients of its last lanes. Plain stores before the first line
+    boundary and after the last. Each window prefetches the arrays rows_ahead on, rather than
+    a row's lines at once (LayerNorm backward, caches swept, (65536, 128) 1.06-1.10x,
+    (8192, 1024) 1.14-1.19x, (16384, 1024) 1.12-1.23x; a row further on: 0.96-1.06x against
+    that). arrays: (x, dy), or (x, dy, y) behind a ReLU, whose dz (the residual's gradient,
+    or empty) streams too, on its own line boundaries. float32 / float64 arrays of one dtype
+    (jit only)."""
     raise NotImplementedError
 
 
 @overload(streamed_short_rows_loop, jit_options={"fastmath": _REDUCE})
-def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
-                              dweight_part, dx, r0, r1):
-    if not _streamable(dx, (x, dy, wt)):
-        def unstreamable(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
-                         dweight_part, dx, r0, r1):
+def _streamed_short_rows_loop(arrays, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                              dweight_part, dx, dz, r0, r1):
+    if not _streamable(dx, tuple(arrays) + (wt, dz)):
+        def unstreamable(arrays, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                         dweight_part, dx, dz, r0, r1):
             raise TypeError("streamed_short_rows_loop: float32 or float64 arrays of one dtype")
 
         return unstreamable
+    relu = len(arrays) == 3
 
-    def impl(dy, x, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part, dx, r0,
-             r1):
+    def impl(arrays, B, mean, rstd, w, wt, frozen, centered, dbias_part, dweight_part, dx, dz,
+             r0, r1):
         if r0 >= r1:
             return
         w = borrow(w)
+        x, dy = arrays[0], arrays[1]
+        if relu:    # a constant of this overload: the loop below is compiled for one case
+            y = arrays[2]
+        else:
+            y = dy
         dbias = np.zeros(dbias_part.size, w.dtype)
         dweight = np.zeros(dweight_part.size, w.dtype)
         ahead = rows_ahead(x, B)
         line = 64 // dx.itemsize
         i = window_above(dx, r0 * B, line)
+        iz = window_above(dz, r0 * B, line) if dz.size else 0
+        if dz.size:
+            dz_piece(dz, dy, y, r0 * B, iz)
         hi, lo = split(0.0, x)
         rs = bq = cq = narrow(0.0, x)
         for r in range(r0, r1):
@@ -2076,21 +2147,25 @@ def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbi
                 flush(dbias, dbias_part)
                 flush(dweight, dweight_part)
             s = r * B
-            xs, dys = x[s:s + B], dy[s:s + B]
-            h, low, rsn, bn, cn = row_dx_coefficients(dys, dys, False, xs, r, B, mean, rstd, w,
+            xs, dys, ys = x[s:s + B], dy[s:s + B], y[s:s + B]
+            h, low, rsn, bn, cn = row_dx_coefficients(dys, ys, relu, xs, r, B, mean, rstd, w,
                                                       frozen, centered, dbias, dweight)
             if r == r0:         # row r0's values before the first line boundary
-                dx_piece(dx, x, dy, s, i, wt, 0, h, low, rsn, bn, cn)
+                dx_piece(dx, arrays, s, i, wt, 0, h, low, rsn, bn, cn)
             elif i < s:
-                stream_dx_seam(dx, x, dy, wt, i, i - s + B, s - i, (hi, lo, rs, bq, cq),
+                stream_dx_seam(dx, arrays, wt, i, i - s + B, s - i, (hi, lo, rs, bq, cq),
                                (h, low, rsn, bn, cn))
                 i += DX_LANES
             hi, lo, rs, bq, cq = h, low, rsn, bn, cn
             # the last row's windows stop at a line boundary: a line half streamed and half
             # written by plain stores costs more than it saves
             end = s + B if r + 1 < r1 else window_below(dx, s + B, line)
-            i = stream_dx_piece(dx, x, dy, wt, i, end, i - s, hi, lo, rs, bq, cq, ahead)
-        dx_piece(dx, x, dy, i, r1 * B, wt, i - (r1 - 1) * B, hi, lo, rs, bq, cq)
+            i = stream_dx_piece(dx, arrays, wt, i, end, i - s, hi, lo, rs, bq, cq, ahead)
+            if dz.size:
+                iz = stream_dz_piece(dz, dy, y, iz, window_below(dz, s + B, line))
+        dx_piece(dx, arrays, i, r1 * B, wt, i - (r1 - 1) * B, hi, lo, rs, bq, cq)
+        if dz.size:
+            dz_piece(dz, dy, y, iz, r1 * B)
         flush(dbias, dbias_part)
         flush(dweight, dweight_part)
         sfence()
@@ -2098,7 +2173,7 @@ def _streamed_short_rows_loop(dy, x, B, mean, rstd, w, wt, frozen, centered, dbi
     return impl
 
 
-def stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
+def stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
                          last):
     """dx of row r (channel c) of B values with a weight per element (tiled in wt, see
     tile_columns(w, DX_LANES)), A == 1, from its float64 mean, rstd and dx coefficients
@@ -2107,20 +2182,21 @@ def stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, befor
     row's coefficients are known. The block's first row writes its values before i plain,
     its last one those after its last whole line (a line half streamed and half written by
     plain stores costs more than it saves). before: the coefficients of the row that ends
-    in i's window. Returns the next i and this row's coefficients. float32 / float64 arrays
-    of one dtype (jit only). Against a streamed run per row, its head and tail in plain
-    stores, into NumPy's dx_out= with caches swept: LayerNorm float32 (4096, 4096) 1.03-1.18x
-    (1.07x warm), (8192, 2048) 1.14x. GroupNorm's and InstanceNorm's cells of STREAM_RUN
+    in i's window. Returns the next i and this row's coefficients. arrays: (x, dy), or
+    (x, dy, y) behind a ReLU. float32 / float64 arrays of one dtype (jit only). Against a
+    streamed run per row, its head and tail in plain stores, into NumPy's dx_out= with caches
+    swept: LayerNorm float32 (4096, 4096) 1.03-1.18x (1.07x warm), (8192, 2048) 1.14x.
+    GroupNorm's and InstanceNorm's cells of STREAM_RUN
     values or more, streamed this way, measured 0.94-0.98x and 0.99x on (32, 64, 56, 56):
     they keep a streamed run per cell (dx_scalar_run)."""
     raise NotImplementedError
 
 
 @overload(stream_seamed_dx_row, jit_options={"fastmath": _ELEMENTWISE})
-def _stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
+def _stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
                           last):
-    if not _streamable(dx, (x, dy, wt)):
-        def unstreamable(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
+    if not _streamable(dx, tuple(arrays) + (wt,)):
+        def unstreamable(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first,
                          last):
             if r >= 0:
                 raise TypeError("stream_seamed_dx_row: float32 or float64 arrays of one dtype")
@@ -2128,21 +2204,22 @@ def _stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, befo
 
         return unstreamable
 
-    def impl(x, dy, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first, last):
+    def impl(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first, last):
         s = r * B
+        x = arrays[0]
         hi, lo = split(mean, x)
         here = (hi, lo, narrow(rstd, x), narrow(rstd * rstd * c1, x), narrow(rstd * c2, x))
         p = c * B - s       # wt's index of x's flat index s + k is p + s + k
         if first:
-            dx_piece(dx, x, dy, s, i, wt, p + s, *here)
+            dx_piece(dx, arrays, s, i, wt, p + s, *here)
         elif i < s:         # the last row's cell ends where this one's starts, or at C * B
-            stream_dx_seam(dx, x, dy, wt, i, (c if c else C) * B - (s - i), s - i, before,
+            stream_dx_seam(dx, arrays, wt, i, (c if c else C) * B - (s - i), s - i, before,
                            here)
             i += DX_LANES
         end = window_below(dx, s + B, 64 // dx.itemsize) if last else s + B
-        i = stream_dx_piece(dx, x, dy, wt, i, end, p + i, *here, B)
+        i = stream_dx_piece(dx, arrays, wt, i, end, p + i, *here, B)
         if last:
-            dx_piece(dx, x, dy, i, s + B, wt, p + i, *here)
+            dx_piece(dx, arrays, i, s + B, wt, p + i, *here)
         return i, here
 
     return impl
@@ -2299,8 +2376,8 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     R = O * C
     if A == 1 and C == 1 and P == 1 and B <= FUSED_ROW:
         # float32 / float64 (the windows' types), rows of a line or more
-        stream = (stream and not relu and not dz.size and dx.itemsize >= 4
-                  and B * dx.itemsize >= 64 and dx.ctypes.data % dx.itemsize == 0)
+        stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
+                  and streamable_dz(dx, dz, relu))
         wt = tile_columns(w, DX_LANES) if stream else w
         for k in prange(nblk):
             short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
@@ -2336,10 +2413,14 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
     dweight = np.zeros(dweight_part.size, w.dtype)
     o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
     # contiguous rows streamed across their ends (stream_seamed_dx_row)
-    seamed = (stream and A == 1 and P_dx == 1 and B >= STREAM_RUN and not relu and not dz.size
-              and dx.itemsize >= 4 and dx.ctypes.data % dx.itemsize == 0)
+    seamed = (stream and A == 1 and P_dx == 1 and B >= STREAM_RUN and dx.itemsize >= 4
+              and streamable_dz(dx, dz, relu))
     wt = tile_columns(w_dx, DX_LANES) if seamed else w_dx
-    i = window_above(dx, r0 * B, 64 // dx.itemsize)
+    line = 64 // dx.itemsize
+    i = window_above(dx, r0 * B, line)
+    iz = window_above(dz, r0 * B, line) if seamed and dz.size else 0
+    if seamed and dz.size:
+        dz_piece(dz, dy, y, r0 * B, iz)
     h0, l0 = split(0.0, x)
     z0 = narrow(0.0, x)
     before = (h0, l0, z0, z0, z0)
@@ -2361,8 +2442,18 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
         c1 = 0.0 if frozen else g2 / n
         c2 = 0.0 if frozen or not centered else g1 / n
         if seamed:
-            i, before = stream_seamed_dx_row(x, dy, dx, wt, C, B, r, c, mean_r, rstd_r, c1, c2,
-                                             i, before, r == r0, r == r1 - 1)
+            if relu:
+                i, before = stream_seamed_dx_row((x, dy, y), dx, wt, C, B, r, c, mean_r, rstd_r,
+                                                 c1, c2, i, before, r == r0, r == r1 - 1)
+            else:
+                i, before = stream_seamed_dx_row((x, dy), dx, wt, C, B, r, c, mean_r, rstd_r,
+                                                 c1, c2, i, before, r == r0, r == r1 - 1)
+            if dz.size:
+                s = r * B
+                iz = stream_dz_piece(dz, dy, y, iz, s + B if r + 1 < r1
+                                     else window_below(dz, s + B, line))
+                if r == r1 - 1:
+                    dz_piece(dz, dy, y, iz, s + B)
         for a in range(0 if seamed else A):
             lo = ((o * A + a) * C + c) * B
             ys = y[lo:lo + B] if relu else y
@@ -2376,6 +2467,14 @@ def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
         sfence()
     flush(dbias, dbias_part)
     flush(dweight, dweight_part)
+
+
+@_jit(inline="always")
+def streamable_dz(dx, dz, relu):
+    """Whether the streamed backward loops can write dx (and dz, which they take behind a
+    ReLU only, its mask): data at whole elements' addresses."""
+    return (dx.ctypes.data % dx.itemsize == 0
+            and (not dz.size or relu and dz.ctypes.data % dz.itemsize == 0))
 
 
 @_jit()

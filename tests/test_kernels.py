@@ -626,57 +626,83 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
         assert np.array_equal(y3, y2) and np.array_equal(s3, s2)
 
 
+def _relu_backward_inputs(rng, n, dtype, relu, residual):
+    """y for a ReLU's backward (with zeros and a NaN, which ReLU's gradient masks), or empty;
+    whether dz (the residual's gradient) is written: behind a ReLU only."""
+    if not relu:
+        return np.empty(0, dtype), False
+    y = np.maximum(rng.standard_normal(n), 0).astype(dtype)
+    y[rng.integers(0, n)] = np.nan
+    return y, residual
+
+
+def _offset_buffer(n, dtype, offset):
+    """A NaN-filled buffer and its view of n values `offset` values past a 64-byte line."""
+    buf = np.full(n + 64, np.nan, dtype)
+    start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
+    return buf, buf[start:start + n]
+
+
+def _untouched_around(buf, view):
+    """Whether buf holds NaN everywhere outside its view (nothing written outside it)."""
+    start = (view.ctypes.data - buf.ctypes.data) // buf.itemsize
+    return np.isnan(buf[:start]).all() and np.isnan(buf[start + view.size:]).all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 300), st.integers(1, cpu.FUSED_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans(),
-       st.integers(0, 15))
-def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(R, B, dtype, centered,
-                                                                       frozen, offset):
+       st.integers(0, 15), st.integers(0, 15), st.booleans(), st.booleans())
+def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(
+        R, B, dtype, centered, frozen, offset, dz_offset, relu, residual):
     """The short rows' backward with non-temporal stores for dx (streamed_short_rows_loop:
     windows from dx's first line boundary across the rows' ends, a row's last window once the
     next row's sums are taken) writes short_rows_loop's dx, `offset` values past a line, and
-    nothing outside dx; the same dweight and dbias partials. Within a few ulps rather than bit
-    for bit: the two loops' sums (cell_sums, in the compute precision) are compiled apart, and
-    once, in a process that compiled them itself, they came out a last bit apart."""
+    nothing outside dx; the same dweight and dbias partials. Behind a ReLU (dy masked by
+    y > 0) too, and with a residual, whose gradient dz streams on its own lines (`dz_offset`
+    values past one) bit for bit. dx within a few ulps rather than bit for bit: the two
+    loops' sums (cell_sums, in the compute precision) are compiled apart, and once, in a
+    process that compiled them itself, they came out a last bit apart."""
     rng = np.random.default_rng(R * 7919 + B * 613 + offset)
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
     dy = rng.standard_normal(R * B).astype(dtype)
     w = rng.standard_normal(B).astype(dtype)
     mean = (3 + 0.1 * rng.standard_normal(R)).astype(dtype)
     rstd = (1 + 0.1 * rng.random(R)).astype(dtype)
+    y, with_dz = _relu_backward_inputs(rng, R * B, dtype, relu, residual)
     nblk = min(R, 4)
     results = []
     for stream in (True, False):
-        buf = np.full(R * B + 64, np.nan, dtype)
-        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
-        dx = buf[start:start + R * B]
+        buf, dx = _offset_buffer(R * B, dtype, offset)
+        zbuf, dz = _offset_buffer(R * B if with_dz else 0, dtype, dz_offset)
         parts = np.zeros((2, nblk, B))
-        cpu.rows_backward(dy, x[:0], False, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
-                          centered, nblk, parts[0], parts[1], dx, x[:0], stream)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
-        results.append((dx, parts))
-    (dx1, p1), (dx2, p2) = results
+        cpu.rows_backward(dy, y, relu, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
+                          centered, nblk, parts[0], parts[1], dx, dz, stream)
+        assert _untouched_around(buf, dx) and _untouched_around(zbuf, dz)
+        results.append((dx, dz, parts))
+    (dx1, dz1, p1), (dx2, dz2, p2) = results
     eps = np.finfo(dtype).eps
     scale = np.abs(dx2).max()
     assert not np.isnan(dx1).any()
     np.testing.assert_allclose(dx1, dx2, rtol=0, atol=8 * eps * scale)
     np.testing.assert_allclose(p1, p2, rtol=8 * eps, atol=8 * eps * np.abs(p2).max())
+    assert np.array_equal(dz1, dz2) and not np.isnan(dz1).any()
     if B * x.itemsize >= 64:
         # the streamed loop itself, on blocks of rows cut anywhere (blocks of one row, blocks
-        # from r0 > 0): dx bit for bit; the partials add up in another order
+        # from r0 > 0): dx and dz bit for bit; the partials add up in another order
         k = int(rng.integers(0, R))
         bounds = sorted({0, R, k, min(k + 1, R), *rng.integers(0, R + 1, 2).tolist()})
-        buf = np.full(R * B + 64, np.nan, dtype)
-        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
-        dx3 = buf[start:start + R * B]
+        buf, dx3 = _offset_buffer(R * B, dtype, offset)
+        zbuf, dz3 = _offset_buffer(R * B if with_dz else 0, dtype, dz_offset)
         parts = np.zeros((2, B))
         for r0, r1 in zip(bounds[:-1], bounds[1:]):
-            cpu.short_rows_backward(dy, x[:0], False, x, B, mean, rstd, w,
+            cpu.short_rows_backward(dy, y, relu, x, B, mean, rstd, w,
                                     cpu.tile_columns(w, cpu.DX_LANES), frozen, centered,
-                                    parts[0], parts[1], dx3, x[:0], r0, r1, True)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+                                    parts[0], parts[1], dx3, dz3, r0, r1, True)
+        assert _untouched_around(buf, dx3) and _untouched_around(zbuf, dz3)
         np.testing.assert_allclose(dx3, dx2, rtol=0, atol=8 * eps * scale)
         np.testing.assert_allclose(parts, p2.sum(axis=1), rtol=1e-4, atol=1e-3 * R)
+        assert np.array_equal(dz3, dz2)
 
 
 @numba.njit
@@ -753,7 +779,8 @@ def test_streamed_long_rows_dx_equals_the_plain_one_wherever_dx_starts(O, C, B, 
     long rows: stream_seamed_dx_row, windows from dx's first line boundary across the rows'
     ends, plain stores before a block's first line boundary and after its last whole line)
     write the plain loop's dx bit for bit, `offset` values past a line, and nothing outside
-    dx; the same dweight and dbias partials; blocks of any number of rows."""
+    dx; the same dweight and dbias partials; blocks of any number of rows. Behind a ReLU
+    too, and with a residual, whose gradient dz streams on its own lines."""
     R = O * C
     rng = np.random.default_rng(R * 7919 + B * 613 + offset)
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
@@ -761,19 +788,22 @@ def test_streamed_long_rows_dx_equals_the_plain_one_wherever_dx_starts(O, C, B, 
     w = rng.standard_normal(C * B).astype(dtype)
     mean = (3 + 0.1 * rng.standard_normal(R)).astype(dtype)
     rstd = (1 + 0.1 * rng.random(R)).astype(dtype)
+    relu = data.draw(st.booleans())
+    y, with_dz = _relu_backward_inputs(rng, R * B, dtype, relu, data.draw(st.booleans()))
+    dz_offset = data.draw(st.integers(0, 15))
     nblk = data.draw(st.integers(1, R))
     results = []
     for stream in (True, False):
-        buf = np.full(R * B + 64, np.nan, dtype)
-        start = (-buf.ctypes.data) % 64 // buf.itemsize + offset
-        dx = buf[start:start + R * B]
+        buf, dx = _offset_buffer(R * B, dtype, offset)
+        zbuf, dz = _offset_buffer(R * B if with_dz else 0, dtype, dz_offset)
         parts = np.zeros((2, nblk, C * B))
-        cpu.rows_backward(dy, x[:0], False, x, O, 1, C, B, 1, mean, rstd, w, w, frozen,
-                          centered, nblk, parts[0], parts[1], dx, x[:0], stream)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
-        results.append((dx, parts))
-    (dx1, p1), (dx2, p2) = results
+        cpu.rows_backward(dy, y, relu, x, O, 1, C, B, 1, mean, rstd, w, w, frozen,
+                          centered, nblk, parts[0], parts[1], dx, dz, stream)
+        assert _untouched_around(buf, dx) and _untouched_around(zbuf, dz)
+        results.append((dx, dz, parts))
+    (dx1, dz1, p1), (dx2, dz2, p2) = results
     assert not np.isnan(dx1).any() and np.array_equal(dx1, dx2) and np.array_equal(p1, p2)
+    assert not np.isnan(dz1).any() and np.array_equal(dz1, dz2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
