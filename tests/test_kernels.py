@@ -308,6 +308,51 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, dtype, monkeypatch
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("norm, shape, axis", [
+    ("batch", (4, 3, 349527), 1),         # flat: runs of one cell, streamed run by run
+    ("instance", (2, 4, 524289), 1),      # rows, odd lengths
+    ("group", (8, 16, 32769), 1),         # rows of two cells
+    ("layer", (4096, 1025), -1),          # long rows, seamed
+    ("layer", (8192, 512), -1),           # short rows, seamed
+])
+def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis, monkeypatch):
+    """Behind a ReLU (activation="relu", y) and with the residual's gradient (residual=True),
+    the backward streams dx (dy masked by y > 0 in the windows) and dz: bit for bit the plain
+    loops' dx and dz."""
+    from normcore import _cpu
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    assert x.nbytes >= _cpu.STREAM_MIN
+    C = x.shape[axis]
+    wc = np.linspace(0.5, 2, C, dtype=np.float32)
+    fwd, bwd = {
+        "batch": (lambda **kw: nc.batch_norm_forward(x, wc, wc - 1, axis=axis, **kw),
+                  lambda f, **kw: nc.batch_norm_backward(dy, x, f.mean, f.rstd, wc, axis=axis,
+                                                         **kw)),
+        "instance": (lambda **kw: nc.instance_norm_forward(x, wc, wc - 1, **kw),
+                     lambda f, **kw: nc.instance_norm_backward(dy, x, f.mean, f.rstd, wc,
+                                                               **kw)),
+        "group": (lambda **kw: nc.group_norm_forward(x, 8, wc, wc - 1, **kw),
+                  lambda f, **kw: nc.group_norm_backward(dy, x, f.mean, f.rstd, 8, wc, **kw)),
+        "layer": (lambda **kw: nc.layer_norm_forward(x, wc, wc - 1, **kw),
+                  lambda f, **kw: nc.layer_norm_backward(dy, x, f.mean, f.rstd, wc, **kw))}[norm]
+    f = fwd(activation="relu", residual=-x)     # y == 0 where x's normalized value is small
+    assert (f.y == 0).any() and (f.y > 0).any()
+
+    def run():
+        masked = bwd(f, activation="relu", y=f.y)
+        both = bwd(f, activation="relu", y=f.y, residual=True)
+        return [masked.dx, both.dx, both.dresidual]
+
+    streamed = run()
+    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
+    plain = run()
+    for got, want in zip(streamed, plain):
+        assert np.array_equal(got, want)
+    assert np.array_equal(plain[2], np.where(f.y > 0, dy, 0))
+
+
 @pytest.mark.parametrize("samples", [0, 1, 3])
 def test_frozen_stats_writes_its_samples_only(samples):
     """The eval statistics' kernel, run as plain Python (py_func) so that NumPy checks every
