@@ -314,6 +314,8 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, dtype, monkeypatch
     ("group", (8, 16, 32769), 1),         # rows of two cells
     ("layer", (4096, 1025), -1),          # long rows, seamed
     ("layer", (8192, 512), -1),           # short rows, seamed
+    ("batch", (16, 37, 113, 64), -1),     # columns in chunks of rows, channels-last
+    ("group", (64, 32, 33, 64), -1),      # columns fused per sample
 ])
 def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis, monkeypatch):
     """Behind a ReLU (activation="relu", y) and with the residual's gradient (residual=True),
@@ -330,11 +332,12 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
         "batch": (lambda **kw: nc.batch_norm_forward(x, wc, wc - 1, axis=axis, **kw),
                   lambda f, **kw: nc.batch_norm_backward(dy, x, f.mean, f.rstd, wc, axis=axis,
                                                          **kw)),
-        "instance": (lambda **kw: nc.instance_norm_forward(x, wc, wc - 1, **kw),
+        "instance": (lambda **kw: nc.instance_norm_forward(x, wc, wc - 1, axis=axis, **kw),
                      lambda f, **kw: nc.instance_norm_backward(dy, x, f.mean, f.rstd, wc,
-                                                               **kw)),
-        "group": (lambda **kw: nc.group_norm_forward(x, 8, wc, wc - 1, **kw),
-                  lambda f, **kw: nc.group_norm_backward(dy, x, f.mean, f.rstd, 8, wc, **kw)),
+                                                               axis=axis, **kw)),
+        "group": (lambda **kw: nc.group_norm_forward(x, 8, wc, wc - 1, axis=axis, **kw),
+                  lambda f, **kw: nc.group_norm_backward(dy, x, f.mean, f.rstd, 8, wc,
+                                                         axis=axis, **kw)),
         "layer": (lambda **kw: nc.layer_norm_forward(x, wc, wc - 1, **kw),
                   lambda f, **kw: nc.layer_norm_backward(dy, x, f.mean, f.rstd, wc, **kw))}[norm]
     f = fwd(activation="relu", residual=-x)     # y == 0 where x's normalized value is small
