@@ -356,6 +356,48 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
     assert np.array_equal(plain[2], np.where(f.y > 0, dy, 0))
 
 
+@pytest.mark.parametrize("norm, shape, axis, dtype", [
+    ("batch", (4, 3, 349527), 1, np.float32),      # flat: runs of one cell (affine_run)
+    ("batch", (16, 37, 113, 64), -1, np.float32),  # columns in chunks of rows
+    ("group", (64, 32, 33, 64), -1, np.float32),   # columns fused per sample
+    ("batch", (2, 3, 349527), 1, np.float64),      # float64 runs: ReLU alone streams
+    ("group", (32, 32, 33, 64), -1, np.float64),
+])
+def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype, monkeypatch):
+    """With a residual, ReLU or both, the BatchNorm runs and the column kernels stream y (the
+    epilogue in the windows; plain stores before the first window boundary of an `out=`
+    3 values past a line): bit for bit the plain loops' y."""
+    from normcore import _cpu
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape, dtype=dtype)
+    z = rng.standard_normal(shape, dtype=dtype)
+    assert x.nbytes >= _cpu.STREAM_MIN
+    C = x.shape[axis]
+    wc = np.linspace(0.5, 2, C, dtype=dtype)
+    if norm == "batch":
+        def norm_forward(**kw):
+            return nc.batch_norm_forward(x, wc, wc - 1, axis=axis, **kw)
+    else:
+        def norm_forward(**kw):
+            return nc.group_norm_forward(x, 8, wc, wc - 1, axis=axis, **kw)
+
+    def fwd(**kw):
+        buf, out = _offset_buffer(x.size, dtype, 3)
+        norm_forward(out=out.reshape(shape), **kw)
+        assert _untouched_around(buf, out)
+        return out
+
+    def run():
+        return [fwd(activation="relu"), fwd(residual=z), fwd(activation="relu", residual=z)]
+
+    streamed = run()
+    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
+    plain = run()
+    for got, want in zip(streamed, plain):
+        assert np.array_equal(got, want)
+    assert (plain[0] == 0).any() and (plain[2] == 0).any()
+
+
 @pytest.mark.parametrize("samples", [0, 1, 3])
 def test_frozen_stats_writes_its_samples_only(samples):
     """The eval statistics' kernel, run as plain Python (py_func) so that NumPy checks every
