@@ -106,6 +106,15 @@ PREFETCH_ROW = 512
 # 1.02x into fresh outputs), (2048, 8192) 1.05x, float64 (4096, 4096) 1.12x; every prefetch
 # into the L2 only: float32 (8192, 2048) 0.98x, (8192, 1024) forward 0.94x, backward 0.92x.
 LONG_ROW = 1 << 14
+# Short rows (SHORT_ROW values or fewer) with a residual or ReLU stream from this many bytes on
+# (short_rows_seamed: a block's statistics as short_rows_forward takes them, so the same values,
+# then each row across its ends through stream_seamed_row) rather than in blocks with plain
+# stores. LayerNorm forward with caches swept, relu / residual / both, float32 (16384, 512)
+# 1.58x / 1.26x / 1.28x, (65536, 128) 1.11x / 1.19x / 1.19x. Statistics row by row before each
+# row's windows (stat_moments, the long rows' loop) measured more, (16384, 512) 2.04x / 1.59x /
+# 1.61x, (65536, 128) 0.97x / 1.42x / 1.38x, but their last bits then depended on whether y
+# streams. Rows of 64 float32 that way: 0.77x / 1.13x / 1.13x, of 32: 0.73-0.87x.
+EPILOGUE_ROW = 512
 # Parameter cells of at least this many values that backward_sums_run adds up (the rows
 # backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
 # ReLU) sum their terms in the compute precision, BLOCK values at a time (shorter ones in
@@ -1962,6 +1971,29 @@ def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rs
         sfence()
 
 
+@_jit()
+def short_rows_seamed(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
+                      r0, r1):
+    """short_rows_forward's rows (a residual or ReLU) streamed: the statistics of SHORT_BLOCK
+    rows at a time as there (the same calls, so the same values), then each row through
+    stream_seamed_row; wt, bt: w and bias tiled. See EPILOGUE_ROW."""
+    n = min(SHORT_BLOCK, r1 - r0)
+    moments = np.empty((2, n))
+    mean, m2 = moments[0], moments[1]
+    i = window_above(y, r0 * B, LANES)
+    h0, l0 = split(0.0, x)
+    before = (h0, l0, narrow(0.0, x))
+    for b0 in range(r0, r1, SHORT_BLOCK):
+        b1 = min(b0 + SHORT_BLOCK, r1)
+        short_rows_moments(x, b0, b1, B, mean, m2)
+        for r in range(b0, b1):
+            mu, rstd = save_stats(B, mean[r - b0], m2[r - b0], centered, eps, r, mean_out,
+                                  rstd_out, var_out)
+            i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, 1, r, r % C, mu, rstd, i,
+                                          before, r == r0, r == r1 - 1)
+    sfence()
+
+
 @_jit(parallel=True)
 def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
                  var_out, stream):
@@ -1980,7 +2012,8 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     against a streamed run per row, its head and tail in plain stores, into NumPy's out=
     with caches swept, LayerNorm float32 (4096, 4096) 1.19x, (16384, 1536) 1.25x,
     (8192, 2048) 1.10x; into page-aligned outputs 1.03x; float64 (4096, 4096) 0.99x;
-    InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x.
+    InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x. So do short rows of EPILOGUE_ROW
+    bytes or more with a residual or ReLU (short_rows_seamed).
     """
     x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
     R = O * C
@@ -1997,6 +2030,13 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
         for k in prange(nblk):
             short_rows_fused(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
                              k * R // nblk, (k + 1) * R // nblk, streamed)
+        return
+    if (A == 1 and P == 1 and B <= SHORT_ROW and streamed and (relu or z.size)
+            and B * x.itemsize >= EPILOGUE_ROW):
+        wt, bt = tile_columns(w), tile_columns(bias)
+        for k in prange(nblk):
+            short_rows_seamed(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                              var_out, k * R // nblk, (k + 1) * R // nblk)
         return
     if A == 1 and P == 1 and B <= SHORT_ROW:
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
