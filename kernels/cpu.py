@@ -340,7 +340,6 @@ def _columns_affine_window_formula(b, v, s):
     return b.fadd(b.fmul(b.fsub(v[0], v[1]), v[2]), v[3])
 
 
-_columns_affine_window = _stream_window(_columns_affine_window_formula)
 # columns: a * dy - b * (x - hi) - c; vectors x, dy, hi, a, b, c; or x, dy, y, hi, a, b, c
 # (a ReLU's backward), dy masked by ReLU's gradient first
 def _columns_dx_window_formula(b, v, s):
@@ -899,11 +898,6 @@ def _dx1_impl(j, v, s):
     return lambda j, v, s: (s[2] * v[2][j]) * v[1][j] - s[3] * ((v[0][j] - s[0]) - s[1]) - s[4]
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def _columns_affine1(j, p, v, c):
-    return (v[0][j] - c[0][p]) * c[1][p] + c[2][p]
-
-
 def _columns_dx1(j, p, v, c):
     """_columns_dx_window's formula on element j (column p) of the arrays v: (x, dy) or
     (x, dy, y), dy then masked by ReLU's gradient (jit only)."""
@@ -918,8 +912,6 @@ def _columns_dx1_impl(j, p, v, c):
     return lambda j, p, v, c: c[1][p] * v[1][j] - c[2][p] * (v[0][j] - c[0][p]) - c[3][p]
 
 
-# ys = (x - hi) * sc + sh: arrays (x,), scalars (hi, sc, sh)
-stream_affine = _streaming(_affine_window, _affine1)
 # ys = ((x - hi) - lo) * (rs * w) + bias: arrays (x, w, bias), scalars (hi, lo, rs)
 stream_normalize = _streaming(_normalize_window, _normalize1)
 # dx = a * dy + ((x - hi) * nb + sh): arrays (x, dy) or (x, dy, y) (dy masked by ReLU's
@@ -929,8 +921,6 @@ stream_dx_scalar = _streaming(_dx_scalar_window, _dx_scalar1)
 stream_dz = _streaming(_dz_window, _dz1)
 # dx = (rs * w) * dy - b * ((x - hi) - lo) - cc: arrays (x, dy, w), scalars (hi, lo, rs, b, cc)
 stream_dx = _streaming(_dx_window, _dx1)
-# ys = (x - hi) * scale + shift: arrays (x,), columns (hi, scale, shift), tiled
-stream_columns_affine = _streaming_columns(_columns_affine_window, _columns_affine1)
 # dx = a * dy - b * (x - hi) - c: arrays (x, dy) or (x, dy, y) (dy masked by ReLU's gradient),
 # columns (hi, a, b, c), tiled
 stream_columns_dx = _streaming_columns(_columns_dx_window, _columns_dx1)
@@ -942,15 +932,10 @@ def _affine_epilogue(relu, columns):
     _streaming_columns' on columns (hi, scale, shift); + z when the arrays hold z. The
     formulas of affine_run's and normalize_rows' plain loops, in their order."""
     vectors = 4 if columns else 1       # the window's vectors without z
+    affine = _columns_affine_window_formula if columns else _affine_window_formula
 
     def formula(b, v, s):
-        residual = len(v) > vectors
-        rest = [v[0]] + list(v[2:]) if residual else v
-        out = _columns_affine_window_formula(b, rest, s) if columns else \
-            _affine_window_formula(b, rest, s)
-        if residual:
-            out = b.fadd(out, v[1])
-        return _relu_vector(b, out) if relu else out
+        return _epilogue_formula(affine, len(v) > vectors, relu)(b, v, s)
 
     if columns:
         def element(j, p, v, c):
@@ -969,18 +954,19 @@ def _affine_epilogue(relu, columns):
         @overload(element, jit_options={"fastmath": _ELEMENTWISE})
         def _element(j, v, s):
             if len(v) == 2:
-                return lambda j, v, s: activate((v[0][j] - s[0]) * s[1] + s[2] + v[1][j], relu)
-            return lambda j, v, s: activate((v[0][j] - s[0]) * s[1] + s[2], relu)
+                return lambda j, v, s: _cell_value(v[0], v[1], j, s, True, relu)
+            return lambda j, v, s: _cell_value(v[0], v[0], j, s, False, relu)
 
     if columns:
         return _streaming_columns(_stream_window(formula), element)
     return _streaming(_stream_window(formula), element)
 
 
-# stream_affine and stream_columns_affine with the epilogue: + z (arrays (x, z)), ReLU
-stream_affine_residual = _affine_epilogue(False, False)
-stream_affine_relu = _affine_epilogue(True, False)
-stream_columns_affine_residual = _affine_epilogue(False, True)
+# ys = (x - hi) * sc + sh (+ z): arrays (x,) or (x, z), scalars (hi, sc, sh); then ReLU
+stream_affine, stream_affine_relu = _affine_epilogue(False, False), _affine_epilogue(True, False)
+# ys = (x - hi) * scale + shift (+ z): arrays (x,) or (x, z), columns (hi, scale, shift),
+# tiled; then ReLU
+stream_columns_affine = _affine_epilogue(False, True)
 stream_columns_affine_relu = _affine_epilogue(True, True)
 
 
@@ -1083,7 +1069,7 @@ def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False, ahead=0):
         elif relu:
             done = stream_affine_relu(ys, (xs,), (hi, sc, sh), (xs,), ahead)
         elif zs.size:
-            done = stream_affine_residual(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
+            done = stream_affine(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
         else:
             done = stream_affine(ys, (xs,), (hi, sc, sh), (xs,), ahead)
         if done:
@@ -2941,7 +2927,7 @@ def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
         elif relu:
             done = stream_columns_affine_relu(y[span], (x[span],), columns, J)
         elif z.size:
-            done = stream_columns_affine_residual(y[span], (x[span], z[span]), columns, J)
+            done = stream_columns_affine(y[span], (x[span], z[span]), columns, J)
         else:
             done = stream_columns_affine(y[span], (x[span],), columns, J)
         if done:
