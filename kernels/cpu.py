@@ -70,21 +70,25 @@ BLOCK_ROWS = 32
 # Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
 SHORT_ROW = 512
 SHORT_BLOCK = 128
-# Rows of at most FUSED_ROW values with a weight per element, without residual or ReLU, take
-# short_rows_fused's forward (float32 from 64 values on). Against the long rows' loop
-# (stat_moments, then normalize_run) into NumPy's out=, LayerNorm float32 (8192, 1024)
+# Rows of at most FUSED_ROW values with a weight per element (at most SHORT_ROW with a residual
+# or ReLU) take short_rows_fused's forward (float32 from 64 values on). Against the long rows'
+# loop (stat_moments, then normalize_run) into NumPy's out=, LayerNorm float32 (8192, 1024)
 # 1.18-1.28x with caches swept and 1.09-1.21x without, (16384, 1024) 1.23-1.27x, (32768, 768)
-# 1.59x, float64 (8192, 1024) 1.25-1.32x; into fresh (aligned) outputs (8192, 1024)
-# 0.97-1.02x; in cache, rows of 1024 0.90-0.98x, of 768 1.07x; GroupNorm 32 groups on
-# (64, 512, 7, 7) (rows of 784) 1.07x float32, 1.01x float64, (256, 512, 7, 7) streamed with
-# caches swept 1.48x. Plain rows of up to SHORT_ROW only would leave the statistics of rows
-# in between a last bit apart with and without streamed stores (the two loops' sums
-# vectorize differently). Float32 rows of 2048
-# 0.84-1.00x, of 4096 0.86-0.97x. The backward's rows of up to FUSED_ROW values go through
+# 1.59x, float64 (8192, 1024) 1.25-1.32x; into fresh (aligned) outputs (8192, 1024) 0.97-1.02x;
+# in cache, rows of 1024 0.90-0.98x, of 768 1.07x; GroupNorm 32 groups on (64, 512, 7, 7) (rows
+# of 784) 1.07x float32, 1.01x float64, (256, 512, 7, 7) streamed with caches swept 1.48x. Plain
+# rows of up to SHORT_ROW only would leave the statistics of rows in between a last bit apart
+# with and without streamed stores (the two loops' sums vectorize differently). Float32 rows of
+# 2048 0.84-1.00x, of 4096 0.86-0.97x. With a residual or ReLU, against SHORT_BLOCK rows'
+# statistics and then their normalization (streamed from 512 bytes a row, in plain stores
+# below), caches swept, relu / residual / both: float32 (65536, 128) 1.68 / 1.53 / 1.48x,
+# (16384, 512) 1.31 / 1.43 / 1.43x, (262144, 64) 1.26 / 1.49 / 1.49x, float64 (65536, 128) 1.18
+# / 1.30 / 1.26x; in cache 1.04-1.20x; rows of 1024 in cache 0.84-0.88x (hence SHORT_ROW), from
+# memory 0.99-1.04x. The backward's rows of up to FUSED_ROW values go through
 # short_rows_backward: against the long rows' loop, caches swept, (8192, 1024) float32 1.24x,
-# float64 1.19x, float16 1.23x (warm), (16384, 1024) 1.48x; fresh outputs 1.05x, in cache
-# (256, 1024) 1.00x, with ReLU or a residual (not streamed) 0.99-1.02x; rows of 2048
-# 0.78-0.93x, 4096 0.97-1.01x.
+# float64 1.19x, float16 1.23x (warm), (16384, 1024) 1.48x; fresh outputs 1.05x, in cache (256,
+# 1024) 1.00x, with ReLU or a residual (not streamed) 0.99-1.02x; rows of 2048 0.78-0.93x, 4096
+# 0.97-1.01x.
 FUSED_ROW = 1024
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096
@@ -106,15 +110,6 @@ PREFETCH_ROW = 512
 # 1.02x into fresh outputs), (2048, 8192) 1.05x, float64 (4096, 4096) 1.12x; every prefetch
 # into the L2 only: float32 (8192, 2048) 0.98x, (8192, 1024) forward 0.94x, backward 0.92x.
 LONG_ROW = 1 << 14
-# Short rows (SHORT_ROW values or fewer) with a residual or ReLU stream from this many bytes on
-# (short_rows_seamed: a block's statistics as short_rows_forward takes them, so the same values,
-# then each row across its ends through stream_seamed_row) rather than in blocks with plain
-# stores. LayerNorm forward with caches swept, relu / residual / both, float32 (16384, 512)
-# 1.58x / 1.26x / 1.28x, (65536, 128) 1.11x / 1.19x / 1.19x. Statistics row by row before each
-# row's windows (stat_moments, the long rows' loop) measured more, (16384, 512) 2.04x / 1.59x /
-# 1.61x, (65536, 128) 0.97x / 1.42x / 1.38x, but their last bits then depended on whether y
-# streams. Rows of 64 float32 that way: 0.77x / 1.13x / 1.13x, of 32: 0.73-0.87x.
-EPILOGUE_ROW = 512
 # Parameter cells of at least this many values that backward_sums_run adds up (the rows
 # backward: BatchNorm / InstanceNorm runs, GroupNorm cells; the flat backward's runs with
 # ReLU) sum their terms in the compute precision, BLOCK values at a time (shorter ones in
@@ -578,6 +573,16 @@ def exact_normalize(typingctx, v, hi, lo, a, b):
         return builder.fadd(builder.fmul(d, a, flags=("contract",)), b, flags=("contract",))
 
     return v(v, hi, lo, a, b), codegen
+
+
+@intrinsic
+def exact_add(typingctx, a, b):
+    """a + b with 'contract' alone, after exact_normalize: the residual's sum as the
+    elementwise loops add it."""
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=("contract",))
+
+    return a(a, b), codegen
 
 
 @intrinsic
@@ -1630,7 +1635,7 @@ def fused_start(x, B, C, r0):
 
 
 @_jit(inline="always")
-def fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
+def fused_rows(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1):
     """short_rows_fused's loop with plain stores, pipelined: row r + 1's sums come before
     row r's normalization, which leaves the chain of divisions and a square root of its
     statistics time to finish before they are needed (against a row's sums, statistics and
@@ -1639,113 +1644,152 @@ def fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, 
     1.29x, and on two (65536, 128) in L3 1.16x, rows of 512 from memory 0.99x). The loop
     starts a row early, to take row r0's sums: a copy of the sums before it would be
     vectorized on its own and could round them otherwise (1 ulp of a variance, against
-    short_rows_forward's)."""
+    short_rows_forward's). xz: (x,) or (x, z), the residual (added by exact_add: see
+    exact_normalize); relu: ReLU last."""
     if r0 >= r1:
         return
+    x = xz[0]
     ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
     for r in range(r0 - 1, r1):
         # the last row takes its own sums again (its statistics saved twice, equal) rather
         # than a test around them in every row
         n = min(r + 1, r1 - 1)
-        prefetch_row((x,), n * B, ahead, B)
+        prefetch_row(xz, n * B, ahead, B)
         mu, m2 = block_moments(x[n * B:(n + 1) * B])
         if r >= r0:
             xs, ys = x[r * B:(r + 1) * B], y[r * B:(r + 1) * B]
             wv, bv = w[c * B:(c + 1) * B], bias[c * B:(c + 1) * B]
-            for i in range(B):
-                ys[i] = store(exact_normalize(loadc(xs[i]), hi, lo, rs * wv[i], bv[i]), ys)
+            if len(xz) == 2:
+                zs = xz[-1][r * B:(r + 1) * B]     # (xz[1] fails to type on (x,))
+                for i in range(B):
+                    v = exact_add(exact_normalize(loadc(xs[i]), hi, lo, rs * wv[i], bv[i]),
+                                  loadc(zs[i]))
+                    ys[i] = store(activate(v, relu), ys)
+            else:
+                for i in range(B):
+                    v = exact_normalize(loadc(xs[i]), hi, lo, rs * wv[i], bv[i])
+                    ys[i] = store(activate(v, relu), ys)
             c = c + 1 if c + 1 < C else 0
         hi, lo, rs = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out, var_out)
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def normalize_piece(y, x, j0, j1, wt, bt, p, hi, lo, rs):
-    """y[j0:j1] = ((x - hi) - lo) * (rs * w) + bias with plain stores, on a piece of one row
-    whose weight and bias start at wt[p], bt[p]."""
-    n = j1 - j0
-    ys, xs, wv, bv = y[j0:j1], x[j0:j1], wt[p:p + n], bt[p:p + n]
-    for j in range(n):
-        ys[j] = _normalize1(j, (xs, wv, bv), (hi, lo, rs))
+def _streamed_fused_rows(residual, relu):
+    """A jit-only helper (x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
+    r1): fused_rows with non-temporal stores, wherever y starts, + z when `residual`, then
+    ReLU when `relu`: windows of LANES values (whole 64-byte lines) from y's
+    first window boundary on run across the rows' ends, where a window takes each row's
+    statistics in its own lanes (a _runs_window), so that every line is written by
+    non-temporal stores alone; plain stores only before the block's first window boundary
+    and after its last. wt, bt: the weight and bias cells tiled (tile_columns), for a window
+    past the last cell's end. Each window prefetches x (and z) rows_ahead past the next row
+    (whose sums come next), rather than a row's lines at once as fused_rows does: LayerNorm
+    (65536, 128) 1.04-1.07x with caches swept. The windows go in loops of their own
+    (elementwise flags, see exact_normalize), as in short_rows_normalize. float32 / float64
+    arrays of one dtype."""
+    def formula(b, v, s):
+        # vectors x, (z,) w, bias
+        return _epilogue_formula(_normalize_window_formula, residual, relu)(b, v, s)
 
+    window, seam = _stream_window(formula), _runs_window(formula)
 
-@_jit(fastmath=_ELEMENTWISE)
-def stream_row_piece(y, x, wt, bt, i, end, p, hi, lo, rs, ahead):
-    """normalize_piece's values streamed, a window of LANES values at a time from the flat
-    index i (on a window boundary of y) while the windows end by `end`; returns where the
-    next window starts. ahead > 0: each window prefetches x that many values on."""
-    if ahead:
-        while i + LANES <= end:
-            prefetch((x,), i + ahead)
-            _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
-            i += LANES
-            p += LANES
-    while i + LANES <= end:
-        _normalize_window(y, i, (x,), p, (wt, bt), (hi, lo, rs))
-        i += LANES
-        p += LANES
-    return i
+    def windows(y, x, z, wt, bt, i, end, p, here, ahead):
+        raise NotImplementedError
 
-
-@_jit(fastmath=_ELEMENTWISE)
-def stream_row_seam(y, x, wt, bt, i, p, first, here, after):
-    """The streamed window at i across a row's end: its lanes below `first` with the row's
-    (hi, lo, rs), `here`, the others with the next row's, `after`; weight and bias from p on
-    in the tiled wt / bt."""
-    _runs_normalize_window(y, i, (x,), p, (wt, bt), first, here, after)
-
-
-def streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
-                        r1):
-    """fused_rows with non-temporal stores, wherever y starts: windows of LANES values (whole
-    64-byte lines) from y's first window boundary on run across the rows' ends, where a
-    window takes each row's statistics in its own lanes (stream_row_seam), so that every
-    line is written by non-temporal stores alone; plain stores only before the block's first
-    window boundary and after its last. wt, bt: the weight and bias cells tiled
-    (tile_columns), for a window past the last cell's end. Each window prefetches x rows_ahead
-    past the next row (whose sums come next), rather than a row's lines at once as fused_rows
-    does: LayerNorm (65536, 128) 1.04-1.07x with caches swept. Its own loop, as in
-    short_rows_normalize. float32 / float64 arrays of one dtype (jit only)."""
-    raise NotImplementedError
-
-
-@overload(streamed_fused_rows, jit_options={"fastmath": _REDUCE})
-def _streamed_fused_rows(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
-                         r1):
-    if not _streamable(y, (x, wt, bt)):
-        def unstreamable(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0,
-                         r1):
-            raise TypeError("streamed_fused_rows: float32 or float64 arrays of one dtype")
-
-        return unstreamable
-
-    def impl(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
-        if r0 >= r1:
-            return
-        ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
-        i = window_above(y, r0 * B, LANES)
-        for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
-            n = min(r + 1, r1 - 1)
-            mu, m2 = block_moments(x[n * B:(n + 1) * B])
-            end = (r + 1) * B
-            if r >= r0:
-                i = stream_row_piece(y, x, wt, bt, i, end, c * B + i - r * B, hi, lo, rs,
-                                     B + ahead if ahead else 0)
-            h, low, rsn = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out,
-                                      var_out)
-            if r < r0:          # row r0's values before the first line boundary
-                normalize_piece(y, x, r0 * B, i, wt, bt, c * B, h, low, rsn)
-            elif n == r:        # the last row's values after the last one
-                normalize_piece(y, x, i, end, wt, bt, c * B + i - r * B, hi, lo, rs)
-            elif i < end:
-                stream_row_seam(y, x, wt, bt, i, c * B + i - r * B, end - i, (hi, lo, rs),
-                                (h, low, rsn))
+    @overload(windows, jit_options={"fastmath": _ELEMENTWISE})
+    def _windows(y, x, z, wt, bt, i, end, p, here, ahead):
+        # y's windows from i while they end by `end`, weight and bias from p; returns where
+        # the next window starts. ahead > 0: each window prefetches that many values on.
+        def impl(y, x, z, wt, bt, i, end, p, here, ahead):
+            xz = (x, z) if residual else (x,)
+            if ahead:
+                while i + LANES <= end:
+                    prefetch(xz, i + ahead)
+                    window(y, i, xz, p, (wt, bt), here)
+                    i += LANES
+                    p += LANES
+            while i + LANES <= end:
+                window(y, i, xz, p, (wt, bt), here)
                 i += LANES
-            if r >= r0:
-                c = c + 1 if c + 1 < C else 0
-            hi, lo, rs = h, low, rsn
-        sfence()
+                p += LANES
+            return i
 
-    return impl
+        return impl
+
+    def seam_at(y, x, z, wt, bt, i, p, first, here, after):
+        raise NotImplementedError
+
+    @overload(seam_at, jit_options={"fastmath": _ELEMENTWISE})
+    def _seam_at(y, x, z, wt, bt, i, p, first, here, after):
+        # the window at i across a row's end: its lanes below `first` with `here`, the
+        # others with the next row's coefficients, `after`
+        return lambda y, x, z, wt, bt, i, p, first, here, after: seam(
+            y, i, (x, z) if residual else (x,), p, (wt, bt), first, here, after)
+
+    def values(y, x, z, wt, bt, j0, j1, p, here):
+        raise NotImplementedError
+
+    @overload(values, jit_options={"fastmath": _ELEMENTWISE})
+    def _values(y, x, z, wt, bt, j0, j1, p, here):
+        # y[j0:j1] in plain stores, weight and bias from p
+        def impl(y, x, z, wt, bt, j0, j1, p, here):
+            n = j1 - j0
+            ys, xs, wv, bv = y[j0:j1], x[j0:j1], wt[p:p + n], bt[p:p + n]
+            zs = z[j0:j1] if residual else z
+            for j in range(n):
+                ys[j] = _row_value(xs, zs, wv, bv, j, j, here, residual, relu)
+
+        return impl
+
+    def helper(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
+        raise NotImplementedError
+
+    @overload(helper, jit_options={"fastmath": _REDUCE})
+    def _helper(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
+        if not _streamable(y, (x, z, wt, bt)):
+            def unstreamable(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
+                             r0, r1):
+                raise TypeError("streamed_fused_rows: float32 or float64 arrays of one dtype")
+
+            return unstreamable
+
+        def impl(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1):
+            if r0 >= r1:
+                return
+            ahead, c, hi, lo, rs = fused_start(x, B, C, r0)
+            i = window_above(y, r0 * B, LANES)
+            for r in range(r0 - 1, r1):     # from r0 - 1, as in fused_rows
+                n = min(r + 1, r1 - 1)
+                mu, m2 = block_moments(x[n * B:(n + 1) * B])
+                end = (r + 1) * B
+                if r >= r0:
+                    i = windows(y, x, z, wt, bt, i, end, c * B + i - r * B, (hi, lo, rs),
+                                B + ahead if ahead else 0)
+                h, low, rsn = row_scalars(x, n, B, mu, m2, centered, eps, mean_out, rstd_out,
+                                          var_out)
+                if r < r0:          # row r0's values before the first line boundary
+                    values(y, x, z, wt, bt, r0 * B, i, c * B, (h, low, rsn))
+                elif n == r:        # the last row's values after the last one
+                    values(y, x, z, wt, bt, i, end, c * B + i - r * B, (hi, lo, rs))
+                elif i < end:
+                    seam_at(y, x, z, wt, bt, i, c * B + i - r * B, end - i, (hi, lo, rs),
+                            (h, low, rsn))
+                    i += LANES
+                if r >= r0:
+                    c = c + 1 if c + 1 < C else 0
+                hi, lo, rs = h, low, rsn
+            sfence()
+
+        return impl
+
+    return helper
+
+
+# (x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1); z empty
+# without the residual
+streamed_fused_rows = _streamed_fused_rows(False, False)
+streamed_fused_rows_relu = _streamed_fused_rows(False, True)
+streamed_fused_rows_residual = _streamed_fused_rows(True, False)
+streamed_fused_rows_both = _streamed_fused_rows(True, True)
 
 
 def _relu_vector(b, v):
@@ -1904,10 +1948,11 @@ def stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd, i, befor
 
 
 @_jit()
-def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1,
-                     stream):
-    """rows_forward's rows of up to FUSED_ROW values with a weight per element, without
-    residual or ReLU, one row at a time: its statistics and at once its normalization.
+def short_rows_fused(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
+                     r1, stream):
+    """rows_forward's rows of up to FUSED_ROW values with a weight per element, one row at a
+    time: its statistics and at once its normalization; xz: (x,) or (x, z), the residual;
+    ReLU last when `relu`.
     Reading the next row while the last one is written kept memory busier than a block's
     reads and then its writes (bench/ab.py against the blocks, float32 / float64): LayerNorm
     (65536, 128) forward 1.15 / 1.05-1.14x, (16384, 64) 1.40 / 1.33x, (65536, 100) 1.31x;
@@ -1922,11 +1967,22 @@ def short_rows_fused(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var
     (16384, 256) 1.54x, (131072, 64) 1.31x. A call of stream_normalize per row instead, its
     plain head and tail on each row's partial lines, ran 0.68x on rows of 128 16 bytes off
     a line, 0.86x on float64 rows of 128 aligned."""
-    if stream:
-        streamed_fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+    x, z = xz[0], xz[-1][:0] if len(xz) == 1 else xz[-1]
+    if stream and len(xz) == 2 and relu:
+        streamed_fused_rows_both(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                                 var_out, r0, r1)
+    elif stream and len(xz) == 2:
+        streamed_fused_rows_residual(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                                     var_out, r0, r1)
+    elif stream and relu:
+        streamed_fused_rows_relu(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                                 var_out, r0, r1)
+    elif stream:
+        streamed_fused_rows(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
                             r0, r1)
     else:
-        fused_rows(x, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0, r1)
+        fused_rows(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
+                   r1)
 
 
 @_jit()
@@ -1934,8 +1990,8 @@ def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rs
                        r0, r1, stream):
     """rows_forward on the rows [r0, r1) of length B <= SHORT_ROW with an affine parameter per
     element (LayerNorm, RMSNorm; InstanceNorm / GroupNorm short cells repeated per element:
-    C statistics per sample) with a residual or ReLU, float16 rows and float32 rows under 64
-    values (the others: short_rows_fused), SHORT_BLOCK rows at a time: their statistics, then
+    C statistics per sample): float16 rows and float32 rows under 64 values (the others:
+    short_rows_fused), SHORT_BLOCK rows at a time: their statistics, then
     their normalization, one call each (two calls per row made the LayerNorm (65536, 128)
     forward 1.2-1.7x slower)."""
     # two allocations rather than five: each took ~40 ns of a ~4 us LayerNorm (4, 64) call
@@ -1957,29 +2013,6 @@ def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rs
         sfence()
 
 
-@_jit()
-def short_rows_seamed(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
-                      r0, r1):
-    """short_rows_forward's rows (a residual or ReLU) streamed: the statistics of SHORT_BLOCK
-    rows at a time as there (the same calls, so the same values), then each row through
-    stream_seamed_row; wt, bt: w and bias tiled. See EPILOGUE_ROW."""
-    n = min(SHORT_BLOCK, r1 - r0)
-    moments = np.empty((2, n))
-    mean, m2 = moments[0], moments[1]
-    i = window_above(y, r0 * B, LANES)
-    h0, l0 = split(0.0, x)
-    before = (h0, l0, narrow(0.0, x))
-    for b0 in range(r0, r1, SHORT_BLOCK):
-        b1 = min(b0 + SHORT_BLOCK, r1)
-        short_rows_moments(x, b0, b1, B, mean, m2)
-        for r in range(b0, b1):
-            mu, rstd = save_stats(B, mean[r - b0], m2[r - b0], centered, eps, r, mean_out,
-                                  rstd_out, var_out)
-            i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, 1, r, r % C, mu, rstd, i,
-                                          before, r == r0, r == r1 - 1)
-    sfence()
-
-
 @_jit(parallel=True)
 def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
                  var_out, stream):
@@ -1998,31 +2031,28 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     against a streamed run per row, its head and tail in plain stores, into NumPy's out=
     with caches swept, LayerNorm float32 (4096, 4096) 1.19x, (16384, 1536) 1.25x,
     (8192, 2048) 1.10x; into page-aligned outputs 1.03x; float64 (4096, 4096) 0.99x;
-    InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x. So do short rows of EPILOGUE_ROW
-    bytes or more with a residual or ReLU (short_rows_seamed).
+    InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x.
     """
     x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
     R = O * C
     nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
     # float16 rows kept the blocks below (rows of 64: 0.82-0.88x one at a time, 128: 0.98x),
     # and float32 rows under 64 values (49: 0.91-1.0x)
-    fused = (A == 1 and P == 1 and not relu and not z.size
-             and (x.itemsize == 8 or x.itemsize == 4 and B >= 64))
+    fused = A == 1 and P == 1 and (x.itemsize == 8 or x.itemsize == 4 and B >= 64)
     # rows of a window or more (one spans two rows at most), y's lines of whole values
     streamed = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
-    if fused and B <= FUSED_ROW:
+    # rows of up to FUSED_ROW values, or SHORT_ROW with a residual or ReLU
+    if fused and (B <= SHORT_ROW or B <= FUSED_ROW and not relu and not z.size):
         wt = tile_columns(w) if streamed else w
         bt = tile_columns(bias) if streamed else bias
-        for k in prange(nblk):
-            short_rows_fused(x, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out,
-                             k * R // nblk, (k + 1) * R // nblk, streamed)
-        return
-    if (A == 1 and P == 1 and B <= SHORT_ROW and streamed and (relu or z.size)
-            and B * x.itemsize >= EPILOGUE_ROW):
-        wt, bt = tile_columns(w), tile_columns(bias)
-        for k in prange(nblk):
-            short_rows_seamed(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                              var_out, k * R // nblk, (k + 1) * R // nblk)
+        if z.size:
+            for k in prange(nblk):
+                short_rows_fused((x, z), relu, centered, C, B, wt, bt, eps, y, mean_out,
+                                 rstd_out, var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
+        else:
+            for k in prange(nblk):
+                short_rows_fused((x,), relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                                 var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
         return
     if A == 1 and P == 1 and B <= SHORT_ROW:
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
@@ -2189,7 +2219,7 @@ def stream_dx_piece(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
 
 @_jit(fastmath=_ELEMENTWISE)
 def stream_dx_seam(dx, arrays, wt, i, p, first, here, after):
-    """The streamed dx window at i across a row's end (as stream_row_seam): its lanes below
+    """The streamed dx window at i across a row's end (as _streamed_fused_rows): its lanes below
     `first` with the row's (hi, lo, rs, b, cc), `here`, the others with the next row's."""
     _runs_dx_window(dx, i, arrays, p, (wt,), first, here, after)
 

@@ -55,8 +55,9 @@ FLAT_FORWARD = 1 << 22
 # channels-first on maps of up to 8 x 8) repeated per element, so that the normalize pass and
 # the backward's dx pass run over a statistic's cells as one loop rather than a loop of P
 # values per cell, and rows of up to FUSED_ROW values (kernels/cpu.py) go as LayerNorm's rows
-# do (short_rows_fused; in blocks of rows up to SHORT_ROW values with a residual, ReLU or
-# float16): a call per row of 49 values cost more than its arithmetic. The backward's
+# do (short_rows_fused, a residual and ReLU included; float16 and float32 rows under 64 values
+# in blocks of rows up to SHORT_ROW values): a call per row of 49 values cost more than its
+# arithmetic. The backward's
 # sums stay per cell (per-element partials of dbias / dweight cost more than they saved:
 # GroupNorm (8, 512, 7, 7) 74 / 179 us), in one loop over the rows (short_cells_loop). The
 # repeat is a sample's worth of parameters per call, so it pays from SHORT_CELL_SAMPLES samples

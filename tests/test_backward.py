@@ -347,8 +347,8 @@ def test_short_cells_on_rows_match_oracle(norm, shape, groups, dtype, rng):
     """Cells of <= 64 values on the row kernels (parallel / serial), which take the
     parameters repeated per element (InstanceNorm: every dtype; GroupNorm: float32) for the
     normalize and dx passes and keep per-cell sums for dweight / dbias; the forward's rows of
-    <= 512 values go one at a time (short_rows_fused) or, with a residual / ReLU, float16 or
-    under 64 values, in blocks of rows (short_rows_forward), the backward's rows in one loop
+    <= 512 values go one at a time (short_rows_fused, with a residual / ReLU too) or, float16
+    or under 64 values, in blocks of rows (short_rows_forward), the backward's rows in one loop
     (short_cells_loop, which also takes InstanceNorm rows of up to 4096 values without the
     repeat; rows and cells go in pairs, run_sums_pair). Plain (the common call's direct
     path), and with a residual and ReLU (the general path, whose backward takes the per-row

@@ -362,11 +362,13 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
     ("group", (64, 32, 33, 64), -1, np.float32),   # columns fused per sample
     ("batch", (2, 3, 349527), 1, np.float64),      # float64 runs: ReLU alone streams
     ("group", (32, 32, 33, 64), -1, np.float64),
+    ("layer", (65536, 64), -1, np.float32),        # short rows, fused (streamed_fused_rows)
+    ("layer", (16384, 257), -1, np.float64),
 ])
 def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype, monkeypatch):
-    """With a residual, ReLU or both, the BatchNorm runs and the column kernels stream y (the
-    epilogue in the windows; plain stores before the first window boundary of an `out=`
-    3 values past a line): bit for bit the plain loops' y."""
+    """With a residual, ReLU or both, the BatchNorm runs, the column kernels and LayerNorm's
+    short rows stream y (the epilogue in the windows; plain stores before the first window
+    boundary of an `out=` 3 values past a line): bit for bit the plain loops' y."""
     from normcore import _cpu
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape, dtype=dtype)
@@ -377,6 +379,9 @@ def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype
     if norm == "batch":
         def norm_forward(**kw):
             return nc.batch_norm_forward(x, wc, wc - 1, axis=axis, **kw)
+    elif norm == "layer":
+        def norm_forward(**kw):
+            return nc.layer_norm_forward(x, wc, wc - 1, **kw)
     else:
         def norm_forward(**kw):
             return nc.group_norm_forward(x, 8, wc, wc - 1, axis=axis, **kw)
@@ -672,18 +677,21 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
     assert np.array_equal(s1, s2, equal_nan=True)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 3), st.integers(1, cpu.FUSED_ROW),
-       st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15))
+       st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15),
+       st.booleans(), st.booleans())
 def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, centered,
-                                                               offset):
+                                                               offset, relu, residual):
     """short_rows_fused with non-temporal stores (streamed_fused_rows: windows on y's 64-byte
     lines that run across the rows' ends, each row's statistics in its own lanes, plain stores
-    before a block's first line boundary and after its last) writes the plain stores' values
-    bit for bit, `offset` values past a line, and nothing outside y."""
+    before a block's first line boundary and after its last), with a residual and ReLU or
+    without, writes the plain stores' values and statistics bit for bit, `offset` values past
+    a line, and nothing outside y."""
     rng = np.random.default_rng(O * 7919 + C * 613 + B + offset)
     R = O * C
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
+    z = rng.standard_normal(R * B).astype(dtype) if residual else x[:0]
     w = rng.standard_normal(C * B).astype(dtype)
     bias = rng.standard_normal(C * B).astype(dtype)
 
@@ -695,13 +703,15 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
     results = []
     for stream in (True, False):
         buf, start, y, stats = output()
-        cpu.rows_forward(x, x[:0], False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
+        cpu.rows_forward(x, z, relu, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
                          stats[1], stats[2], stream)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         results.append((y, stats))
     (y1, s1), (y2, s2) = results
     assert not np.isnan(y1).any() and np.array_equal(y1, y2)
     assert np.array_equal(s1, s2)
+    if relu:
+        assert (y1 >= 0).all()
     if B >= cpu.LANES:
         # the streamed loop itself, whatever rows_forward routes, on blocks of rows cut
         # anywhere (blocks of one row, blocks from r0 > 0)
@@ -709,9 +719,10 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
         bounds = sorted({0, R, k, min(k + 1, R), *rng.integers(0, R + 1, 2).tolist()})
         buf, start, y3, s3 = output()
         wt, bt = cpu.tile_columns(w), cpu.tile_columns(bias)
+        xz = (x, z) if residual else (x,)
         for r0, r1 in zip(bounds[:-1], bounds[1:]):
-            cpu.short_rows_fused(x, centered, C, B, wt, bt, 1e-5, y3, s3[0], s3[1], s3[2], r0,
-                                 r1, True)
+            cpu.short_rows_fused(xz, relu, centered, C, B, wt, bt, 1e-5, y3, s3[0], s3[1],
+                                 s3[2], r0, r1, True)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         assert np.array_equal(y3, y2) and np.array_equal(s3, s2)
 
