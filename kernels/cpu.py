@@ -1686,11 +1686,7 @@ def _streamed_fused_rows(residual, relu):
     (65536, 128) 1.04-1.07x with caches swept. The windows go in loops of their own
     (elementwise flags, see exact_normalize), as in short_rows_normalize. float32 / float64
     arrays of one dtype."""
-    def formula(b, v, s):
-        # vectors x, (z,) w, bias
-        return _epilogue_formula(_normalize_window_formula, residual, relu)(b, v, s)
-
-    window, seam = _stream_window(formula), _runs_window(formula)
+    window, seam = _row_windows(residual, relu)
 
     def windows(y, x, z, wt, bt, i, end, p, here, ahead):
         raise NotImplementedError
@@ -1784,13 +1780,6 @@ def _streamed_fused_rows(residual, relu):
     return helper
 
 
-# (x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1); z empty
-# without the residual
-streamed_fused_rows = _streamed_fused_rows(False, False)
-streamed_fused_rows_relu = _streamed_fused_rows(False, True)
-streamed_fused_rows_residual = _streamed_fused_rows(True, False)
-streamed_fused_rows_both = _streamed_fused_rows(True, True)
-
 
 def _relu_vector(b, v):
     """max(v, 0) lane by lane, NaN staying NaN (activate's select)."""
@@ -1810,6 +1799,24 @@ def _epilogue_formula(formula, residual, relu):
     return with_epilogue
 
 
+def _row_windows(residual, relu):
+    """The rows' streamed window and the window across a row's end (a _stream_window and a
+    _runs_window): ((x - hi) - lo) * (rs * w) + bias on vectors x, (z,) w, bias, then + z
+    with `residual` and ReLU with `relu`."""
+    if not (residual or relu):
+        return _normalize_window, _runs_normalize_window
+    row = _epilogue_formula(_normalize_window_formula, residual, relu)
+    return _stream_window(row), _runs_window(row)
+
+
+# (x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out, var_out, r0, r1); z empty
+# without the residual
+streamed_fused_rows = _streamed_fused_rows(False, False)
+streamed_fused_rows_relu = _streamed_fused_rows(False, True)
+streamed_fused_rows_residual = _streamed_fused_rows(True, False)
+streamed_fused_rows_both = _streamed_fused_rows(True, True)
+
+
 def _seamed_row(residual, relu):
     """A jit-only helper (x, z, y, wt, bt, C, B, P, r, c, mean, rstd, i, before, first, last)
     -> (i, before): rows_forward's row r (channel c) of B values, A == 1, its statistics
@@ -1827,13 +1834,11 @@ def _seamed_row(residual, relu):
     alone from LONG_ROW bytes (prefetch_l2; cells, which read no weight per element,
     measured 0.94-0.95x that way on GroupNorm (32, 64, 56, 56), rows of 25 KiB). float32 /
     float64 arrays of one dtype."""
+    row_window, row_seam = _row_windows(residual, relu)
     if residual or relu:
-        row = _epilogue_formula(_normalize_window_formula, residual, relu)
-        row_window, row_seam = _stream_window(row), _runs_window(row)
         cell = _epilogue_formula(_affine_window_formula, residual, relu)
         cell_window, cell_seam = _stream_window(cell), _runs_window(cell)
     else:
-        row_window, row_seam = _normalize_window, _runs_normalize_window
         cell_window, cell_seam = _affine_window, _runs_affine_window
 
     def helper(x, z, y, wt, bt, C, B, P, r, c, mean, rstd, i, before, first, last):
