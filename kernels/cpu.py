@@ -1953,11 +1953,11 @@ def stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd, i, befor
 
 
 @_jit()
-def short_rows_fused(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
-                     r1, stream):
+def short_rows_fused(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                     r0, r1, stream):
     """rows_forward's rows of up to FUSED_ROW values with a weight per element, one row at a
-    time: its statistics and at once its normalization; xz: (x,) or (x, z), the residual;
-    ReLU last when `relu`.
+    time: its statistics and at once its normalization; z: the residual, or empty; ReLU last
+    when `relu`.
     Reading the next row while the last one is written kept memory busier than a block's
     reads and then its writes (bench/ab.py against the blocks, float32 / float64): LayerNorm
     (65536, 128) forward 1.15 / 1.05-1.14x, (16384, 64) 1.40 / 1.33x, (65536, 100) 1.31x;
@@ -1972,11 +1972,10 @@ def short_rows_fused(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_o
     (16384, 256) 1.54x, (131072, 64) 1.31x. A call of stream_normalize per row instead, its
     plain head and tail on each row's partial lines, ran 0.68x on rows of 128 16 bytes off
     a line, 0.86x on float64 rows of 128 aligned."""
-    x, z = xz[0], xz[-1][:0] if len(xz) == 1 else xz[-1]
-    if stream and len(xz) == 2 and relu:
+    if stream and z.size and relu:
         streamed_fused_rows_both(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                  var_out, r0, r1)
-    elif stream and len(xz) == 2:
+    elif stream and z.size:
         streamed_fused_rows_residual(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                      var_out, r0, r1)
     elif stream and relu:
@@ -1985,8 +1984,11 @@ def short_rows_fused(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_o
     elif stream:
         streamed_fused_rows(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
                             r0, r1)
+    elif z.size:
+        fused_rows((x, z), relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                   r0, r1)
     else:
-        fused_rows(xz, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
+        fused_rows((x,), relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
                    r1)
 
 
@@ -2050,14 +2052,9 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     if fused and (B <= SHORT_ROW or B <= FUSED_ROW and not relu and not z.size):
         wt = tile_columns(w) if streamed else w
         bt = tile_columns(bias) if streamed else bias
-        if z.size:
-            for k in prange(nblk):
-                short_rows_fused((x, z), relu, centered, C, B, wt, bt, eps, y, mean_out,
-                                 rstd_out, var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
-        else:
-            for k in prange(nblk):
-                short_rows_fused((x,), relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                                 var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
+        for k in prange(nblk):
+            short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                             var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
         return
     if A == 1 and P == 1 and B <= SHORT_ROW:
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)

@@ -720,9 +720,8 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
         bounds = sorted({0, R, k, min(k + 1, R), *rng.integers(0, R + 1, 2).tolist()})
         buf, start, y3, s3 = output()
         wt, bt = cpu.tile_columns(w), cpu.tile_columns(bias)
-        xz = (x, z) if residual else (x,)
         for r0, r1 in zip(bounds[:-1], bounds[1:]):
-            cpu.short_rows_fused(xz, relu, centered, C, B, wt, bt, 1e-5, y3, s3[0], s3[1],
+            cpu.short_rows_fused(x, z, relu, centered, C, B, wt, bt, 1e-5, y3, s3[0], s3[1],
                                  s3[2], r0, r1, True)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         assert np.array_equal(y3, y2) and np.array_equal(s3, s2)
