@@ -9,7 +9,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import normcore as nc
@@ -681,6 +681,11 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
 @given(st.integers(1, 40), st.integers(1, 3), st.integers(1, cpu.FUSED_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 15),
        st.booleans(), st.booleans())
+# rows that end on a window boundary (their last window goes through the seam's code too)
+@example(3, 2, 128, np.float32, True, 0, False, False)
+@example(2, 3, 64, np.float32, False, 0, True, True)
+@example(2, 2, 64, np.float64, True, 0, True, False)
+@example(2, 2, 16, np.float64, True, 0, False, True)
 def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, centered,
                                                                offset, relu, residual):
     """short_rows_fused with non-temporal stores (streamed_fused_rows: windows on y's 64-byte
