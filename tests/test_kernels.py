@@ -357,7 +357,8 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
 
 
 @pytest.mark.parametrize("norm, shape, axis, dtype", [
-    ("batch", (4, 3, 349527), 1, np.float32),      # flat: runs of one cell (affine_run)
+    ("batch", (4, 3, 349527), 1, np.float32),      # flat: runs of one cell (affine_runs)
+    ("batch", (128, 173, 14, 14), 1, np.float32),  # flat: windows across runs of 196
     ("batch", (16, 37, 113, 64), -1, np.float32),  # columns in chunks of rows
     ("group", (64, 32, 33, 64), -1, np.float32),   # columns fused per sample
     ("batch", (2, 3, 349527), 1, np.float64),      # float64 runs: ReLU alone streams
