@@ -761,6 +761,61 @@ def dz_run(dys, ys, relu, dzs):
 # y under a test: the ReLU loops read it always (relu_dy), the others never.
 
 
+def _window_loop(stream_window):
+    """A jit-only helper (ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0) -> the
+    index after the last window: stream_window(ys, j, arrays, p + j - i, columns, scalars)
+    for the windows from i (a window boundary of ys) while they end by `end`, each
+    prefetching the arrays of the tuple `lead` `ahead` values on when ahead > 0.
+
+    The windows go up the addresses, but in pairs, the upper one first, where ys starts 1 to
+    2 windows' bytes past arrays[0] modulo 4 KiB. There a window's non-temporal store
+    overlaps, in the address bits a load is first matched on, the lines the next window reads,
+    and on the AMD EPYC (Zen) of session 27 each such load waited for the store: BatchNorm /
+    InstanceNorm (32, 64, 56, 56) backward into dx 16-48 bytes past x took 1.4-1.6x as long,
+    LayerNorm (8192, 1024) forward 1.3x. The pair's lower window stores after both read.
+    Always in pairs, the outputs just before x (NumPy's 16-byte-aligned inputs, the output
+    cache's page-aligned blocks) lost 10%: their stores overlap the lower window's loads."""
+
+    def helper(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
+        raise NotImplementedError
+
+    L = stream_window.lanes
+
+    # inlined in Numba's IR: called, LayerNorm (8192, 1024) backward lost 4-9% (two A/Bs)
+    @overload(helper, inline="always", jit_options={"fastmath": _ELEMENTWISE})
+    def _helper(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
+        W = ys.dtype.bitwidth // 8 * L
+
+        def impl(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
+            past = (np.int64(ys.ctypes.data % 4096)
+                    - np.int64(arrays[0].ctypes.data % 4096)) % 4096
+            if 0 < past < 2 * W:
+                while i + 2 * L <= end:
+                    if ahead:
+                        prefetch(lead, i + ahead)
+                        prefetch(lead, i + L + ahead)
+                    stream_window(ys, i + L, arrays, p + L, columns, scalars)
+                    stream_window(ys, i, arrays, p, columns, scalars)
+                    i += 2 * L
+                    p += 2 * L
+            if ahead:   # a loop of its own: the test inside the one loop below cost LayerNorm
+                # (8192, 1024) forward and BatchNorm NCHW backward 0.88-0.89x (one A/B)
+                while i + L <= end:
+                    prefetch(lead, i + ahead)
+                    stream_window(ys, i, arrays, p, columns, scalars)
+                    i += L
+                    p += L
+            while i + L <= end:
+                stream_window(ys, i, arrays, p, columns, scalars)
+                i += L
+                p += L
+            return i
+
+        return impl
+
+    return helper
+
+
 def _streaming(stream_window, element):
     """A jit-only helper (ys, arrays, scalars, lead=(), ahead=0) -> bool that writes ys[j] =
     element(j, arrays, scalars) for every j with non-temporal stores: a scalar head up to a
@@ -775,6 +830,7 @@ def _streaming(stream_window, element):
         raise NotImplementedError
 
     L = stream_window.lanes
+    windows = _window_loop(stream_window)
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, scalars, lead=(), ahead=0):
@@ -787,16 +843,7 @@ def _streaming(stream_window, element):
             head = min(n, (-ys.ctypes.data) % (E * L) // E)
             for j in range(head):
                 ys[j] = element(j, arrays, scalars)
-            i = head
-            if ahead:   # a loop of its own: the test inside the one loop below cost LayerNorm
-                # (8192, 1024) forward and BatchNorm NCHW backward 0.88-0.89x (one A/B)
-                while i + L <= n:
-                    prefetch(lead, i + ahead)
-                    stream_window(ys, i, arrays, i, (), scalars)
-                    i += L
-            while i + L <= n:
-                stream_window(ys, i, arrays, i, (), scalars)
-                i += L
+            i = windows(ys, head, n, arrays, head, (), scalars, lead, ahead)
             for j in range(i, n):
                 ys[j] = element(j, arrays, scalars)
             return True
@@ -993,6 +1040,7 @@ def _streaming_runs(runs_window, window, element):
 
     L = runs_window.lanes
     assert window.lanes == L
+    windows = _window_loop(window)
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, B, b, c, C, coefficients):
@@ -1013,8 +1061,7 @@ def _streaming_runs(runs_window, window, element):
                     step = 1
                 elif b + L <= B:                # the whole windows inside run c
                     step = min(B - b, n - i) // L * L
-                    for j in range(i, i + step, L):
-                        window(ys, j, arrays, 0, (), here)
+                    windows(ys, i, i + step, arrays, 0, (), here)
                 else:                           # the window across run c's end
                     c1 = c + 1 if c + 1 < C else 0
                     runs_window(ys, i, arrays, 0, (), B - b, here, tuple_of(coefficients, c1))
@@ -1700,6 +1747,7 @@ def _streamed_fused_rows(residual, relu):
     (elementwise flags, see exact_normalize), as in short_rows_normalize. float32 / float64
     arrays of one dtype."""
     window, seam = _row_windows(residual, relu)
+    window_loop = _window_loop(window)
 
     def windows(y, x, z, wt, bt, i, end, p, here, ahead):
         raise NotImplementedError
@@ -1710,17 +1758,7 @@ def _streamed_fused_rows(residual, relu):
         # the next window starts. ahead > 0: each window prefetches that many values on.
         def impl(y, x, z, wt, bt, i, end, p, here, ahead):
             xz = (x, z) if residual else (x,)
-            if ahead:
-                while i + LANES <= end:
-                    prefetch(xz, i + ahead)
-                    window(y, i, xz, p, (wt, bt), here)
-                    i += LANES
-                    p += LANES
-            while i + LANES <= end:
-                window(y, i, xz, p, (wt, bt), here)
-                i += LANES
-                p += LANES
-            return i
+            return window_loop(y, i, end, xz, p, (wt, bt), here, xz, ahead)
 
         return impl
 
@@ -2247,22 +2285,15 @@ def dx_piece(dx, arrays, j0, j1, wt, p, hi, lo, rs, b, cc):
         dx[j0 + j] = _dx1(j, pieces, (hi, lo, rs, b, cc))
 
 
+_dx_windows = _window_loop(_dx_window)
+
+
 @_jit(fastmath=_ELEMENTWISE)
 def stream_dx_piece(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
     """dx_piece's values streamed, DX_LANES at a time from the flat index i (on a window
     boundary of dx) while the windows end by `end`; returns where the next one starts.
     ahead > 0: each window prefetches the arrays that many values on."""
-    if ahead:
-        while i + DX_LANES <= end:
-            prefetch(arrays, i + ahead)
-            _dx_window(dx, i, arrays, p, (wt,), (hi, lo, rs, b, cc))
-            i += DX_LANES
-            p += DX_LANES
-    while i + DX_LANES <= end:
-        _dx_window(dx, i, arrays, p, (wt,), (hi, lo, rs, b, cc))
-        i += DX_LANES
-        p += DX_LANES
-    return i
+    return _dx_windows(dx, i, end, arrays, p, (wt,), (hi, lo, rs, b, cc), arrays, ahead)
 
 
 @_jit(fastmath=_ELEMENTWISE)
