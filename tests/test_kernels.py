@@ -238,6 +238,15 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
             assert any(name in sig for sig in signatures), (kernel_name, signatures)
 
 
+def _streamed_and_plain(run, monkeypatch):
+    """run()'s results with the outputs streamed where they may be, then with plain stores
+    only (STREAM_MIN out of reach)."""
+    from normcore import _cpu
+    streamed = run()
+    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
+    return streamed, run()
+
+
 def _aligned_empty(like):
     """An empty array like `like` whose data start on a 64-byte boundary."""
     raw = np.empty(like.nbytes + 64, np.uint8)
@@ -301,9 +310,7 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, dtype, monkeypatch
                                      training=False, axis=axis))
         return out
 
-    streamed = run()
-    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
-    plain = run()
+    streamed, plain = _streamed_and_plain(run, monkeypatch)
     for got, want in zip(streamed, plain):
         _assert_equal_up_to_contraction(got, want)
 
@@ -346,9 +353,7 @@ def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, past, 
         bwd(dy, x, f.mean, f.rstd, w, axis=axis, dx_out=dx)
         return y, dx
 
-    streamed = run()
-    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
-    plain = run()
+    streamed, plain = _streamed_and_plain(run, monkeypatch)
     for got, want in zip(streamed, plain):
         _assert_equal_up_to_contraction(got, want)
 
@@ -403,9 +408,7 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
         both = bwd(f, activation="relu", y=f.y, residual=True)
         return [masked.dx, both.dx, both.dresidual]
 
-    streamed = run()
-    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
-    plain = run()
+    streamed, plain = _streamed_and_plain(run, monkeypatch)
     for got, want in zip(streamed, plain):
         assert np.array_equal(got, want)
     assert np.array_equal(plain[2], np.where(f.y > 0, dy, 0))
@@ -451,9 +454,7 @@ def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype
     def run():
         return [fwd(activation="relu"), fwd(residual=z), fwd(activation="relu", residual=z)]
 
-    streamed = run()
-    monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
-    plain = run()
+    streamed, plain = _streamed_and_plain(run, monkeypatch)
     for got, want in zip(streamed, plain):
         assert np.array_equal(got, want)
     assert (plain[0] == 0).any() and (plain[2] == 0).any()
