@@ -5,6 +5,7 @@ import numba
 
 from ._dtypes import stats_dtype
 from ._plan import plan_moments
+from ._norms import _flat
 from ._validate import check_input
 
 
@@ -41,5 +42,5 @@ def moments64(be, x, axis):
     if x.size == 0:
         return plan, None, None
     xs = x.transpose(perm) if perm is not None else x
-    mean, var = be.ops.moments(plan, be.xp.ascontiguousarray(xs).reshape(-1))
+    mean, var = be.ops.moments(plan, _flat(be, xs))
     return plan, mean, var

@@ -27,7 +27,7 @@ from . import _outputs, _small
 from ._dtypes import stats_dtype
 from ._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm)
 from ._validate import (check_eps, check_input, check_like_x, check_momentum, check_out,
-                        check_param, check_running)
+                        check_param, check_running, writable)
 
 _F64 = np.dtype(np.float64)
 
@@ -74,15 +74,20 @@ def _empty(be, x):
 
 
 def _flat(be, x):
-    if type(x) is np.ndarray and x.flags.c_contiguous:   # without ascontiguousarray's 0.3 us
-        return x.reshape(-1)
+    if type(x) is np.ndarray:           # without ascontiguousarray's 0.3 us
+        flags = x.flags
+        if flags.carray:                # C-contiguous, aligned and writable
+            return x.reshape(-1)
+        if flags.c_contiguous:
+            return writable(x).reshape(-1)
     if _cached(be, x):
         # the contiguous copy of a large strided input lives for the call only: from the
         # output cache, it is not page-faulted in afresh every call
         copy = _outputs.empty(x.shape, x.dtype)
         np.copyto(copy, x)
         return copy.reshape(-1)
-    return be.xp.ascontiguousarray(x).reshape(-1)
+    flat = be.xp.ascontiguousarray(x).reshape(-1)    # a view of a read-only np.memmap stays so
+    return writable(flat) if be.name == "cpu" else flat
 
 
 def _output(be, out, x):

@@ -23,7 +23,7 @@ from . import _cpu, _outputs
 from ._cpu import _EMPTY, _EMPTY64
 from ._dtypes import CPU_DTYPES, stats_dtype
 from ._plan import plan_batch_norm, plan_group_norm, plan_instance_norm, plan_layer_norm
-from ._validate import plain_eps, plain_momentum
+from ._validate import plain_eps, plain_momentum, writable
 from .kernels import cpu as K
 
 _U16 = np.dtype(np.uint16)
@@ -129,9 +129,12 @@ def _constant(sig, name):
 def _param(arr, sig):
     """weight / bias as the kernels take it (a contiguous vector in the compute dtype), or None
     when the general path must check it."""
-    if not (type(arr) is np.ndarray and arr.shape == sig.param_shape
-            and arr.flags.c_contiguous):
+    if not (type(arr) is np.ndarray and arr.shape == sig.param_shape):
         return None
+    if not arr.flags.carray:
+        arr = _contiguous(arr)
+        if arr is None:
+            return None
     if arr.dtype is not sig.compute:
         if arr.dtype.kind != "f":
             return None
@@ -142,8 +145,12 @@ def _param(arr, sig):
 def _stat(arr, sig):
     """A saved statistic as the row backward reads it as is (the compute dtype), or None."""
     if not (type(arr) is np.ndarray and arr.dtype is sig.compute
-            and arr.shape == sig.stats_shape and arr.flags.c_contiguous):
+            and arr.shape == sig.stats_shape):
         return None
+    if not arr.flags.carray:
+        arr = _contiguous(arr)
+        if arr is None:
+            return None
     return arr if sig.flat_stats else arr.ravel()
 
 
@@ -170,9 +177,11 @@ def _running(running_mean, running_var, sig, update):
     if not (_cpu.updatable(*pair) if update else _cpu.kernel_vectors(*pair)):
         return None
     for r in pair:
-        if r.shape != sig.param_shape or (update and not r.flags.writeable):
+        if r.shape != sig.param_shape:
             return None
-    return pair
+    if running_mean.flags.writeable and running_var.flags.writeable:
+        return pair
+    return None if update else (writable(running_mean), writable(running_var))
 
 
 def _shaped(sig, y, mean, rstd):
@@ -201,14 +210,23 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
     return mean, rstd, (var if want_var else None)
 
 
+def _contiguous(a):
+    """A C-contiguous NumPy array as the kernels take it (a writable alias of a read-only one:
+    normcore._validate.writable), or None. Called where a.flags.carray (C-contiguous, aligned
+    and writable: one attribute, as cheap as c_contiguous) is false."""
+    return writable(a) if a.flags.c_contiguous else None
+
+
 def _operands(sig, x, weight, bias, out):
-    """(w, b, y) as the kernels take them for a C-contiguous x, or None."""
-    if not x.flags.c_contiguous:
-        return None
+    """(x, w, b, y) as the kernels take them for a C-contiguous x, or None."""
+    if not x.flags.carray:
+        x = _contiguous(x)
+        if x is None:
+            return None
     w = _constant(sig, "ones") if weight is None else _param(weight, sig)
     b = _constant(sig, "zeros") if bias is None else _param(bias, sig)
     y = _output(out, sig)
-    return None if w is None or b is None or y is None else (w, b, y)
+    return None if w is None or b is None or y is None else (x, w, b, y)
 
 
 def _forward(sig, x, weight, bias, eps, out, centered=True):
@@ -216,7 +234,7 @@ def _forward(sig, x, weight, bias, eps, out, centered=True):
     operands = None if sig is None or eps is None else _operands(sig, x, weight, bias, out)
     if operands is None:
         return None
-    w, b, y = operands
+    x, w, b, y = operands
     mean, rstd, _ = _statistics(sig, x, y, w, b, eps, centered)
     return _shaped(sig, y, mean, rstd)
 
@@ -231,7 +249,7 @@ def _forward_with_running(sig, x, weight, bias, running_mean, running_var, batch
     operands = _operands(sig, x, weight, bias, out)
     if operands is None:
         return None
-    w, b, y = operands
+    x, w, b, y = operands
     plan = sig.plan
     if running_mean is None and running_var is None and batch_stats:
         old = None
@@ -271,8 +289,13 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
     """(dx, dweight, dbias) of a common call whose saved statistics have the dtype the forward
     gave them, or None."""
     if (sig is None or type(frozen) is not bool or type(dy) is not np.ndarray
-            or dy.dtype is not x.dtype or dy.shape != x.shape
-            or not (x.flags.c_contiguous and dy.flags.c_contiguous)):
+            or dy.dtype is not x.dtype or dy.shape != x.shape):
+        return None
+    if not x.flags.carray:
+        x = _contiguous(x)
+    if not dy.flags.carray:
+        dy = _contiguous(dy)
+    if x is None or dy is None:
         return None
     mean = _stat(mean, sig) if centered else _constant(sig, "zero_stats")
     rstd = _stat(rstd, sig)

@@ -66,6 +66,28 @@ def check_momentum(momentum):
 _F64 = np.dtype(np.float64)
 
 
+class _Alias:
+    """An __array_interface__ over a read-only NumPy array's memory that says it is writable;
+    holds the array, so that the alias keeps it alive."""
+
+    __slots__ = ("__array_interface__", "base")
+
+    def __init__(self, a):
+        face = dict(a.__array_interface__)
+        face["data"] = (face["data"][0], False)
+        self.__array_interface__, self.base = face, a
+
+
+def writable(a):
+    """A NumPy array as the CPU kernels take it: `a` itself, or where NumPy marks it read-only,
+    a writable alias of its memory (the kernels only read it). Numba types a read-only array
+    apart from a writable one and compiles every kernel afresh for it: a read-only x cost a
+    BatchNorm forward 10 s of compilation on a machine where the writable one was cached."""
+    if a.flags.writeable:
+        return a
+    return np.asarray(_Alias(a)) if a.size else np.empty_like(a)
+
+
 def check_param(name, arr, shape, be, x, context, dtype=_F64):
     """weight / bias / statistics: None or a floating array of `shape` (a tuple) like x;
     returns it as a contiguous float64 vector (or None); NumPy arrays in `dtype` instead when
@@ -73,8 +95,9 @@ def check_param(name, arr, shape, be, x, context, dtype=_F64):
     if arr is None:
         return None
     if (type(arr) is np.ndarray and arr.shape == shape and arr.ndim == 1
-            and be.array_type is np.ndarray and arr.flags.c_contiguous):
-        # the common cases: every check below passes; nothing to convert, or a conversion
+            and be.array_type is np.ndarray and arr.flags.carray):
+        # the common cases (carray: C-contiguous, aligned, writable): every check below passes;
+        # nothing to convert, or a conversion
         if arr.dtype is dtype:
             return arr
         if arr.dtype.kind == "f":
@@ -89,7 +112,7 @@ def check_param(name, arr, shape, be, x, context, dtype=_F64):
     vec = arr.astype(dtype, copy=False)      # per call: no copy when it has that dtype
     if vec.ndim != 1 or not vec.flags.c_contiguous:
         vec = np.ascontiguousarray(vec).reshape(-1)
-    return vec
+    return writable(vec)
 
 
 def _writable(arr):

@@ -7,6 +7,7 @@ from helpers import (
     LAYOUTS,
     assert_close,
     check_forward,
+    nc_backward,
     nc_dropin,
     nc_forward,
     param_shape,
@@ -442,3 +443,79 @@ def test_moments_correction_changes_var(rng):
     _, v0 = nc.moments(x)
     _, v1 = nc.moments(x, correction=1)
     assert_close(np.asarray(v1), np.asarray(v0) * 10 / 9, dtype=np.float64, n=10)
+
+
+def _kernel_signatures():
+    """How many specializations each CPU kernel (and its serial twin) has compiled."""
+    from normcore.kernels import cpu as K
+    counts = {}
+    for name in dir(K):
+        for key, kernel in ((name, getattr(K, name)), (name + ".serial",
+                                                       getattr(getattr(K, name), "serial", None))):
+            if hasattr(kernel, "signatures"):
+                counts[key] = len(kernel.signatures)
+    return counts
+
+
+def _read_only(*arrays):
+    copies = tuple(np.array(a) for a in arrays)
+    for a in copies:
+        a.flags.writeable = False
+    return copies
+
+
+@pytest.mark.parametrize("norm", ("batch", "batch_eval", "instance", "group", "layer"))
+@pytest.mark.parametrize("shape", [(4, 8, 6, 6), (8, 32, 40, 40)], ids=("small", "large"))
+def test_read_only_inputs_use_the_writable_inputs_kernels(norm, shape, rng):
+    """Numba types a read-only array apart from a writable one: read-only x, dy, weight, bias,
+    saved and running statistics reach the kernels compiled for writable ones (no compilation),
+    with results bit-equal to a writable call's, and stay unmodified."""
+    x = _x(rng, shape, np.float32)
+    name = "batch" if norm == "batch_eval" else norm
+    kw = {"axis": -1} if norm == "layer" else _channel_kw(name, shape, 1)
+    w, b = _params(rng, param_shape(name, shape, kw.get("axis", 1)), np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    if norm == "batch_eval":
+        running = (rng.random(shape[1]).astype(np.float32),
+                   rng.random(shape[1]).astype(np.float32) + 0.5)
+        kw.update(running_mean=running[0], running_var=running[1], training=False)
+
+    def both(x, w, b, dy, kw):
+        y, mean, rstd = nc_forward(name, x, w, b, **dict(kw))[:3]
+        back_kw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
+        return (y, mean, rstd) + tuple(nc_backward(name, dy, x, mean, rstd, w, **back_kw))
+
+    want = both(x, w, b, dy, kw)
+    compiled = _kernel_signatures()
+    ro_kw = dict(kw)
+    if norm == "batch_eval":
+        ro_kw["running_mean"], ro_kw["running_var"] = _read_only(*running)
+    ro = _read_only(x, w, b, dy)
+    got = both(*ro, ro_kw)
+    assert _kernel_signatures() == compiled, "a read-only input compiled new specializations"
+    for g, e in zip(got, want):
+        assert np.array_equal(g, e)
+    for a, e in zip(ro, (x, w, b, dy)):
+        assert not a.flags.writeable and np.array_equal(a, e)
+    # the saved statistics read-only too
+    mean, rstd = _read_only(*want[1:3])
+    back_kw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
+    got = nc_backward(name, dy, x, mean, rstd, w, **back_kw)
+    assert _kernel_signatures() == compiled
+    for g, e in zip(got, want[3:]):
+        assert np.array_equal(g, e)
+
+
+def test_read_only_memmap_uses_the_writable_inputs_kernels(tmp_path, rng):
+    """np.memmap(mode='r') is an ndarray subclass whose contiguous view stays read-only."""
+    x = _x(rng, (6, 5, 7), np.float64)
+    path = tmp_path / "x.bin"
+    x.tofile(path)
+    mapped = np.memmap(path, np.float64, mode="r", shape=x.shape)
+    for call in (lambda a: nc.moments(a, (0, 2)), lambda a: nc.batch_norm_forward(a)):
+        want = call(x)[:3]
+        compiled = _kernel_signatures()
+        got = call(mapped)[:3]
+        assert _kernel_signatures() == compiled
+        for g, e in zip(got, want):
+            assert np.array_equal(np.asarray(g), np.asarray(e))
