@@ -10,13 +10,13 @@ def test_kernels_import_and_run_without_a_cache_locator(tmp_path):
         import numba.core.caching as caching
         # every locator refuses, as when no cache directory is writable
         caching.CacheImpl._locator_classes = []
-        import numpy as np
-        import normcore as nc
+        import normcore
         from normcore.kernels import cpu
-        x = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
-        y = nc.layer_norm(x)
-        assert np.allclose(y.mean(-1), 0) and np.allclose(y.std(-1), 1, atol=1e-5)
-        assert not cpu.rows_forward._cache.__class__.__name__.endswith("FunctionCache")
+        # every kernel went through the same fallback at import; a small one compiles and
+        # runs uncached (a norm's kernels took a minute to compile on a slow CI machine)
+        assert cpu.chan_merge(2.0, 1.0, 0.5, 2.0, 3.0, 0.5) == (4.0, 2.0, 5.0)
+        for kernel in (cpu.rows_forward, cpu.chan_merge):
+            assert not kernel._cache.__class__.__name__.endswith("FunctionCache")
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
