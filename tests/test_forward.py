@@ -458,10 +458,7 @@ def _kernel_signatures():
 
 
 def _read_only(*arrays):
-    copies = tuple(np.array(a) for a in arrays)
-    for a in copies:
-        a.flags.writeable = False
-    return copies
+    return tuple(with_layout(a, "readonly") for a in arrays)
 
 
 @pytest.mark.parametrize("norm", ("batch", "batch_eval", "instance", "group", "layer"))
@@ -479,10 +476,10 @@ def test_read_only_inputs_use_the_writable_inputs_kernels(norm, shape, rng):
         running = (rng.random(shape[1]).astype(np.float32),
                    rng.random(shape[1]).astype(np.float32) + 0.5)
         kw.update(running_mean=running[0], running_var=running[1], training=False)
+    back_kw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
 
     def both(x, w, b, dy, kw):
         y, mean, rstd = nc_forward(name, x, w, b, **dict(kw))[:3]
-        back_kw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
         return (y, mean, rstd) + tuple(nc_backward(name, dy, x, mean, rstd, w, **back_kw))
 
     want = both(x, w, b, dy, kw)
@@ -499,7 +496,6 @@ def test_read_only_inputs_use_the_writable_inputs_kernels(norm, shape, rng):
         assert not a.flags.writeable and np.array_equal(a, e)
     # the saved statistics read-only too
     mean, rstd = _read_only(*want[1:3])
-    back_kw = {k: v for k, v in kw.items() if k not in ("running_mean", "running_var")}
     got = nc_backward(name, dy, x, mean, rstd, w, **back_kw)
     assert _kernel_signatures() == compiled
     for g, e in zip(got, want[3:]):
