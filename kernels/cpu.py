@@ -2134,48 +2134,75 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     streamed = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
     # rows of up to FUSED_ROW values, or SHORT_ROW with a residual or ReLU
     if fused and (B <= SHORT_ROW or B <= FUSED_ROW and not relu and not z.size):
-        wt = tile_columns(w) if streamed else w
-        bt = tile_columns(bias) if streamed else bias
-        for k in prange(nblk):
-            short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                             var_out, k * R // nblk, (k + 1) * R // nblk, streamed)
-        return
-    if A == 1 and P == 1 and B <= SHORT_ROW:
+        path = 0
+        stream = streamed
+        seamed = False
+        tile = streamed
+    elif A == 1 and P == 1 and B <= SHORT_ROW:
+        path = 1
         stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
-        for k in prange(nblk):
-            short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
-                               var_out, k * R // nblk, (k + 1) * R // nblk, stream)
-        return
-    # contiguous rows streamed across their ends (stream_seamed_row)
-    seamed = streamed and A == 1 and x.itemsize >= 4 and (P == 1 or P >= STREAM_RUN)
-    wt = tile_columns(w) if seamed and P == 1 else w
-    bt = tile_columns(bias) if seamed and P == 1 else bias
+        seamed = False
+        tile = False
+    else:
+        path = 2
+        # contiguous rows streamed across their ends (stream_seamed_row)
+        seamed = streamed and A == 1 and x.itemsize >= 4 and (P == 1 or P >= STREAM_RUN)
+        tile = seamed and P == 1
+    wt = tile_columns(w) if tile else w
+    bt = tile_columns(bias) if tile else bias
     for k in prange(nblk):
-        r0 = k * R // nblk
-        r1 = (k + 1) * R // nblk
-        o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
-        i = window_above(y, r0 * B, LANES)
-        h0, l0 = split(0.0, x)
-        before = (h0, l0, narrow(0.0, x))
-        for r in range(r0, r1):
-            n, mean, m2 = stat_moments(x, o, c, A, C, B)
-            mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
-            if seamed:
-                i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd,
-                                              i, before, r == r0, r == r1 - 1)
-            # the next statistic's runs follow this one's by B values, except from the last
-            # channel of an o with A > 1
-            ahead = B if A == 1 or c + 1 < C else 0
-            for a in range(0 if seamed else A):
-                lo = ((o * A + a) * C + c) * B
-                zs = z[lo:lo + B] if z.size else z
-                normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
-                              P, stream, ahead)
-            c += 1
-            if c == C:
-                o, c = o + 1, 0
-        if stream:
-            sfence()
+        rows_forward_blocks(x, z, relu, centered, O, A, C, B, P, w, bias, wt, bt, eps, y,
+                            mean_out, rstd_out, var_out, path, stream, seamed, k * R // nblk,
+                            (k + 1) * R // nblk)
+
+
+@_jit(inline="always")
+def rows_forward_blocks(x, z, relu, centered, O, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
+                        rstd_out, var_out, path, stream, seamed, r0, r1):
+    """rows_forward's statistics [r0, r1) on its path: one call, so that the parallel kernel
+    and its serial twin share the compiled paths (a prange per path, each compiled into a
+    gufunc of its own, and the paths' copies in the serial twin cost compile time, not run
+    time: LayerNorm (256, 1024) float32's first call 119 -> ~95 s, its serial twin's then
+    ~7 s instead of ~70 s on a 2-core AMD EPYC)."""
+    if path == 0:
+        short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                         var_out, r0, r1, stream)
+    elif path == 1:
+        short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                           var_out, r0, r1, stream)
+    else:
+        rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
+                          rstd_out, var_out, seamed, stream, r0, r1)
+
+
+@_jit()
+def rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
+                      rstd_out, var_out, seamed, stream, r0, r1):
+    """rows_forward's rows of any length, [r0, r1): the statistic's moments, then its runs
+    normalized (streamed across the rows' ends when `seamed`)."""
+    o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
+    i = window_above(y, r0 * B, LANES)
+    h0, l0 = split(0.0, x)
+    before = (h0, l0, narrow(0.0, x))
+    for r in range(r0, r1):
+        n, mean, m2 = stat_moments(x, o, c, A, C, B)
+        mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
+        if seamed:
+            i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd,
+                                          i, before, r == r0, r == r1 - 1)
+        # the next statistic's runs follow this one's by B values, except from the last
+        # channel of an o with A > 1
+        ahead = B if A == 1 or c + 1 < C else 0
+        for a in range(0 if seamed else A):
+            lo = ((o * A + a) * C + c) * B
+            zs = z[lo:lo + B] if z.size else z
+            normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
+                          P, stream, ahead)
+        c += 1
+        if c == C:
+            o, c = o + 1, 0
+    if stream:
+        sfence()
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2615,32 +2642,40 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
+    wt = w_dx
     if A == 1 and C == 1 and P == 1 and B <= FUSED_ROW:
+        path = 0
         # float32 / float64 (the windows' types), rows of a line or more
         stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
                   and streamable_dz(dx, dz, relu))
         wt = tile_columns(w, DX_LANES) if stream else w
-        for k in prange(nblk):
-            short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
-                                dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
-                                (k + 1) * R // nblk, stream)
-        return
-    if (A == 1 and P > 1 and not relu and not dz.size
+    elif (A == 1 and P > 1 and not relu and not dz.size
             and (w_dx.size == C * B or P == B <= ROW_CELL)):
-        for k in prange(nblk):
-            short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                             dbias_part[k], dweight_part[k], dx, stream, k * R // nblk,
-                             (k + 1) * R // nblk)
-        return
+        path = 1
+    else:
+        path = 2
     for k in prange(nblk):
-        r0 = k * R // nblk
-        r1 = (k + 1) * R // nblk
-        if relu:    # a constant for the helpers (see short_rows_backward)
-            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
-                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
-        else:
-            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
-                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0, r1)
+        rows_backward_blocks(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, wt, frozen,
+                             centered, dbias_part[k], dweight_part[k], dx, dz, stream, path,
+                             k * R // nblk, (k + 1) * R // nblk)
+
+
+@_jit(inline="always")
+def rows_backward_blocks(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, wt, frozen, centered,
+                         dbias_part, dweight_part, dx, dz, stream, path, r0, r1):
+    """rows_backward's statistics [r0, r1) on its path (see rows_forward_blocks)."""
+    if path == 0:
+        short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
+                            dbias_part, dweight_part, dx, dz, r0, r1, stream)
+    elif path == 1:
+        short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, dbias_part,
+                         dweight_part, dx, stream, r0, r1)
+    elif relu:    # a constant for the helpers (see short_rows_backward)
+        rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                            dbias_part, dweight_part, dx, dz, stream, r0, r1)
+    else:
+        rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                            dbias_part, dweight_part, dx, dz, stream, r0, r1)
 
 
 @_jit()
