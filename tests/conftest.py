@@ -4,6 +4,7 @@ reference in oracle.py."""
 import os
 import zlib
 
+import compile_share
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,3 +21,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "normcore"))
 def rng(request):
     """A NumPy generator seeded from the test's name: reproducible, different per test."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _share_compilation():
+    """See compile_share: under xdist, the workers take turns compiling a kernel, and the
+    second starts on the backward kernels."""
+    if compile_share.install() and os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+        compile_share.warm_up()
