@@ -1,6 +1,6 @@
 """The bench harness's own logic (bench/run.py, bench/report.py), without timing anything
 that matters: --cold's sweep and case selection, measure's per-call hook, and the README
-table's cold section, built from made-up results."""
+tables (the cold section, bench/first_call.py's), built from made-up results."""
 import sys
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import cases as cs  # noqa: E402
+import first_call  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 
@@ -87,3 +88,19 @@ def test_report_puts_the_cold_run_in_a_table_of_its_own_with_its_geomean():
     assert "Caches swept: ×torch float32: geomean 1.20, 1 of 1 below 1.5×." in tail
     assert "Caches swept" not in head
     assert "Memory-bound" not in report.markdown(warm)
+
+
+def test_first_call_table_has_a_row_per_case_and_names_the_machine_and_commit():
+    times = {"import_s": 0.5, "forward_s": 12.34, "backward_s": 5.0}
+    loaded = {"import_s": 0.5, "forward_s": 0.012, "backward_s": 0.3}
+    result = {"machine": {"python": "3.11.7", "numba": "0.68.1", "cpu": "Some CPU", "cores": 2},
+              "dtype": "float32", "commit": "abc1234",
+              "results": [{"case": first_call.CASES[name][2], "name": name, "cold": times,
+                           "warm": loaded} for name in ("layer", "group")]}
+    lines = first_call.markdown(result).splitlines()
+    assert lines[0].startswith("| first call (float32) |")
+    assert lines[2] == "| layer_norm (256, 1024) | 12.3 s | 5.0 s | 0.01 s | 0.30 s |"
+    assert lines[3].startswith("| group_norm (32, 64, 28, 28), 32 groups | 12.3 s |")
+    assert "Some CPU, 2 cores" in lines[-1] and "at abc1234" in lines[-1]
+    assert set(first_call.CASES) >= {"layer", "layer_tiny", "batch_nchw", "batch_nhwc", "group",
+                                     "instance"}
