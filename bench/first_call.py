@@ -8,9 +8,11 @@ then the same calls in a second fresh process on the cache the first one wrote (
 Each case gets a cache directory of its own (NUMBA_CACHE_DIR), so its figures are those of a
 user who calls that norm alone: kernels that several norms share count in each. Float32; the
 shapes are small, as the kernels compiled do not depend on them beyond the path the plan takes
-(bench/run.py's figures never include compilation). Results: ``bench/results/first_call.json``,
-and a table written between <!-- first-call:start --> and <!-- first-call:end --> in README.md
-(printed with --print).
+(bench/run.py's figures never include compilation). The backward is timed after the forward,
+in the same process: what it compiles beyond the forward's kernels. Results:
+``bench/results/first_call.json`` and a table written between <!-- first-call:start --> and
+<!-- first-call:end --> in README.md; with --print, or with some of the cases only, the table is
+printed and neither file is written (unless --json names one).
 """
 import argparse
 import json
@@ -79,15 +81,18 @@ def worker(name, dtype):
 
 def _run(name, dtype, cache):
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, __file__, "--worker", name, "--dtype", dtype],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, __file__, "--worker", name, "--dtype", dtype],
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"case {name!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def markdown(result):
     m = result["machine"]
-    lines = [f"| first call ({result['dtype']}) | forward, compiling | backward, compiling | "
-             "forward, from the cache | backward, from the cache |", "|---|--:|--:|--:|--:|"]
+    lines = [f"| first call ({result['dtype']}) | forward, compiling | backward, compiling (after "
+             "the forward) | forward, from the cache | backward, from the cache |",
+             "|---|--:|--:|--:|--:|"]
     for r in result["results"]:
         lines.append(f"| {r['case']} | {r['cold']['forward_s']:.1f} s | "
                      f"{r['cold']['backward_s']:.1f} s | {r['warm']['forward_s']:.2f} s | "
@@ -102,8 +107,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--json", default=str(RESULTS / "first_call.json"))
-    ap.add_argument("--print", action="store_true", help="leave README.md alone")
+    ap.add_argument("--json", help="results file (default: bench/results/first_call.json for "
+                    "a run of every case)")
+    ap.add_argument("--print", action="store_true", help="print the table, leave README.md alone")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -111,9 +117,16 @@ def main(argv=None):
     import numba
 
     from report import ROOT, update_readme
+    names = args.case.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"--case: unknown {', '.join(unknown)}; expected some of {', '.join(CASES)}")
+    every = set(names) == set(CASES)
+    if args.json is None and every:
+        args.json = str(RESULTS / "first_call.json")
     rows = []
     print(f"{'case':45s} {'cold fwd':>9s} {'cold bwd':>9s} {'warm fwd':>9s} {'warm bwd':>9s}")
-    for name in args.case.split(","):
+    for name in names:
         with tempfile.TemporaryDirectory(prefix="normcore-first-call-") as cache:
             cold = _run(name, args.dtype, cache)
             warm = _run(name, args.dtype, cache)
@@ -125,10 +138,14 @@ def main(argv=None):
     result = {"machine": {"python": sys.version.split()[0], "numba": numba.__version__,
                           "cpu": _cpu_name(), "cores": os.cpu_count()},
               "dtype": args.dtype, "commit": commit, "results": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"# wrote {args.json}")
-    if not args.print and update_readme(markdown(result), ROOT / "README.md", START, END):
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"# wrote {args.json}")
+    table = markdown(result)
+    if args.print or not every or not update_readme(table, ROOT / "README.md", START, END):
+        print(table, end="")
+    else:
         print(f"# updated {ROOT / 'README.md'}")
 
 

@@ -152,7 +152,8 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     (65536, 128) backward 3.6x slower), so only the reduction helpers use it (the moments,
     cell_sums, run_sums, row_scalars) and loops whose formulas carry their own flags
     (exact_normalize, exact_dx_scalar: fused_rows, exact_dx_scalar_row), each inlined into
-    callers compiled with _REDUCE like itself."""
+    callers compiled with _REDUCE like itself; and the row kernels' path dispatch
+    (rows_forward_blocks, rows_backward_blocks), a few calls into the prange body."""
 
     def decorate(func):
         kernel = _compile(func, parallel, fastmath, inline)
@@ -2642,7 +2643,7 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
-    wt = w_dx
+    wt = w     # path 0's weights (tiled for streamed dx); the other paths ignore it
     if A == 1 and C == 1 and P == 1 and B <= FUSED_ROW:
         path = 0
         # float32 / float64 (the windows' types), rows of a line or more

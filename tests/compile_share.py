@@ -11,49 +11,75 @@ the shared cache can serve them:
 
 The locks are taken under Numba's in-process compiler lock; a worker holds those of the
 compilations on its stack, a path down the kernels' call graph, which is acyclic, so no two
-workers wait on each other.
+workers wait on each other (a save's lock is taken last and held alone). The lock files live
+in the cache's folder.
 """
 import fcntl
 import hashlib
 import os
-import tempfile
 from pathlib import Path
+
+_installed = False
 
 
 def install():
-    """Lock each kernel's compilation across the xdist workers; nothing outside xdist or
-    without an on-disk cache to share."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    """Lock each kernel's compilation across the xdist workers; nothing outside xdist, without
+    an on-disk cache to share, or where the cache's folder takes no lock files."""
+    global _installed
+    if _installed or not os.environ.get("PYTEST_XDIST_WORKER"):
         return False
+    from numba.core import sigutils
     from numba.core.compiler_lock import global_compiler_lock
     from numba.core.dispatcher import Dispatcher
 
     from normcore.kernels import cpu
-    if not type(cpu.rows_forward._cache).__name__.endswith("FunctionCache"):
+    cache = cpu.rows_forward._cache
+    if not type(cache).__name__.endswith("FunctionCache"):
         return False
-    root = Path(tempfile.gettempdir()) / ("normcore-compiling-" + hashlib.sha1(
-        cpu.__file__.encode()).hexdigest()[:12])
-    root.mkdir(exist_ok=True)
+    # beside the cache the workers share, so that another user's run cannot hold the folder
+    root = Path(cache._cache_path) / "compiling"
+    try:
+        root.mkdir(exist_ok=True)
+        open(root / "probe", "w").close()
+    except OSError:
+        return False
     held = set()
     compile_ = Dispatcher.compile
+
+    def locked(key, call):
+        with open(root / key, "w") as lock:      # closing it releases the lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.add(key)
+            try:
+                return call()
+            finally:
+                held.discard(key)
 
     def compile(self, sig):
         func = self.py_func
         if func.__module__ != cpu.__name__ or "<" in func.__qualname__:
             return compile_(self, sig)
-        key = hashlib.sha1(f"{func.__qualname__} {sig}".encode()).hexdigest()[:20]
         with global_compiler_lock:
-            if key in held:
+            args, _ = sigutils.normalize_signature(sig)
+            key = hashlib.sha1(f"{func.__qualname__} {args}".encode()).hexdigest()[:20]
+            if key in held or tuple(args) in self.overloads:
                 return compile_(self, sig)
-            with open(root / key, "w") as lock:      # closing it releases the lock
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                held.add(key)
-                try:
-                    return compile_(self, sig)
-                finally:
-                    held.discard(key)
+            return locked(key, lambda: compile_(self, sig))
+
+    # Numba rewrites a function's cache index read-modify-write: two workers saving two
+    # signatures of one function at once could both take the same data file's number
+    save_ = type(cache).save_overload
+
+    def save_overload(self, sig, data):
+        index = str(getattr(self._cache_file, "_index_path", self._name))
+        key = "save-" + hashlib.sha1(index.encode()).hexdigest()[:20]
+        if key in held:
+            return save_(self, sig, data)
+        return locked(key, lambda: save_(self, sig, data))
 
     Dispatcher.compile = compile
+    type(cache).save_overload = save_overload
+    _installed = True
     return True
 
 
@@ -65,16 +91,15 @@ def warm_up():
     import normcore as nc
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        stat = np.float32 if dtype == np.float32 else dtype
         for shape, axis in (((8, 4, 6, 6), 1), ((8, 6, 6, 4), -1), ((16, 32, 24, 24), 1),
                             ((32, 24, 24, 16), -1)):
             x = rng.standard_normal(shape).astype(dtype)
-            mean = np.zeros(shape[axis], stat)
+            mean = np.zeros(shape[axis], dtype)
             for activation in (None, "relu"):
                 nc.batch_norm_backward(x, x, mean, mean + 1, axis=axis, activation=activation,
                                        y=x)
         for shape in ((4, 64), (256, 1024)):
             x = rng.standard_normal(shape).astype(dtype)
-            stats = np.zeros(shape[0], stat)
+            stats = np.zeros(shape[0], dtype)
             for activation in (None, "relu"):
                 nc.layer_norm_backward(x, x, stats, stats + 1, activation=activation, y=x)

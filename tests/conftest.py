@@ -24,8 +24,9 @@ def rng(request):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _share_compilation():
+def _share_compilation(request):
     """See compile_share: under xdist, the workers take turns compiling a kernel, and the
-    second starts on the backward kernels."""
-    if compile_share.install() and os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+    second starts on the backward kernels when the run holds the backward tests."""
+    if (compile_share.install() and os.environ.get("PYTEST_XDIST_WORKER") == "gw1"
+            and any(item.path.name == "test_backward.py" for item in request.session.items)):
         compile_share.warm_up()

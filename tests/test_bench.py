@@ -98,7 +98,8 @@ def test_first_call_table_has_a_row_per_case_and_names_the_machine_and_commit():
               "results": [{"case": first_call.CASES[name][2], "name": name, "cold": times,
                            "warm": loaded} for name in ("layer", "group")]}
     lines = first_call.markdown(result).splitlines()
-    assert lines[0].startswith("| first call (float32) |")
+    assert lines[0].startswith("| first call (float32) | forward, compiling | backward, compiling "
+                               "(after the forward) |")
     assert lines[2] == "| layer_norm (256, 1024) | 12.3 s | 5.0 s | 0.01 s | 0.30 s |"
     assert lines[3].startswith("| group_norm (32, 64, 28, 28), 32 groups | 12.3 s |")
     assert "Some CPU, 2 cores" in lines[-1] and "at abc1234" in lines[-1]
