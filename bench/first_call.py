@@ -17,7 +17,6 @@ printed and neither file is written (unless --json names one).
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -98,8 +97,8 @@ def markdown(result):
                      f"{r['cold']['backward_s']:.1f} s | {r['warm']['forward_s']:.2f} s | "
                      f"{r['warm']['backward_s']:.2f} s |")
     lines += ["", f"Each case in fresh processes on an empty cache of its own; {m['cpu']}, "
-                  f"{m['cores']} cores, Python {m['python']}, Numba {m['numba']}, "
-                  f"at {result['commit']}."]
+                  f"{m['logical_cpus']} cores, Python {m['versions']['python']}, Numba "
+                  f"{m['versions']['numba']}, at {m['commit']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +116,7 @@ def main(argv=None):
     import numba
 
     from report import ROOT, update_readme
+    from run import machine_info
     names = args.case.split(",")
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -133,11 +133,8 @@ def main(argv=None):
         rows.append({"case": CASES[name][2], "name": name, "cold": cold, "warm": warm})
         print(f"{CASES[name][2]:45s} {cold['forward_s']:8.1f}s {cold['backward_s']:8.1f}s "
               f"{warm['forward_s']:8.2f}s {warm['backward_s']:8.2f}s", flush=True)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
-    result = {"machine": {"python": sys.version.split()[0], "numba": numba.__version__,
-                          "cpu": _cpu_name(), "cores": os.cpu_count()},
-              "dtype": args.dtype, "commit": commit, "results": rows}
+    result = {"machine": machine_info(numba.config.NUMBA_NUM_THREADS), "dtype": args.dtype,
+              "results": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -147,16 +144,6 @@ def main(argv=None):
         print(table, end="")
     else:
         print(f"# updated {ROOT / 'README.md'}")
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def test_report_puts_the_cold_run_in_a_table_of_its_own_with_its_geomean():
 def test_first_call_table_has_a_row_per_case_and_names_the_machine_and_commit():
     times = {"import_s": 0.5, "forward_s": 12.34, "backward_s": 5.0}
     loaded = {"import_s": 0.5, "forward_s": 0.012, "backward_s": 0.3}
-    result = {"machine": {"python": "3.11.7", "numba": "0.68.1", "cpu": "Some CPU", "cores": 2},
-              "dtype": "float32", "commit": "abc1234",
+    result = {"machine": {"cpu": "Some CPU", "logical_cpus": 2, "commit": "abc1234",
+                          "versions": {"python": "3.11.7", "numba": "0.68.1"}},
+              "dtype": "float32",
               "results": [{"case": first_call.CASES[name][2], "name": name, "cold": times,
                            "warm": loaded} for name in ("layer", "group")]}
     lines = first_call.markdown(result).splitlines()
