@@ -152,8 +152,8 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     (65536, 128) backward 3.6x slower), so only the reduction helpers use it (the moments,
     cell_sums, run_sums, row_scalars) and loops whose formulas carry their own flags
     (exact_normalize, exact_dx_scalar: fused_rows, exact_dx_scalar_row), each inlined into
-    callers compiled with _REDUCE like itself; and the row kernels' path dispatch
-    (rows_forward_blocks, rows_backward_blocks), a few calls into the prange body."""
+    callers compiled with _REDUCE like itself; and a few tests and counts the row kernels
+    make before their prange (row_blocks, streams_rows, streamable_dz)."""
 
     def decorate(func):
         kernel = _compile(func, parallel, fastmath, inline)
@@ -2105,10 +2105,31 @@ def short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rs
         sfence()
 
 
+@_jit(inline="always")
+def row_blocks(R, n):
+    """Blocks of statistics for R statistics of n values (contiguous per thread, as a prange
+    over the statistics would split them), so that the fence after streamed stores comes once
+    per block: once per row of 128 made LayerNorm (65536, 128) 2.7x slower."""
+    return max(1, min(R, ROW_BLOCKS, R * n // ROW_BLOCK_MIN))
+
+
+@_jit(inline="always")
+def streams_rows(y, B, stream):
+    """Whether rows of B values may stream into y: a window or more per row (one spans two
+    rows at most), y's lines of whole values."""
+    return stream and B >= LANES and y.ctypes.data % y.itemsize == 0
+
+
+# The row kernels come one per loop, the front end choosing (normcore/_cpu.py:
+# rows_forward_kernel, rows_backward_kernel): a kernel that chose at run time compiled every
+# loop for each signature, those its inputs never take included (a fresh process's first
+# LayerNorm (4, 64) forward + backward compiled ~2x as long). They take the same arguments.
+
 @_jit(parallel=True)
 def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
                  var_out, stream):
-    """Fused statistics + normalize + affine (+ residual, ReLU), one statistic at a time.
+    """Fused statistics + normalize + affine (+ residual, ReLU), one statistic at a time: any
+    rows (rows_forward_rows).
 
     x, y (and z, or empty): the flat (O, A, C, B) view; statistic r = o * C + c.
     centered=False gives RMSNorm: mean 0 and var = mean(x**2).
@@ -2116,64 +2137,53 @@ def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
     mean_out, rstd_out: (O * C,) saved statistics; var_out: (O * C,) float64 variance for the
     running statistics, or an empty array when the caller needs none.
     stream: non-temporal stores where affine_run can use them (outputs far larger than L3).
-    Statistics go in blocks (contiguous per thread, as a prange over them would split them)
-    so that the fence after streamed stores comes once per block: once per row of 128 made
-    LayerNorm (65536, 128) 2.7x slower. Contiguous rows (A == 1) with a weight per element
-    or cells of STREAM_RUN values or more stream across their ends (stream_seamed_row):
-    against a streamed run per row, its head and tail in plain stores, into NumPy's out=
-    with caches swept, LayerNorm float32 (4096, 4096) 1.19x, (16384, 1536) 1.25x,
-    (8192, 2048) 1.10x; into page-aligned outputs 1.03x; float64 (4096, 4096) 0.99x;
-    InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x.
+    Contiguous rows (A == 1) with a weight per element or cells of STREAM_RUN values or more
+    stream across their ends (stream_seamed_row): against a streamed run per row, its head
+    and tail in plain stores, into NumPy's out= with caches swept, LayerNorm float32
+    (4096, 4096) 1.19x, (16384, 1536) 1.25x, (8192, 2048) 1.10x; into page-aligned outputs
+    1.03x; float64 (4096, 4096) 0.99x; InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x.
     """
     x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
     R = O * C
-    nblk = max(1, min(R, ROW_BLOCKS, R * A * B // ROW_BLOCK_MIN))
-    # float16 rows kept the blocks below (rows of 64: 0.82-0.88x one at a time, 128: 0.98x),
-    # and float32 rows under 64 values (49: 0.91-1.0x)
-    fused = A == 1 and P == 1 and (x.itemsize == 8 or x.itemsize == 4 and B >= 64)
-    # rows of a window or more (one spans two rows at most), y's lines of whole values
-    streamed = stream and B >= LANES and y.ctypes.data % y.itemsize == 0
-    # rows of up to FUSED_ROW values, or SHORT_ROW with a residual or ReLU
-    if fused and (B <= SHORT_ROW or B <= FUSED_ROW and not relu and not z.size):
-        path = 0
-        stream = streamed
-        seamed = False
-        tile = streamed
-    elif A == 1 and P == 1 and B <= SHORT_ROW:
-        path = 1
-        stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
-        seamed = False
-        tile = False
-    else:
-        path = 2
-        # contiguous rows streamed across their ends (stream_seamed_row)
-        seamed = streamed and A == 1 and x.itemsize >= 4 and (P == 1 or P >= STREAM_RUN)
-        tile = seamed and P == 1
-    wt = tile_columns(w) if tile else w
-    bt = tile_columns(bias) if tile else bias
+    nblk = row_blocks(R, A * B)
+    seamed = streams_rows(y, B, stream) and A == 1 and x.itemsize >= 4 and (
+        P == 1 or P >= STREAM_RUN)
+    wt = tile_columns(w) if seamed and P == 1 else w
+    bt = tile_columns(bias) if seamed and P == 1 else bias
     for k in prange(nblk):
-        rows_forward_blocks(x, z, relu, centered, O, A, C, B, P, w, bias, wt, bt, eps, y,
-                            mean_out, rstd_out, var_out, path, stream, seamed, k * R // nblk,
-                            (k + 1) * R // nblk)
-
-
-@_jit(inline="always")
-def rows_forward_blocks(x, z, relu, centered, O, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
-                        rstd_out, var_out, path, stream, seamed, r0, r1):
-    """rows_forward's statistics [r0, r1) on its path: one call, so that the parallel kernel
-    and its serial twin share the compiled paths (a prange per path, each compiled into a
-    gufunc of its own, and the paths' copies in the serial twin cost compile time, not run
-    time: LayerNorm (256, 1024) float32's first call 119 -> ~95 s, its serial twin's then
-    ~7 s instead of ~70 s on a 2-core AMD EPYC)."""
-    if path == 0:
-        short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                         var_out, r0, r1, stream)
-    elif path == 1:
-        short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
-                           var_out, r0, r1, stream)
-    else:
         rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
-                          rstd_out, var_out, seamed, stream, r0, r1)
+                          rstd_out, var_out, seamed, stream, k * R // nblk,
+                          (k + 1) * R // nblk)
+
+
+@_jit(parallel=True)
+def rows_forward_fused(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
+                       rstd_out, var_out, stream):
+    """rows_forward on contiguous rows (A == 1) of float32 / float64 values with a weight per
+    element (P == 1), each row's statistics and normalization at once (short_rows_fused)."""
+    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+    R = O * C
+    nblk = row_blocks(R, B)
+    stream = streams_rows(y, B, stream)
+    wt = tile_columns(w) if stream else w
+    bt = tile_columns(bias) if stream else bias
+    for k in prange(nblk):
+        short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                         var_out, k * R // nblk, (k + 1) * R // nblk, stream)
+
+
+@_jit(parallel=True)
+def rows_forward_short(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
+                       rstd_out, var_out, stream):
+    """rows_forward on contiguous rows (A == 1) of up to SHORT_ROW values with a weight per
+    element (P == 1) in blocks of rows (short_rows_forward)."""
+    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+    R = O * C
+    nblk = row_blocks(R, B)
+    stream = stream and not relu and not z.size and short_rows_stream(y, B, LANES)
+    for k in prange(nblk):
+        short_rows_forward(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                           var_out, k * R // nblk, (k + 1) * R // nblk, stream)
 
 
 @_jit()
@@ -2628,7 +2638,8 @@ def instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part,
 @_jit(parallel=True)
 def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered, nblk,
                   dbias_part, dweight_part, dx, dz, stream):
-    """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache.
+    """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache; any
+    rows (rows_backward_block).
 
     mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64).
     w: (C * B // P,) parameter cells in the compute dtype; w_dx: the same array, or w repeated
@@ -2638,45 +2649,51 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
     statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
     compute dtype (w's) first.
     y: the saved output (read with relu only); dz: the residual's gradient, or empty.
-    stream: non-temporal stores for dx where dx_run or streamed_short_rows_loop can use
-    them (see rows_forward).
+    stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
     """
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     R = O * C
-    wt = w     # path 0's weights (tiled for streamed dx); the other paths ignore it
-    if A == 1 and C == 1 and P == 1 and B <= FUSED_ROW:
-        path = 0
-        # float32 / float64 (the windows' types), rows of a line or more
-        stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
-                  and streamable_dz(dx, dz, relu))
-        wt = tile_columns(w, DX_LANES) if stream else w
-    elif (A == 1 and P > 1 and not relu and not dz.size
-            and (w_dx.size == C * B or P == B <= ROW_CELL)):
-        path = 1
-    else:
-        path = 2
     for k in prange(nblk):
-        rows_backward_blocks(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, wt, frozen,
-                             centered, dbias_part[k], dweight_part[k], dx, dz, stream, path,
-                             k * R // nblk, (k + 1) * R // nblk)
+        r0, r1 = k * R // nblk, (k + 1) * R // nblk
+        if relu:    # a constant for the helpers (see short_rows_backward)
+            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0,
+                                r1)
+        else:
+            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0,
+                                r1)
 
 
-@_jit(inline="always")
-def rows_backward_blocks(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, wt, frozen, centered,
-                         dbias_part, dweight_part, dx, dz, stream, path, r0, r1):
-    """rows_backward's statistics [r0, r1) on its path (see rows_forward_blocks)."""
-    if path == 0:
+@_jit(parallel=True)
+def rows_backward_short(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                        nblk, dbias_part, dweight_part, dx, dz, stream):
+    """rows_backward on contiguous rows (A == 1, C == 1) of up to FUSED_ROW values with a
+    weight per element (P == 1): a row's sums and dx in one loop (short_rows_backward)."""
+    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+    R = O * C
+    # float32 / float64 (the windows' types), rows of a line or more
+    stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
+              and streamable_dz(dx, dz, relu))
+    wt = tile_columns(w, DX_LANES) if stream else w
+    for k in prange(nblk):
         short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
-                            dbias_part, dweight_part, dx, dz, r0, r1, stream)
-    elif path == 1:
-        short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, dbias_part,
-                         dweight_part, dx, stream, r0, r1)
-    elif relu:    # a constant for the helpers (see short_rows_backward)
-        rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                            dbias_part, dweight_part, dx, dz, stream, r0, r1)
-    else:
-        rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                            dbias_part, dweight_part, dx, dz, stream, r0, r1)
+                            dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
+                            (k + 1) * R // nblk, stream)
+
+
+@_jit(parallel=True)
+def rows_backward_cells(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                        nblk, dbias_part, dweight_part, dx, dz, stream):
+    """rows_backward on contiguous rows (A == 1) of cells of P > 1 values, without ReLU or
+    residual, w_dx repeated per element or rows of one cell of up to ROW_CELL values: a row's
+    sums and dx in one loop (short_cells_loop)."""
+    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+    R = O * C
+    for k in prange(nblk):
+        short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                         dbias_part[k], dweight_part[k], dx, stream, k * R // nblk,
+                         (k + 1) * R // nblk)
 
 
 @_jit()
@@ -3631,7 +3648,11 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
 KERNELS = {
     "rows_moments": rows_moments,
     "rows_forward": rows_forward,
+    "rows_forward_fused": rows_forward_fused,
+    "rows_forward_short": rows_forward_short,
     "rows_backward": rows_backward,
+    "rows_backward_short": rows_backward_short,
+    "rows_backward_cells": rows_backward_cells,
     "flat_moments": flat_moments,
     "flat_normalize": flat_normalize,
     "flat_backward_sums": flat_backward_sums,

@@ -135,6 +135,38 @@ def row_period(plan):
     return 1 if plan.short_cells else plan.P
 
 
+def rows_forward_kernel(A, B, P, itemsize, relu, residual):
+    """The row kernel for the forward of rows of B values (A of them per statistic, parameter
+    cells of P values; row_period's P), `itemsize` bytes per value, with ReLU and a residual
+    or not. Rows of up to FUSED_ROW values normalized as their statistics are taken
+    (rows_forward_fused), up to SHORT_ROW with a residual or ReLU (kernels/cpu.py: FUSED_ROW
+    has the measurements); float16 rows and float32 rows under 64 values kept the blocks of
+    rows (rows_forward_short; one at a time, float16 rows of 64 ran 0.82-0.88x, 128 0.98x,
+    float32 rows of 49 0.91-1.0x); the rest rows_forward."""
+    if A == 1 and P == 1:
+        fused = itemsize == 8 or itemsize == 4 and B >= 64
+        if fused and (B <= K.SHORT_ROW or B <= K.FUSED_ROW and not relu and not residual):
+            return K.rows_forward_fused
+        if B <= K.SHORT_ROW:
+            return K.rows_forward_short
+    return K.rows_forward
+
+
+def rows_backward_kernel(A, C, B, P, relu, residual, short_cells):
+    """The row kernel for the backward of rows of B values (A of them per statistic, C
+    statistics per o, parameter cells of P values; the plan's P), with ReLU and a residual or
+    not, the parameters repeated per element (short_cells) or not: one loop per row for rows
+    of a statistic each of up to FUSED_ROW values with a weight per element
+    (rows_backward_short), and, without an epilogue, for rows of short cells or of one cell
+    of up to ROW_CELL values (rows_backward_cells); the rest rows_backward."""
+    if A == 1 and C == 1 and P == 1 and B <= K.FUSED_ROW:
+        return K.rows_backward_short
+    if (A == 1 and P > 1 and not relu and not residual
+            and (short_cells or P == B <= K.ROW_CELL)):
+        return K.rows_backward_cells
+    return K.rows_backward
+
+
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,
                   centered=True):
     """Batch statistics + normalization (+ residual z, ReLU). Returns saved (mean, rstd) in
@@ -151,9 +183,10 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         z = _none_like(x) if z is None else _bits(z)
         stream = streams(y)
         if path == "rows":
-            _run(plan, K.rows_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
-                 row_period(plan), row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd,
-                 var, stream)
+            P = row_period(plan)
+            kernel = rows_forward_kernel(plan.A, plan.B, P, x.itemsize, relu, z.size)
+            _run(plan, kernel, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B, P,
+                 row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd, var, stream)
         else:
             _run(plan, K.column_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
                  plan.P, plan.S, w, bias, eps, y, mean, rstd, var, stream and plan.S == 1)
@@ -238,9 +271,9 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     if plan.backward_path == "rows":
         nblk = plan.nblk
         dbias, dweight = np.zeros((nblk, C * Q)), np.zeros((nblk, C * Q))
-        _run(plan, K.rows_backward, dy, y, relu, x, O, A, C, B, P, mean, rstd, w,
-             row_cells(plan, w), frozen, centered, nblk, dbias, dweight, dx, dz,
-             streams(dx))
+        kernel = rows_backward_kernel(A, C, B, P, relu, dz.size, plan.short_cells)
+        _run(plan, kernel, dy, y, relu, x, O, A, C, B, P, mean, rstd, w, row_cells(plan, w),
+             frozen, centered, nblk, dbias, dweight, dx, dz, streams(dx))
         if nblk == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)

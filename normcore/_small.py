@@ -40,7 +40,8 @@ class _Signature:
 
     __slots__ = ("plan", "shape", "dtype", "bits", "compute", "dims", "row_dims", "short_cells",
                  "param_shape", "stats_shape", "flat_params", "flat_stats", "R", "ones", "zeros",
-                 "cells", "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps")
+                 "cells", "none", "nbytes", "direct", "direct_backward", "zero_stats", "rms_eps",
+                 "rows_forward", "rows_backward")
 
     def __init__(self, shape, dtype, plan):
         self.plan, self.shape, self.dtype = plan, shape, dtype
@@ -66,6 +67,11 @@ class _Signature:
         # _cpu's layer cost ~1 us of a 4 us LayerNorm call
         self.direct = plan.serial and plan.path == "rows"
         self.direct_backward = plan.serial and plan.backward_path == "rows"
+        # their serial twins (no residual, no ReLU)
+        self.rows_forward = _cpu.rows_forward_kernel(
+            plan.A, plan.B, self.row_dims[4], dtype.itemsize, False, False).serial
+        self.rows_backward = _cpu.rows_backward_kernel(
+            plan.A, plan.C, plan.B, plan.P, False, False, plan.short_cells).serial
 
 
 def _plan(norm, shape, dtype, axis, groups):
@@ -205,8 +211,8 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
         xf, yf = xf.view(_U16), yf.view(_U16)
     if sig.short_cells:
         w, b = _cpu.row_cells(sig.plan, w), _cpu.row_cells(sig.plan, b)
-    K.rows_forward.serial(xf, sig.none, False, centered, *sig.row_dims, w, b, eps, yf, mean,
-                          rstd, var, False)
+    sig.rows_forward(xf, sig.none, False, centered, *sig.row_dims, w, b, eps, yf, mean, rstd,
+                     var, False)
     return mean, rstd, (var if want_var else None)
 
 
@@ -308,9 +314,9 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
         dbias, dweight = np.zeros((1, sig.cells)), np.zeros((1, sig.cells))
         if sig.bits:
             dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
-        K.rows_backward.serial(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
-                               _cpu.row_cells(sig.plan, w) if sig.short_cells else w, frozen,
-                               centered, 1, dbias, dweight, dxf, sig.none, False)
+        sig.rows_backward(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
+                          _cpu.row_cells(sig.plan, w) if sig.short_cells else w, frozen,
+                          centered, 1, dbias, dweight, dxf, sig.none, False)
         dweight, dbias = dweight[0], dbias[0]
     else:
         dweight, dbias = _cpu.backward(sig.plan, dyf, xf, dxf, mean, rstd, w, frozen,

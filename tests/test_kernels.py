@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import normcore as nc
+from normcore import _cpu
 from normcore._plan import (plan_batch_norm, plan_group_norm, plan_instance_norm,
                             plan_layer_norm, plan_moments)
 from normcore.kernels import cpu
@@ -202,6 +203,11 @@ def _exercise_every_path(dtype, rows):
     # the general path's eval (column_normalize; the small call's runs frozen_normalize)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1,
                   activation="relu")
+    # the row kernels' loops, one kernel each (normcore/_cpu.py: rows_forward_kernel)
+    for cols in (48, 96, 1100):
+        xr = rng.standard_normal((rows, cols)).astype(dtype)
+        f = nc.layer_norm_forward(xr)
+        nc.layer_norm_backward(np.ones_like(xr), xr, f.mean, f.rstd)
     nc.moments(xl, axis=(0, 1))                                                 # column_moments
     nc.moments(x, axis=-1)                                                      # rows_moments
     xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
@@ -211,6 +217,11 @@ def _exercise_every_path(dtype, rows):
     nc.batch_norm(x, running_mean=rm, running_var=rv, training=False)           # frozen_stats
     f = nc.instance_norm_forward(xi, axis=-1)
     nc.instance_norm_backward(np.ones_like(xi), xi, f.mean, f.rstd, axis=-1)
+
+
+# (kernel, dtype) pairs that the front end never calls: float16 rows never take the fused
+# forward, float64 rows the short rows' blocks
+NEVER_TAKEN = {("rows_forward_fused", "uint16"), ("rows_forward_short", "float64")}
 
 
 @pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 1024)])
@@ -229,6 +240,8 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
         # the small-call path's eval on the calling thread (serial plans) only
         if variant == "parallel" and kernel_name == "frozen_normalize":
             continue
+        if (kernel_name, name) in NEVER_TAKEN:
+            continue
         kernel = getattr(kernel, "serial", kernel) if variant == "serial" else kernel
         signatures = [str(sig) for sig in kernel.signatures]
         assert signatures, f"{kernel_name} ({variant}) never compiled"
@@ -241,7 +254,6 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
 def _streamed_and_plain(run, monkeypatch):
     """run()'s results with the outputs streamed where they may be, then with plain stores
     only (STREAM_MIN out of reach)."""
-    from normcore import _cpu
     streamed = run()
     monkeypatch.setattr(_cpu, "STREAM_MIN", 1 << 62)
     return streamed, run()
@@ -281,7 +293,6 @@ def test_streamed_outputs_equal_plain_ones(norm, shape, axis, dtype, monkeypatch
     """y and dx of STREAM_MIN bytes and more use non-temporal stores (scalar head up to a
     window boundary, windows of LANES (y) or DX_LANES (dx) values, scalar tail): the plain
     loops' results, bit for bit up to contraction (_assert_equal_up_to_contraction)."""
-    from normcore import _cpu
     x = np.random.default_rng(4).standard_normal(shape, dtype=dtype)
     assert x.nbytes >= _cpu.STREAM_MIN
     w = np.linspace(0.5, 2, x.shape[-1], dtype=dtype)
@@ -333,7 +344,6 @@ def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, past, 
     """Outputs that start `past` bytes after x modulo 4 KiB (under two windows: 64 or 128
     bytes) take their streamed windows in pairs, the upper one first (_window_loop): the plain
     loops' results, heads and tails included, bit for bit up to contraction."""
-    from normcore import _cpu
     x = _at_page_offset(np.empty(shape, np.float32), 256)
     x[...] = np.random.default_rng(6).standard_normal(shape, dtype=np.float32)
     dy = _at_page_offset(x, 256)
@@ -381,7 +391,6 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
     """Behind a ReLU (activation="relu", y) and with the residual's gradient (residual=True),
     the backward streams dx (dy masked by y > 0 in the windows) and dz: bit for bit the plain
     loops' dx and dz."""
-    from normcore import _cpu
     rng = np.random.default_rng(6)
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
@@ -428,7 +437,6 @@ def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype
     """With a residual, ReLU or both, the BatchNorm runs, the column kernels and LayerNorm's
     short rows stream y (the epilogue in the windows; plain stores before the first window
     boundary of an `out=` 3 values past a line): bit for bit the plain loops' y."""
-    from normcore import _cpu
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape, dtype=dtype)
     z = rng.standard_normal(shape, dtype=dtype)
@@ -671,17 +679,22 @@ VECTOR_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     # backward calls alone, on made-up statistics (the forward kernels would only add
     # compilation: this script compiles everything it runs afresh)
-    for shape, axis in (((8, 3, 40), 1), ((8, 40, 3), -1)):       # rows / flat, columns
+    for shape, axis in (((8, 3, 40), 1), ((8, 40, 3), -1)):       # columns
         x = rng.standard_normal(shape).astype(np.float16)
         C = shape[axis]
         mean, rstd = np.zeros(C, np.float32), np.ones(C, np.float32)
         for activation in (None, "relu"):
             nc.batch_norm_backward(x, x, mean, rstd, axis=axis, activation=activation, y=x)
-    # a weight per element: long rows, then short rows in blocks
-    for shape in ((2, 600), (8, 40)):
+    # a weight per element: long rows (the general row loop: dx_run, backward_sums_run),
+    # then short rows
+    for shape in ((2, 1100), (8, 40)):
         x = rng.standard_normal(shape).astype(np.float16)
         mean, rstd = np.zeros(shape[0], np.float32), np.ones(shape[0], np.float32)
         nc.layer_norm_backward(x, x, mean, rstd, activation="relu", y=x)
+    # GroupNorm's short cells (short_cells_loop: short_row_dx)
+    x = rng.standard_normal((32, 8, 4, 4)).astype(np.float16)
+    mean, rstd = np.zeros((32, 4), np.float32), np.ones((32, 4), np.float32)
+    nc.group_norm_backward(x, x, mean, rstd, 4)
     # the short rows' sums (cell_sums, inlined) are compiled inside short_rows_loop
     names = ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
              "dx_columns", "short_rows_loop", "short_row_dx")
@@ -713,26 +726,27 @@ def test_backward_loops_vectorize_when_compiled_in_process(tmp_path):
 @given(st.integers(1, 40), st.integers(1, 3), st.integers(64, cpu.SHORT_ROW),
        st.sampled_from([np.float32, np.float64]), st.booleans(), st.booleans())
 def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var):
-    """rows_forward's short rows without a residual (short_rows_fused: statistics and
-    normalization row by row, in a kernel that reassociates its sums) give the blocks'
-    results (short_rows_forward, taken with a residual of zeros) bit for bit: the same
-    moments and, through exact_normalize, the elementwise loops' formula."""
+    """Short rows one at a time (rows_forward_fused: statistics and normalization row by
+    row, in a kernel that reassociates its sums) give the blocks' results
+    (rows_forward_short) bit for bit, with a residual or without: the same moments and,
+    through exact_normalize, the elementwise loops' formula."""
     rng = np.random.default_rng(O * 7919 + C * 613 + B)
     R = O * C
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
     w = rng.standard_normal(C * B).astype(dtype)
     bias = rng.standard_normal(C * B).astype(dtype)
-    results = []
-    for z in (x[:0], np.zeros_like(x)):
-        y = np.full_like(x, np.nan)
-        stats = np.full((3, R), np.nan)
-        var = stats[2] if want_var else stats[2, :0]
-        cpu.rows_forward(x, z, False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
-                         stats[1], var, False)
-        results.append((y, stats))
-    (y1, s1), (y2, s2) = results
-    assert not np.isnan(y1).any() and np.array_equal(y1, y2)
-    assert np.array_equal(s1, s2, equal_nan=True)
+    for z in (x[:0], rng.standard_normal(R * B).astype(dtype)):
+        results = []
+        for kernel in (cpu.rows_forward_fused, cpu.rows_forward_short):
+            y = np.full_like(x, np.nan)
+            stats = np.full((3, R), np.nan)
+            var = stats[2] if want_var else stats[2, :0]
+            kernel(x, z, False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0], stats[1],
+                   var, False)
+            results.append((y, stats))
+        (y1, s1), (y2, s2) = results
+        assert not np.isnan(y1).any() and np.array_equal(y1, y2)
+        assert np.array_equal(s1, s2, equal_nan=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -750,7 +764,9 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
     lines that run across the rows' ends, each row's statistics in its own lanes, plain stores
     before a block's first line boundary and after its last), with a residual and ReLU or
     without, writes the plain stores' values and statistics bit for bit, `offset` values past
-    a line, and nothing outside y."""
+    a line, and nothing outside y; so does the kernel the front end takes for the rows
+    (_cpu.rows_forward_kernel: the blocks below 64 float32 values, the long rows' loop above
+    SHORT_ROW with an epilogue)."""
     rng = np.random.default_rng(O * 7919 + C * 613 + B + offset)
     R = O * C
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
@@ -764,10 +780,11 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
         return buf, start, buf[start:start + R * B], np.full((3, R), np.nan)
 
     results = []
+    kernel = _cpu.rows_forward_kernel(1, B, 1, x.itemsize, relu, residual)
     for stream in (True, False):
         buf, start, y, stats = output()
-        cpu.rows_forward(x, z, relu, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0],
-                         stats[1], stats[2], stream)
+        kernel(x, z, relu, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0], stats[1],
+               stats[2], stream)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         results.append((y, stats))
     (y1, s1), (y2, s2) = results
@@ -776,7 +793,7 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
     if relu:
         assert (y1 >= 0).all()
     if B >= cpu.LANES and (B <= cpu.SHORT_ROW or not (relu or residual)):
-        # the streamed loop itself on the rows rows_forward gives it (with the epilogue, rows
+        # the streamed loop itself on the rows the front end gives it (with the epilogue, rows
         # of up to SHORT_ROW: longer ones take the long rows' loop, whose sums round otherwise),
         # on blocks of rows cut anywhere (blocks of one row, blocks from r0 > 0)
         k = int(rng.integers(0, R))
@@ -840,8 +857,8 @@ def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(
         buf, dx = _offset_buffer(R * B, dtype, offset)
         zbuf, dz = _offset_buffer(R * B if with_dz else 0, dtype, dz_offset)
         parts = np.zeros((2, nblk, B))
-        cpu.rows_backward(dy, y, relu, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
-                          centered, nblk, parts[0], parts[1], dx, dz, stream)
+        cpu.rows_backward_short(dy, y, relu, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
+                                centered, nblk, parts[0], parts[1], dx, dz, stream)
         assert _untouched_around(buf, dx) and _untouched_around(zbuf, dz)
         results.append((dx, dz, parts))
     (dx1, dz1, p1), (dx2, dz2, p2) = results
@@ -894,9 +911,10 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     first line boundary and after its last) write the plain loop's values bit for bit,
     `offset` values past a line, and nothing outside y: LayerNorm rows (a weight per element,
     Q == 0) and rows of Q cells of P values (InstanceNorm, GroupNorm), with or without a
-    residual and ReLU. rows_forward streams rows over SHORT_ROW values (FUSED_ROW without an
-    epilogue) or cells of STREAM_RUN; the helper itself is driven over shorter ones too, on
-    blocks of rows cut anywhere."""
+    residual and ReLU. The front end gives rows_forward rows over SHORT_ROW values (FUSED_ROW
+    without an epilogue) with a weight per element; it streams those and cells of STREAM_RUN,
+    and is driven here over shorter ones too; the helper itself on blocks of rows cut
+    anywhere."""
     residual, relu = data.draw(st.booleans()), data.draw(st.booleans())
     B = P * max(Q, 1)
     if Q == 0:
@@ -918,8 +936,8 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
     for stream in (True, False):
         buf, start, y = output()
         stats = np.full((3, R), np.nan)
-        cpu.rows_forward(x, z, relu, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0],
-                         stats[1], stats[2], stream)
+        cpu.rows_forward(x, z, relu, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0], stats[1],
+                         stats[2], stream)
         assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
         results.append((y, stats))
     (y1, s1), (y2, s2) = results
@@ -1015,7 +1033,6 @@ def test_outputs_off_their_alignment_are_written_plain(norm, shape, axis):
     (NumPy allows that) are written with plain stores: the streamed windows' non-temporal
     stores fault there (a segmentation fault before). x off its alignment too; the values
     are those of aligned arrays, bit for bit."""
-    from normcore import _cpu
     rng = np.random.default_rng(11)
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
