@@ -2057,24 +2057,37 @@ def short_rows_fused(x, z, relu, centered, C, B, w, bias, eps, y, mean_out, rstd
     (16384, 256) 1.54x, (131072, 64) 1.31x. A call of stream_normalize per row instead, its
     plain head and tail on each row's partial lines, ran 0.68x on rows of 128 16 bytes off
     a line, 0.86x on float64 rows of 128 aligned."""
-    if stream and z.size and relu:
+    if not relu and not z.size:
+        short_rows_fused_plain(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
+                               var_out, r0, r1, stream)
+    elif stream and z.size and relu:
         streamed_fused_rows_both(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                  var_out, r0, r1)
     elif stream and z.size:
         streamed_fused_rows_residual(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                      var_out, r0, r1)
-    elif stream and relu:
+    elif stream:
         streamed_fused_rows_relu(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out,
                                  var_out, r0, r1)
-    elif stream:
-        streamed_fused_rows(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
-                            r0, r1)
     elif z.size:
         fused_rows((x, z), relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
                    r0, r1)
     else:
         fused_rows((x,), relu, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out, r0,
                    r1)
+
+
+@_jit()
+def short_rows_fused_plain(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                           r0, r1, stream):
+    """short_rows_fused without a residual or ReLU (z empty), in a function of its own: the
+    plain call's kernel (rows_forward_fused_plain) compiles these loops alone."""
+    if stream:
+        streamed_fused_rows(x, z, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                            r0, r1)
+    else:
+        fused_rows((x,), False, centered, C, B, w, bias, eps, y, mean_out, rstd_out, var_out,
+                   r0, r1)
 
 
 @_jit()
@@ -2120,10 +2133,11 @@ def streams_rows(y, B, stream):
     return stream and B >= LANES and y.ctypes.data % y.itemsize == 0
 
 
-# The row kernels come one per loop, the front end choosing (normcore/_cpu.py:
-# rows_forward_kernel, rows_backward_kernel): a kernel that chose at run time compiled every
-# loop for each signature, those its inputs never take included (a fresh process's first
-# LayerNorm (4, 64) forward + backward compiled ~2x as long). They take the same arguments.
+# The row kernels come one per loop, and the most common ones again without the ReLU /
+# residual epilogue (*_plain), the front end choosing (normcore/_cpu.py: rows_forward_kernel,
+# rows_backward_kernel): a kernel that chose at run time compiled every loop for each
+# signature, those its inputs never take included (a fresh process's first LayerNorm (4, 64)
+# forward + backward compiled ~2x as long). They take the same arguments.
 
 @_jit(parallel=True)
 def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
@@ -2170,6 +2184,22 @@ def rows_forward_fused(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mea
     for k in prange(nblk):
         short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
                          var_out, k * R // nblk, (k + 1) * R // nblk, stream)
+
+
+@_jit(parallel=True)
+def rows_forward_fused_plain(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
+                             rstd_out, var_out, stream):
+    """rows_forward_fused without a residual or ReLU (z empty, relu False): the epilogues'
+    loops left out of its compilation (short_rows_fused_plain)."""
+    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+    R = O * C
+    nblk = row_blocks(R, B)
+    stream = streams_rows(y, B, stream)
+    wt = tile_columns(w) if stream else w
+    bt = tile_columns(bias) if stream else bias
+    for k in prange(nblk):
+        short_rows_fused_plain(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                               var_out, k * R // nblk, (k + 1) * R // nblk, stream)
 
 
 @_jit(parallel=True)
@@ -2241,15 +2271,25 @@ def short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered, 
     loops): passed through as a run-time flag, the row helpers took 1.3x as long. stream:
     dx (and dz behind a ReLU) with non-temporal stores (streamed_short_rows_loop), wt: w
     tiled."""
-    if stream and relu:
+    if not relu:
+        short_rows_backward_plain(dy, y, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                                  dweight_part, dx, dz, r0, r1, stream)
+    elif stream:
         streamed_short_rows_loop((x, dy, y), B, mean, rstd, w, wt, frozen, centered,
                                  dbias_part, dweight_part, dx, dz, r0, r1)
-    elif stream:
-        streamed_short_rows_loop((x, dy), B, mean, rstd, w, wt, frozen, centered, dbias_part,
-                                 dweight_part, dx, dz, r0, r1)
-    elif relu:
+    else:
         short_rows_loop(dy, y, True, x, B, mean, rstd, w, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1)
+
+
+@_jit()
+def short_rows_backward_plain(dy, y, x, B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                              dweight_part, dx, dz, r0, r1, stream):
+    """short_rows_backward without ReLU (y and dz empty), in a function of its own: the
+    plain call's kernel (rows_backward_short_plain) compiles these loops alone."""
+    if stream:
+        streamed_short_rows_loop((x, dy), B, mean, rstd, w, wt, frozen, centered, dbias_part,
+                                 dweight_part, dx, dz, r0, r1)
     else:
         short_rows_loop(dy, y, False, x, B, mean, rstd, w, frozen, centered, dbias_part,
                         dweight_part, dx, dz, r0, r1)
@@ -2666,6 +2706,19 @@ def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, ce
 
 
 @_jit(parallel=True)
+def rows_backward_plain(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                        nblk, dbias_part, dweight_part, dx, dz, stream):
+    """rows_backward without ReLU (relu False, y and dz empty): the ReLU's loops left out of
+    its compilation."""
+    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+    R = O * C
+    for k in prange(nblk):
+        rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                            dbias_part[k], dweight_part[k], dx, dz, stream, k * R // nblk,
+                            (k + 1) * R // nblk)
+
+
+@_jit(parallel=True)
 def rows_backward_short(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
                         nblk, dbias_part, dweight_part, dx, dz, stream):
     """rows_backward on contiguous rows (A == 1, C == 1) of up to FUSED_ROW values with a
@@ -2680,6 +2733,22 @@ def rows_backward_short(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, froz
         short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
                             dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
                             (k + 1) * R // nblk, stream)
+
+
+@_jit(parallel=True)
+def rows_backward_short_plain(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                              centered, nblk, dbias_part, dweight_part, dx, dz, stream):
+    """rows_backward_short without ReLU (relu False, y and dz empty): the ReLU's loops left
+    out of its compilation (short_rows_backward_plain)."""
+    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+    R = O * C
+    stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
+              and streamable_dz(dx, dz, False))
+    wt = tile_columns(w, DX_LANES) if stream else w
+    for k in prange(nblk):
+        short_rows_backward_plain(dy, y, x, B, mean, rstd, w, wt, frozen, centered,
+                                  dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
+                                  (k + 1) * R // nblk, stream)
 
 
 @_jit(parallel=True)
@@ -3649,9 +3718,12 @@ KERNELS = {
     "rows_moments": rows_moments,
     "rows_forward": rows_forward,
     "rows_forward_fused": rows_forward_fused,
+    "rows_forward_fused_plain": rows_forward_fused_plain,
     "rows_forward_short": rows_forward_short,
     "rows_backward": rows_backward,
+    "rows_backward_plain": rows_backward_plain,
     "rows_backward_short": rows_backward_short,
+    "rows_backward_short_plain": rows_backward_short_plain,
     "rows_backward_cells": rows_backward_cells,
     "flat_moments": flat_moments,
     "flat_normalize": flat_normalize,

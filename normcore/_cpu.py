@@ -142,10 +142,13 @@ def rows_forward_kernel(A, B, P, itemsize, relu, residual):
     (rows_forward_fused), up to SHORT_ROW with a residual or ReLU (kernels/cpu.py: FUSED_ROW
     has the measurements); float16 rows and float32 rows under 64 values kept the blocks of
     rows (rows_forward_short; one at a time, float16 rows of 64 ran 0.82-0.88x, 128 0.98x,
-    float32 rows of 49 0.91-1.0x); the rest rows_forward."""
+    float32 rows of 49 0.91-1.0x); the rest rows_forward. Without an epilogue, the fused
+    rows' kernel that compiles none (rows_forward_fused_plain)."""
     if A == 1 and P == 1:
         fused = itemsize == 8 or itemsize == 4 and B >= 64
-        if fused and (B <= K.SHORT_ROW or B <= K.FUSED_ROW and not relu and not residual):
+        if fused and not relu and not residual and B <= K.FUSED_ROW:
+            return K.rows_forward_fused_plain
+        if fused and B <= K.SHORT_ROW:
             return K.rows_forward_fused
         if B <= K.SHORT_ROW:
             return K.rows_forward_short
@@ -158,13 +161,14 @@ def rows_backward_kernel(A, C, B, P, relu, residual, short_cells):
     not, the parameters repeated per element (short_cells) or not: one loop per row for rows
     of a statistic each of up to FUSED_ROW values with a weight per element
     (rows_backward_short), and, without an epilogue, for rows of short cells or of one cell
-    of up to ROW_CELL values (rows_backward_cells); the rest rows_backward."""
+    of up to ROW_CELL values (rows_backward_cells); the rest rows_backward. Without an
+    epilogue, kernels that compile none (*_plain)."""
+    plain = not relu and not residual
     if A == 1 and C == 1 and P == 1 and B <= K.FUSED_ROW:
-        return K.rows_backward_short
-    if (A == 1 and P > 1 and not relu and not residual
-            and (short_cells or P == B <= K.ROW_CELL)):
+        return K.rows_backward_short_plain if plain else K.rows_backward_short
+    if A == 1 and P > 1 and plain and (short_cells or P == B <= K.ROW_CELL):
         return K.rows_backward_cells
-    return K.rows_backward
+    return K.rows_backward_plain if plain else K.rows_backward
 
 
 def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, relu=False,

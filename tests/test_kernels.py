@@ -203,11 +203,14 @@ def _exercise_every_path(dtype, rows):
     # the general path's eval (column_normalize; the small call's runs frozen_normalize)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1,
                   activation="relu")
-    # the row kernels' loops, one kernel each (normcore/_cpu.py: rows_forward_kernel)
+    # the row kernels' loops, one kernel each (normcore/_cpu.py: rows_forward_kernel), with
+    # the ReLU epilogue and without
     for cols in (48, 96, 1100):
         xr = rng.standard_normal((rows, cols)).astype(dtype)
-        f = nc.layer_norm_forward(xr)
-        nc.layer_norm_backward(np.ones_like(xr), xr, f.mean, f.rstd)
+        for activation in (None, "relu"):
+            f = nc.layer_norm_forward(xr, activation=activation)
+            nc.layer_norm_backward(np.ones_like(xr), xr, f.mean, f.rstd, activation=activation,
+                                   y=f.y)
     nc.moments(xl, axis=(0, 1))                                                 # column_moments
     nc.moments(x, axis=-1)                                                      # rows_moments
     xi = rng.standard_normal((max(rows, 16), 96, 3)).astype(dtype)             # columns_fused
@@ -221,7 +224,8 @@ def _exercise_every_path(dtype, rows):
 
 # (kernel, dtype) pairs that the front end never calls: float16 rows never take the fused
 # forward, float64 rows the short rows' blocks
-NEVER_TAKEN = {("rows_forward_fused", "uint16"), ("rows_forward_short", "float64")}
+NEVER_TAKEN = {("rows_forward_fused", "uint16"), ("rows_forward_fused_plain", "uint16"),
+               ("rows_forward_short", "float64")}
 
 
 @pytest.mark.parametrize("variant, rows", [("serial", 4), ("parallel", 1024)])
@@ -728,8 +732,9 @@ def test_backward_loops_vectorize_when_compiled_in_process(tmp_path):
 def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var):
     """Short rows one at a time (rows_forward_fused: statistics and normalization row by
     row, in a kernel that reassociates its sums) give the blocks' results
-    (rows_forward_short) bit for bit, with a residual or without: the same moments and,
-    through exact_normalize, the elementwise loops' formula."""
+    (rows_forward_short) bit for bit, with a residual or without (and without, the fused
+    rows' kernel for that call: rows_forward_fused_plain): the same moments and, through
+    exact_normalize, the elementwise loops' formula."""
     rng = np.random.default_rng(O * 7919 + C * 613 + B)
     R = O * C
     x = (3 + rng.standard_normal(R * B)).astype(dtype)
@@ -737,16 +742,18 @@ def test_rows_one_at_a_time_equal_the_blocks(O, C, B, dtype, centered, want_var)
     bias = rng.standard_normal(C * B).astype(dtype)
     for z in (x[:0], rng.standard_normal(R * B).astype(dtype)):
         results = []
-        for kernel in (cpu.rows_forward_fused, cpu.rows_forward_short):
+        kernels = [cpu.rows_forward_fused, cpu.rows_forward_short]
+        for kernel in kernels + ([cpu.rows_forward_fused_plain] if z.size == 0 else []):
             y = np.full_like(x, np.nan)
             stats = np.full((3, R), np.nan)
             var = stats[2] if want_var else stats[2, :0]
             kernel(x, z, False, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0], stats[1],
                    var, False)
             results.append((y, stats))
-        (y1, s1), (y2, s2) = results
-        assert not np.isnan(y1).any() and np.array_equal(y1, y2)
-        assert np.array_equal(s1, s2, equal_nan=True)
+        (y1, s1), *others = results
+        assert not np.isnan(y1).any()
+        for y2, s2 in others:
+            assert np.array_equal(y1, y2) and np.array_equal(s1, s2, equal_nan=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -853,12 +860,13 @@ def test_streamed_short_rows_dx_equals_the_plain_one_wherever_dx_starts(
     y, with_dz = _relu_backward_inputs(rng, R * B, dtype, relu, residual)
     nblk = min(R, 4)
     results = []
+    kernel = _cpu.rows_backward_kernel(1, 1, B, 1, relu, with_dz, False)    # (*_plain or not)
     for stream in (True, False):
         buf, dx = _offset_buffer(R * B, dtype, offset)
         zbuf, dz = _offset_buffer(R * B if with_dz else 0, dtype, dz_offset)
         parts = np.zeros((2, nblk, B))
-        cpu.rows_backward_short(dy, y, relu, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen,
-                                centered, nblk, parts[0], parts[1], dx, dz, stream)
+        kernel(dy, y, relu, x, R, 1, 1, B, 1, mean, rstd, w, w, frozen, centered, nblk,
+               parts[0], parts[1], dx, dz, stream)
         assert _untouched_around(buf, dx) and _untouched_around(zbuf, dz)
         results.append((dx, dz, parts))
     (dx1, dz1, p1), (dx2, dz2, p2) = results
