@@ -2139,35 +2139,53 @@ def streams_rows(y, B, stream):
 # signature, those its inputs never take included (a fresh process's first LayerNorm (4, 64)
 # forward + backward compiled ~2x as long). They take the same arguments.
 
-@_jit(parallel=True)
-def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
-                 var_out, stream):
-    """Fused statistics + normalize + affine (+ residual, ReLU), one statistic at a time: any
-    rows (rows_forward_rows).
+def _rows_forward(epilogue):
+    """rows_forward, or without `epilogue` rows_forward_plain: the same kernel for calls
+    without a residual or ReLU (z empty, relu False), which compiles none of their streamed
+    loops (rows_forward_rows_plain). `epilogue` is a constant of the closure, and the branch
+    on it goes before Numba types the kernel."""
 
-    x, y (and z, or empty): the flat (O, A, C, B) view; statistic r = o * C + c.
-    centered=False gives RMSNorm: mean 0 and var = mean(x**2).
-    w, bias: (C * B // P,) parameter cells in the compute dtype.
-    mean_out, rstd_out: (O * C,) saved statistics; var_out: (O * C,) float64 variance for the
-    running statistics, or an empty array when the caller needs none.
-    stream: non-temporal stores where affine_run can use them (outputs far larger than L3).
-    Contiguous rows (A == 1) with a weight per element or cells of STREAM_RUN values or more
-    stream across their ends (stream_seamed_row): against a streamed run per row, its head
-    and tail in plain stores, into NumPy's out= with caches swept, LayerNorm float32
-    (4096, 4096) 1.19x, (16384, 1536) 1.25x, (8192, 2048) 1.10x; into page-aligned outputs
-    1.03x; float64 (4096, 4096) 0.99x; InstanceNorm / GroupNorm (32, 64, 56, 56) 1.00-1.03x.
-    """
-    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
-    R = O * C
-    nblk = row_blocks(R, A * B)
-    seamed = streams_rows(y, B, stream) and A == 1 and x.itemsize >= 4 and (
-        P == 1 or P >= STREAM_RUN)
-    wt = tile_columns(w) if seamed and P == 1 else w
-    bt = tile_columns(bias) if seamed and P == 1 else bias
-    for k in prange(nblk):
-        rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
-                          rstd_out, var_out, seamed, stream, k * R // nblk,
-                          (k + 1) * R // nblk)
+    def rows_forward(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out, rstd_out,
+                     var_out, stream):
+        """Fused statistics + normalize + affine (+ residual, ReLU), one statistic at a time:
+        any rows (rows_forward_rows).
+
+        x, y (and z, or empty): the flat (O, A, C, B) view; statistic r = o * C + c.
+        centered=False gives RMSNorm: mean 0 and var = mean(x**2).
+        w, bias: (C * B // P,) parameter cells in the compute dtype.
+        mean_out, rstd_out: (O * C,) saved statistics; var_out: (O * C,) float64 variance for
+        the running statistics, or an empty array when the caller needs none.
+        stream: non-temporal stores where affine_run can use them (outputs far larger than
+        L3). Contiguous rows (A == 1) with a weight per element or cells of STREAM_RUN values
+        or more stream across their ends (stream_seamed_row): against a streamed run per row,
+        its head and tail in plain stores, into NumPy's out= with caches swept, LayerNorm
+        float32 (4096, 4096) 1.19x, (16384, 1536) 1.25x, (8192, 2048) 1.10x; into
+        page-aligned outputs 1.03x; float64 (4096, 4096) 0.99x; InstanceNorm / GroupNorm
+        (32, 64, 56, 56) 1.00-1.03x.
+        """
+        x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+        R = O * C
+        nblk = row_blocks(R, A * B)
+        seamed = streams_rows(y, B, stream) and A == 1 and x.itemsize >= 4 and (
+            P == 1 or P >= STREAM_RUN)
+        wt = tile_columns(w) if seamed and P == 1 else w
+        bt = tile_columns(bias) if seamed and P == 1 else bias
+        for k in prange(nblk):
+            r0, r1 = k * R // nblk, (k + 1) * R // nblk
+            if epilogue:
+                rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y,
+                                  mean_out, rstd_out, var_out, seamed, stream, r0, r1)
+            else:
+                rows_forward_rows_plain(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps,
+                                        y, mean_out, rstd_out, var_out, seamed, stream, r0, r1)
+
+    rows_forward.__name__ = rows_forward.__qualname__ = (
+        "rows_forward" if epilogue else "rows_forward_plain")
+    return _jit(parallel=True)(rows_forward)
+
+
+rows_forward = _rows_forward(True)
+rows_forward_plain = _rows_forward(False)
 
 
 @_jit(parallel=True)
@@ -2216,34 +2234,47 @@ def rows_forward_short(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mea
                            var_out, k * R // nblk, (k + 1) * R // nblk, stream)
 
 
-@_jit()
-def rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
-                      rstd_out, var_out, seamed, stream, r0, r1):
-    """rows_forward's rows of any length, [r0, r1): the statistic's moments, then its runs
-    normalized (streamed across the rows' ends when `seamed`)."""
-    o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
-    i = window_above(y, r0 * B, LANES)
-    h0, l0 = split(0.0, x)
-    before = (h0, l0, narrow(0.0, x))
-    for r in range(r0, r1):
-        n, mean, m2 = stat_moments(x, o, c, A, C, B)
-        mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
-        if seamed:
-            i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd,
-                                          i, before, r == r0, r == r1 - 1)
-        # the next statistic's runs follow this one's by B values, except from the last
-        # channel of an o with A > 1
-        ahead = B if A == 1 or c + 1 < C else 0
-        for a in range(0 if seamed else A):
-            lo = ((o * A + a) * C + c) * B
-            zs = z[lo:lo + B] if z.size else z
-            normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
-                          P, stream, ahead)
-        c += 1
-        if c == C:
-            o, c = o + 1, 0
-    if stream:
-        sfence()
+def _rows_forward_rows(epilogue):
+    """rows_forward_rows, or without `epilogue` rows_forward_rows_plain (see _rows_forward)."""
+
+    def rows_forward_rows(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps, y, mean_out,
+                          rstd_out, var_out, seamed, stream, r0, r1):
+        """rows_forward's rows of any length, [r0, r1): the statistic's moments, then its runs
+        normalized (streamed across the rows' ends when `seamed`)."""
+        o, c = r0 // C, r0 % C      # then stepped: two divisions per row of 128 cost ~15%
+        i = window_above(y, r0 * B, LANES)
+        h0, l0 = split(0.0, x)
+        before = (h0, l0, narrow(0.0, x))
+        for r in range(r0, r1):
+            n, mean, m2 = stat_moments(x, o, c, A, C, B)
+            mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
+            if seamed and epilogue:
+                i, before = stream_seamed_row(x, z, relu, y, wt, bt, C, B, P, r, c, mean, rstd,
+                                              i, before, r == r0, r == r1 - 1)
+            elif seamed:
+                i, before = _seamed_plain(x, z, y, wt, bt, C, B, P, r, c, mean, rstd, i, before,
+                                          r == r0, r == r1 - 1)
+            # the next statistic's runs follow this one's by B values, except from the last
+            # channel of an o with A > 1
+            ahead = B if A == 1 or c + 1 < C else 0
+            for a in range(0 if seamed else A):
+                lo = ((o * A + a) * C + c) * B
+                zs = z[lo:lo + B] if z.size else z
+                normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
+                              P, stream, ahead)
+            c += 1
+            if c == C:
+                o, c = o + 1, 0
+        if stream:
+            sfence()
+
+    rows_forward_rows.__name__ = rows_forward_rows.__qualname__ = (
+        "rows_forward_rows" if epilogue else "rows_forward_rows_plain")
+    return _jit()(rows_forward_rows)
+
+
+rows_forward_rows = _rows_forward_rows(True)
+rows_forward_rows_plain = _rows_forward_rows(False)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2892,33 +2923,10 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
 @_jit(parallel=True)
 def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
     """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
-    empty; stream: see rows_forward."""
+    empty; stream: see rows_forward. A call per run (runs of one cell each, short or
+    streamed: flat_normalize_runs; the front end chooses, normcore/_cpu.py: flat_kernels)."""
     x, z, y = borrow(x), borrow(z), borrow(y)
     L = A * C * B
-    # runs of one cell each: a call per chunk. Short ones, which a call per run cost more
-    # than their values; streamed long ones too (with the epilogue too), as one run of
-    # windows across the runs' ends (affine_runs): a run streamed alone wrote its partial
-    # first and last lines plain, and into NumPy's out= (16 bytes past a line) with caches
-    # swept, BatchNorm / InstanceNorm (32, 64, 56, 56) float32 eval ran 1.10 / 1.07-1.13x
-    # faster this way (aligned: 1.00)
-    if P == B and (B < STREAM_RUN or stream):
-        for item in prange(O * K):
-            o = item // K
-            k = item % K
-            hic = np.empty(C, w.dtype)
-            scc = np.empty(C, w.dtype)
-            shc = np.empty(C, w.dtype)
-            for c in range(C):
-                hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c],
-                                              x)
-            lo = o * L + k * L // K
-            hi = o * L + (k + 1) * L // K
-            c, b = run_piece(k * L // K, C, B)
-            affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic,
-                        scc, shc, stream)
-            if stream:
-                sfence()
-        return
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -2939,28 +2947,39 @@ def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
 
 
 @_jit(parallel=True)
+def flat_normalize_runs(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
+    """flat_normalize on runs of one cell each (P == B), short or streamed: a call per chunk.
+    Short runs, which a call per run cost more than their values; streamed long ones too
+    (with the epilogue too), as one run of windows across the runs' ends (affine_runs): a
+    run streamed alone wrote its partial first and last lines plain, and into NumPy's out=
+    (16 bytes past a line) with caches swept, BatchNorm / InstanceNorm (32, 64, 56, 56)
+    float32 eval ran 1.10 / 1.07-1.13x faster this way (aligned: 1.00)."""
+    x, z, y = borrow(x), borrow(z), borrow(y)
+    L = A * C * B
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        hic = np.empty(C, w.dtype)
+        scc = np.empty(C, w.dtype)
+        shc = np.empty(C, w.dtype)
+        for c in range(C):
+            hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c], x)
+        lo = o * L + k * L // K
+        hi = o * L + (k + 1) * L // K
+        c, b = run_piece(k * L // K, C, B)
+        affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic, scc,
+                    shc, stream)
+        if stream:
+            sfence()
+
+
+@_jit(parallel=True)
 def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_part,
                        dweight_part):
-    """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P)."""
+    """Partial sum(dy) and sum(dy * xhat) per (o, k, parameter cell): (O, K, C * B // P). A
+    call per run (short runs of one cell each without ReLU: flat_backward_sums_runs)."""
     dy, y, x = borrow(dy), borrow(y), borrow(x)
     L = A * C * B
-    if P == B and B < STREAM_RUN and not relu:
-        # short runs of one cell each: a call per chunk (as in flat_normalize)
-        for item in prange(O * K):
-            o = item // K
-            k = item % K
-            dbias = dbias_part[o, k]
-            dweight = dweight_part[o, k]
-            dbias[:] = 0.0
-            dweight[:] = 0.0
-            lo = o * L + k * L // K
-            hi = o * L + (k + 1) * L // K
-            c, b = run_piece(k * L // K, C, B)
-            scalar_sums_runs(dy[lo:hi], x[lo:hi], B, b, c, C, mean[o * C:(o + 1) * C], dbias,
-                             dweight)
-            for c in range(C):
-                dweight[c] *= rstd[o * C + c]
-        return
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -2983,32 +3002,35 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
 
 
 @_jit(parallel=True)
+def flat_backward_sums_runs(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_part,
+                            dweight_part):
+    """flat_backward_sums on short runs of one cell each (P == B < STREAM_RUN), without ReLU:
+    a call per chunk (as in flat_normalize_runs)."""
+    dy, x = borrow(dy), borrow(x)
+    L = A * C * B
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        dbias = dbias_part[o, k]
+        dweight = dweight_part[o, k]
+        dbias[:] = 0.0
+        dweight[:] = 0.0
+        lo = o * L + k * L // K
+        hi = o * L + (k + 1) * L // K
+        c, b = run_piece(k * L // K, C, B)
+        scalar_sums_runs(dy[lo:hi], x[lo:hi], B, b, c, C, mean[o * C:(o + 1) * C], dbias,
+                         dweight)
+        for c in range(C):
+            dweight[c] *= rstd[o * C + c]
+
+
+@_jit(parallel=True)
 def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz, stream):
     """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64; stream:
-    see rows_backward."""
+    see rows_backward. A call per run (short runs of one cell each without ReLU:
+    flat_backward_dx_runs)."""
     dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
     L = A * C * B
-    if P == B and B < STREAM_RUN and not relu and not dz.size:
-        # short runs of one cell each: coefficients per channel, a call per chunk (as in
-        # flat_normalize)
-        for item in prange(O * K):
-            o = item // K
-            k = item % K
-            a = np.empty(C, w.dtype)
-            hic = np.empty(C, w.dtype)
-            nbc = np.empty(C, w.dtype)
-            shc = np.empty(C, w.dtype)
-            for c in range(C):
-                oc = o * C + c
-                a[c], hic[c], nbc[c], shc[c] = dx_scalar_coefficients(mean[oc], rstd[oc], w[c],
-                                                                      c1[oc], c2[oc], x)
-            lo = o * L + k * L // K
-            hi = o * L + (k + 1) * L // K
-            c, b = run_piece(k * L // K, C, B)
-            dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc, stream)
-            if stream:
-                sfence()
-        return
     for item in prange(O * K):
         o = item // K
         k = item % K
@@ -3026,6 +3048,32 @@ def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx
             pos += e
             b = 0
             c = c + 1 if c + 1 < C else 0
+        if stream:
+            sfence()
+
+
+@_jit(parallel=True)
+def flat_backward_dx_runs(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz,
+                          stream):
+    """flat_backward_dx on short runs of one cell each (P == B < STREAM_RUN), without ReLU or
+    residual: coefficients per channel, a call per chunk (as in flat_normalize_runs)."""
+    dy, x, dx = borrow(dy), borrow(x), borrow(dx)
+    L = A * C * B
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        a = np.empty(C, w.dtype)
+        hic = np.empty(C, w.dtype)
+        nbc = np.empty(C, w.dtype)
+        shc = np.empty(C, w.dtype)
+        for c in range(C):
+            oc = o * C + c
+            a[c], hic[c], nbc[c], shc[c] = dx_scalar_coefficients(mean[oc], rstd[oc], w[c],
+                                                                  c1[oc], c2[oc], x)
+        lo = o * L + k * L // K
+        hi = o * L + (k + 1) * L // K
+        c, b = run_piece(k * L // K, C, B)
+        dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc, stream)
         if stream:
             sfence()
 
@@ -3694,6 +3742,7 @@ def frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
 
 column_normalize_serial = column_normalize.serial
 flat_normalize_serial = flat_normalize.serial
+flat_normalize_runs_serial = flat_normalize_runs.serial
 
 
 @_jit()
@@ -3708,6 +3757,9 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
     frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
     if columns:
         column_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
+    elif P == B and B < STREAM_RUN:     # (normcore/_cpu.py: flat_kernels)
+        flat_normalize_runs_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y,
+                                   False)
     else:
         flat_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
 
@@ -3717,6 +3769,7 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
 KERNELS = {
     "rows_moments": rows_moments,
     "rows_forward": rows_forward,
+    "rows_forward_plain": rows_forward_plain,
     "rows_forward_fused": rows_forward_fused,
     "rows_forward_fused_plain": rows_forward_fused_plain,
     "rows_forward_short": rows_forward_short,
@@ -3727,8 +3780,11 @@ KERNELS = {
     "rows_backward_cells": rows_backward_cells,
     "flat_moments": flat_moments,
     "flat_normalize": flat_normalize,
+    "flat_normalize_runs": flat_normalize_runs,
     "flat_backward_sums": flat_backward_sums,
+    "flat_backward_sums_runs": flat_backward_sums_runs,
     "flat_backward_dx": flat_backward_dx,
+    "flat_backward_dx_runs": flat_backward_dx_runs,
     "column_moments": column_moments,
     "column_forward": column_forward,
     "column_normalize": column_normalize,

@@ -109,9 +109,24 @@ def moments(plan, x, narrow=False):
     return mean.reshape(-1), var.reshape(-1)
 
 
-def normalize_kernel(plan):
-    """The kernel of the normalize pass alone (see Plan.normalize_path)."""
-    return K.column_normalize if plan.normalize_path == "columns" else K.flat_normalize
+def normalize_kernel(plan, stream):
+    """The kernel of the normalize pass alone (see Plan.normalize_path), writing its output
+    with non-temporal stores (`stream`) or not."""
+    if plan.normalize_path == "columns":
+        return K.column_normalize
+    return flat_kernels(plan, stream, False)[0]
+
+
+def flat_kernels(plan, stream, relu):
+    """The flat path's (normalize, backward sums, backward dx) kernels: on runs of one cell
+    each (P == B), short ones or streamed, a call per chunk of runs (flat_*_runs; the backward
+    without ReLU, short runs only), else a call per run. One kernel per loop: one that chose
+    at run time compiled both loops on its first call."""
+    cells = plan.P == plan.B
+    short = cells and plan.B < K.STREAM_RUN
+    return (K.flat_normalize_runs if cells and (short or stream) else K.flat_normalize,
+            K.flat_backward_sums_runs if short and not relu else K.flat_backward_sums,
+            K.flat_backward_dx_runs if short and not relu else K.flat_backward_dx)
 
 
 def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
@@ -120,8 +135,9 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
-    _run(plan, normalize_kernel(plan), x, z, relu, O, A, C, B, plan.P, plan.K, mean, rstd, w,
-         bias, y, streams(y))
+    stream = streams(y)
+    _run(plan, normalize_kernel(plan, stream), x, z, relu, O, A, C, B, plan.P, plan.K, mean,
+         rstd, w, bias, y, stream)
 
 
 def row_cells(plan, w):
@@ -142,8 +158,8 @@ def rows_forward_kernel(A, B, P, itemsize, relu, residual):
     (rows_forward_fused), up to SHORT_ROW with a residual or ReLU (kernels/cpu.py: FUSED_ROW
     has the measurements); float16 rows and float32 rows under 64 values kept the blocks of
     rows (rows_forward_short; one at a time, float16 rows of 64 ran 0.82-0.88x, 128 0.98x,
-    float32 rows of 49 0.91-1.0x); the rest rows_forward. Without an epilogue, the fused
-    rows' kernel that compiles none (rows_forward_fused_plain)."""
+    float32 rows of 49 0.91-1.0x); the rest rows_forward. Without an epilogue, the fused and
+    the general rows' kernels that compile none (rows_forward_fused_plain, rows_forward_plain)."""
     if A == 1 and P == 1:
         fused = itemsize == 8 or itemsize == 4 and B >= 64
         if fused and not relu and not residual and B <= K.FUSED_ROW:
@@ -152,7 +168,7 @@ def rows_forward_kernel(A, B, P, itemsize, relu, residual):
             return K.rows_forward_fused
         if B <= K.SHORT_ROW:
             return K.rows_forward_short
-    return K.rows_forward
+    return K.rows_forward_plain if not relu and not residual else K.rows_forward
 
 
 def rows_backward_kernel(A, C, B, P, relu, residual, short_cells):
@@ -297,7 +313,8 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         return dweight.sum(0), dbias.sum(0)
     shape = (O, plan.K, C * Q)
     sdy, sdyxhat = np.empty(shape), np.empty(shape)
-    _run(plan, K.flat_backward_sums, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+    _, sums_kernel, dx_kernel = flat_kernels(plan, False, relu)
+    _run(plan, sums_kernel, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
          sdy, sdyxhat)
     sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)
     n = A * B
@@ -305,6 +322,6 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
     zeros = np.zeros(O * C)
     c1 = zeros if frozen else (sdyxhat.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
     c2 = zeros if frozen or not centered else (sdy.reshape(O, C, Q) * wq).sum(2).reshape(-1) / n
-    _run(plan, K.flat_backward_dx, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
+    _run(plan, dx_kernel, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
          c1, c2, dx, dz, streams(dx))
     return sdyxhat.sum(0), sdy.sum(0)

@@ -194,8 +194,9 @@ def _exercise_every_path(dtype, rows):
     dy = np.ones_like(x)
     for fwd, bwd in [(nc.batch_norm_forward, nc.batch_norm_backward),            # flat
                      (nc.instance_norm_forward, nc.instance_norm_backward)]:     # rows
-        f = fwd(x)
-        bwd(dy, x, f.mean, f.rstd)
+        for activation in (None, "relu"):      # (flat: the ReLU's backward a call per run)
+            f = fwd(x, activation=activation)
+            bwd(dy, x, f.mean, f.rstd, activation=activation, y=f.y)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
     f = nc.batch_norm_forward(xl, axis=-1)          # fused when small, else row chunks
     nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
@@ -204,9 +205,9 @@ def _exercise_every_path(dtype, rows):
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1,
                   activation="relu")
     # the row kernels' loops, one kernel each (normcore/_cpu.py: rows_forward_kernel), with
-    # the ReLU epilogue and without
-    for cols in (48, 96, 1100):
-        xr = rng.standard_normal((rows, cols)).astype(dtype)
+    # the ReLU epilogue and without; a few long rows: the flat kernels' run per call
+    for shape in ((rows, 48), (rows, 96), (rows, 1100), (2, 8192 * max(1, rows // 16))):
+        xr = rng.standard_normal(shape).astype(dtype)
         for activation in (None, "relu"):
             f = nc.layer_norm_forward(xr, activation=activation)
             nc.layer_norm_backward(np.ones_like(xr), xr, f.mean, f.rstd, activation=activation,
@@ -941,15 +942,20 @@ def test_streamed_long_rows_equal_the_plain_ones_wherever_y_starts(O, C, P, Q, d
         return buf, start, buf[start:start + R * B]
 
     results = []
-    for stream in (True, False):
-        buf, start, y = output()
-        stats = np.full((3, R), np.nan)
-        cpu.rows_forward(x, z, relu, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0], stats[1],
-                         stats[2], stream)
-        assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
-        results.append((y, stats))
-    (y1, s1), (y2, s2) = results
+    # without an epilogue, the kernel compiled without one too
+    kernels = [cpu.rows_forward] + ([] if relu or residual else [cpu.rows_forward_plain])
+    for kernel in kernels:
+        for stream in (True, False):
+            buf, start, y = output()
+            stats = np.full((3, R), np.nan)
+            kernel(x, z, relu, True, O, 1, C, B, P, w, bias, 1e-5, y, stats[0], stats[1],
+                   stats[2], stream)
+            assert np.isnan(buf[:start]).all() and np.isnan(buf[start + R * B:]).all()
+            results.append((y, stats))
+    (y1, s1), (y2, s2) = results[:2]
     assert not np.isnan(y1).any() and np.array_equal(y1, y2) and np.array_equal(s1, s2)
+    for y4, s4 in results[2:]:
+        assert np.array_equal(y4, y1) and np.array_equal(s4, s1)
     cut = data.draw(st.lists(st.integers(0, R), max_size=3))
     bounds = np.array(sorted({0, R, *cut}))
     buf, start, y3 = output()
