@@ -1136,51 +1136,65 @@ def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False, ahead=0):
             ys[i] = store(activate((loadc(xs[i]) - hi) * sc + sh, relu), ys)
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def affine_runs(xs, zs, ys, relu, B, b, c, C, hi, sc, sh, stream=False):
-    """affine_run over a chunk of consecutive runs of B values (one parameter cell each), the
-    first from offset b of channel c's run, with per-channel hi, sc, sh (C,) from fold: one
-    call per chunk instead of one per run (BatchNorm channels-first runs of 196). Each run
-    is sliced and looped from 0: `for i in range(pos, pos + e)` over the whole chunk compiled
-    to AVX-512 masked stores here and ran 5x slower. stream: non-temporal stores, the chunk
-    as one run of windows (see stream_affine_runs; the caller fences): BatchNorm
-    (256, 256, 14, 14) eval 1.2-1.3x and training forward 1.1-1.2x faster than with plain
-    stores (in one process), bit for bit the same values. With the residual and ReLU too
-    (float64 with a residual: plain, as in affine_run), against plain stores on runs of 196
-    and a run streamed at a time on runs of 3136, float32 forward with caches swept:
-    (256, 256, 14, 14) 1.23-1.27x (relu / residual / both; in cache 1.35-1.53x), float64 with
-    ReLU 1.27x; (32, 64, 56, 56) 1.03-1.06x, both 1.06-1.15x."""
-    if stream and xs.size >= STREAM_RUN and not (zs.size and xs.itemsize == 8):
-        coefficients = (hi, sc, sh)
-        if relu and zs.size:
-            done = stream_affine_runs_both(ys, (xs, zs), B, b, c, C, coefficients)
-        elif relu:
-            done = stream_affine_runs_relu(ys, (xs,), B, b, c, C, coefficients)
-        elif zs.size:
-            done = stream_affine_runs_residual(ys, (xs, zs), B, b, c, C, coefficients)
-        else:
-            done = stream_affine_runs(ys, (xs,), B, b, c, C, coefficients)
-        if done:
-            return
-    n = xs.size
-    pos = 0
-    while pos < n:
-        e = min(n - pos, B - b)
-        h = hi[c]
-        s = sc[c]
-        t = sh[c]
-        xr, yr = xs[pos:pos + e], ys[pos:pos + e]
-        if zs.size:
-            zr = zs[pos:pos + e]
-            for i in range(e):
-                v = (loadc(xr[i]) - h) * s + t + loadc(zr[i])
-                yr[i] = store(activate(v, relu), yr)
-        else:
-            for i in range(e):
-                yr[i] = store(activate((loadc(xr[i]) - h) * s + t, relu), yr)
-        pos += e
-        b = 0
-        c = c + 1 if c + 1 < C else 0
+def _affine_runs(epilogue):
+    """affine_runs, or without `epilogue` affine_runs_plain: the same loops for chunks
+    without a residual or ReLU (zs empty, relu False), whose streamed windows then compile
+    without the epilogue's variants (see _rows_forward)."""
+
+    def affine_runs(xs, zs, ys, relu, B, b, c, C, hi, sc, sh, stream=False):
+        """affine_run over a chunk of consecutive runs of B values (one parameter cell each), the
+        first from offset b of channel c's run, with per-channel hi, sc, sh (C,) from fold: one
+        call per chunk instead of one per run (BatchNorm channels-first runs of 196). Each run
+        is sliced and looped from 0: `for i in range(pos, pos + e)` over the whole chunk compiled
+        to AVX-512 masked stores here and ran 5x slower. stream: non-temporal stores, the chunk
+        as one run of windows (see stream_affine_runs; the caller fences): BatchNorm
+        (256, 256, 14, 14) eval 1.2-1.3x and training forward 1.1-1.2x faster than with plain
+        stores (in one process), bit for bit the same values. With the residual and ReLU too
+        (float64 with a residual: plain, as in affine_run), against plain stores on runs of 196
+        and a run streamed at a time on runs of 3136, float32 forward with caches swept:
+        (256, 256, 14, 14) 1.23-1.27x (relu / residual / both; in cache 1.35-1.53x), float64 with
+        ReLU 1.27x; (32, 64, 56, 56) 1.03-1.06x, both 1.06-1.15x."""
+        if stream and xs.size >= STREAM_RUN and not (zs.size and xs.itemsize == 8):
+            coefficients = (hi, sc, sh)
+            if not epilogue:
+                done = stream_affine_runs(ys, (xs,), B, b, c, C, coefficients)
+            elif relu and zs.size:
+                done = stream_affine_runs_both(ys, (xs, zs), B, b, c, C, coefficients)
+            elif relu:
+                done = stream_affine_runs_relu(ys, (xs,), B, b, c, C, coefficients)
+            elif zs.size:
+                done = stream_affine_runs_residual(ys, (xs, zs), B, b, c, C, coefficients)
+            else:
+                done = stream_affine_runs(ys, (xs,), B, b, c, C, coefficients)
+            if done:
+                return
+        n = xs.size
+        pos = 0
+        while pos < n:
+            e = min(n - pos, B - b)
+            h = hi[c]
+            s = sc[c]
+            t = sh[c]
+            xr, yr = xs[pos:pos + e], ys[pos:pos + e]
+            if zs.size:
+                zr = zs[pos:pos + e]
+                for i in range(e):
+                    v = (loadc(xr[i]) - h) * s + t + loadc(zr[i])
+                    yr[i] = store(activate(v, relu), yr)
+            else:
+                for i in range(e):
+                    yr[i] = store(activate((loadc(xr[i]) - h) * s + t, relu), yr)
+            pos += e
+            b = 0
+            c = c + 1 if c + 1 < C else 0
+
+    affine_runs.__name__ = affine_runs.__qualname__ = (
+        "affine_runs" if epilogue else "affine_runs_plain")
+    return _jit(fastmath=_ELEMENTWISE)(affine_runs)
+
+
+affine_runs = _affine_runs(True)
+affine_runs_plain = _affine_runs(False)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2946,31 +2960,45 @@ def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
             sfence()
 
 
-@_jit(parallel=True)
-def flat_normalize_runs(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
-    """flat_normalize on runs of one cell each (P == B), short or streamed: a call per chunk.
-    Short runs, which a call per run cost more than their values; streamed long ones too
-    (with the epilogue too), as one run of windows across the runs' ends (affine_runs): a
-    run streamed alone wrote its partial first and last lines plain, and into NumPy's out=
-    (16 bytes past a line) with caches swept, BatchNorm / InstanceNorm (32, 64, 56, 56)
-    float32 eval ran 1.10 / 1.07-1.13x faster this way (aligned: 1.00)."""
-    x, z, y = borrow(x), borrow(z), borrow(y)
-    L = A * C * B
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        hic = np.empty(C, w.dtype)
-        scc = np.empty(C, w.dtype)
-        shc = np.empty(C, w.dtype)
-        for c in range(C):
-            hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c], x)
-        lo = o * L + k * L // K
-        hi = o * L + (k + 1) * L // K
-        c, b = run_piece(k * L // K, C, B)
-        affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic, scc,
-                    shc, stream)
-        if stream:
-            sfence()
+def _flat_normalize_runs(epilogue):
+    """flat_normalize_runs, or without `epilogue` flat_normalize_runs_plain (calls without a
+    residual or ReLU: affine_runs_plain; see _rows_forward)."""
+
+    def flat_normalize_runs(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
+        """flat_normalize on runs of one cell each (P == B), short or streamed: a call per chunk.
+        Short runs, which a call per run cost more than their values; streamed long ones too
+        (with the epilogue too), as one run of windows across the runs' ends (affine_runs): a
+        run streamed alone wrote its partial first and last lines plain, and into NumPy's out=
+        (16 bytes past a line) with caches swept, BatchNorm / InstanceNorm (32, 64, 56, 56)
+        float32 eval ran 1.10 / 1.07-1.13x faster this way (aligned: 1.00)."""
+        x, z, y = borrow(x), borrow(z), borrow(y)
+        L = A * C * B
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            hic = np.empty(C, w.dtype)
+            scc = np.empty(C, w.dtype)
+            shc = np.empty(C, w.dtype)
+            for c in range(C):
+                hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c], x)
+            lo = o * L + k * L // K
+            hi = o * L + (k + 1) * L // K
+            c, b = run_piece(k * L // K, C, B)
+            if epilogue:
+                affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic,
+                            scc, shc, stream)
+            else:
+                affine_runs_plain(x[lo:hi], z, y[lo:hi], False, B, b, c, C, hic, scc, shc, stream)
+            if stream:
+                sfence()
+
+    flat_normalize_runs.__name__ = flat_normalize_runs.__qualname__ = (
+        "flat_normalize_runs" if epilogue else "flat_normalize_runs_plain")
+    return _jit(parallel=True)(flat_normalize_runs)
+
+
+flat_normalize_runs = _flat_normalize_runs(True)
+flat_normalize_runs_plain = _flat_normalize_runs(False)
 
 
 @_jit(parallel=True)
@@ -3742,7 +3770,7 @@ def frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
 
 column_normalize_serial = column_normalize.serial
 flat_normalize_serial = flat_normalize.serial
-flat_normalize_runs_serial = flat_normalize_runs.serial
+flat_normalize_runs_plain_serial = flat_normalize_runs_plain.serial
 
 
 @_jit()
@@ -3758,8 +3786,8 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
     if columns:
         column_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
     elif P == B and B < STREAM_RUN:     # (normcore/_cpu.py: flat_kernels)
-        flat_normalize_runs_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y,
-                                   False)
+        flat_normalize_runs_plain_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias,
+                                         y, False)
     else:
         flat_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
 
@@ -3781,6 +3809,7 @@ KERNELS = {
     "flat_moments": flat_moments,
     "flat_normalize": flat_normalize,
     "flat_normalize_runs": flat_normalize_runs,
+    "flat_normalize_runs_plain": flat_normalize_runs_plain,
     "flat_backward_sums": flat_backward_sums,
     "flat_backward_sums_runs": flat_backward_sums_runs,
     "flat_backward_dx": flat_backward_dx,

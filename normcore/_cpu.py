@@ -109,22 +109,24 @@ def moments(plan, x, narrow=False):
     return mean.reshape(-1), var.reshape(-1)
 
 
-def normalize_kernel(plan, stream):
+def normalize_kernel(plan, stream, relu, residual):
     """The kernel of the normalize pass alone (see Plan.normalize_path), writing its output
-    with non-temporal stores (`stream`) or not."""
+    with non-temporal stores (`stream`) or not, with ReLU and a residual or not."""
     if plan.normalize_path == "columns":
         return K.column_normalize
-    return flat_kernels(plan, stream, False)[0]
+    return flat_kernels(plan, stream, relu, residual)[0]
 
 
-def flat_kernels(plan, stream, relu):
+def flat_kernels(plan, stream, relu, residual=False):
     """The flat path's (normalize, backward sums, backward dx) kernels: on runs of one cell
-    each (P == B), short ones or streamed, a call per chunk of runs (flat_*_runs; the backward
-    without ReLU, short runs only), else a call per run. One kernel per loop: one that chose
-    at run time compiled both loops on its first call."""
+    each (P == B), short ones or streamed, a call per chunk of runs (flat_*_runs, the
+    normalize without ReLU or residual flat_normalize_runs_plain; the backward without ReLU,
+    short runs only), else a call per run. One kernel per loop: one that chose at run time
+    compiled both loops on its first call."""
     cells = plan.P == plan.B
     short = cells and plan.B < K.STREAM_RUN
-    return (K.flat_normalize_runs if cells and (short or stream) else K.flat_normalize,
+    runs = K.flat_normalize_runs if relu or residual else K.flat_normalize_runs_plain
+    return (runs if cells and (short or stream) else K.flat_normalize,
             K.flat_backward_sums_runs if short and not relu else K.flat_backward_sums,
             K.flat_backward_dx_runs if short and not relu else K.flat_backward_dx)
 
@@ -136,8 +138,8 @@ def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
     x, y = _bits(x), _bits(y)
     z = _none_like(x) if z is None else _bits(z)
     stream = streams(y)
-    _run(plan, normalize_kernel(plan, stream), x, z, relu, O, A, C, B, plan.P, plan.K, mean,
-         rstd, w, bias, y, stream)
+    _run(plan, normalize_kernel(plan, stream, relu, z.size), x, z, relu, O, A, C, B, plan.P,
+         plan.K, mean, rstd, w, bias, y, stream)
 
 
 def row_cells(plan, w):
