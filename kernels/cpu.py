@@ -168,6 +168,21 @@ def _jit(*, parallel=False, fastmath=_REDUCE, inline="never"):
     return decorate
 
 
+def _variants(factory, **options):
+    """(kernel, kernel_plain): factory(True) compiled as is and factory(False) as
+    `<name>_plain`, the same loops for calls without a residual or ReLU. `epilogue` is a
+    constant of the factory's closure, and Numba prunes a branch on it before typing, so the
+    plain kernel compiles none of the epilogue's callees; a bool argument would not (a literal
+    passed from jit code only gives a second overload, every branch still typed). Each kernel
+    keeps its own name, and so its own on-disk cache entry."""
+    kernels = []
+    for epilogue in (True, False):
+        func = factory(epilogue)
+        func.__name__ = func.__qualname__ = func.__name__ + ("" if epilogue else "_plain")
+        kernels.append(_jit(**options)(func))
+    return tuple(kernels)
+
+
 # ---------------------------------------------------------------------------------------------
 # Element access: float16 as uint16 bits, converted with the CPU's half instructions
 # ---------------------------------------------------------------------------------------------
@@ -1188,13 +1203,10 @@ def _affine_runs(epilogue):
             b = 0
             c = c + 1 if c + 1 < C else 0
 
-    affine_runs.__name__ = affine_runs.__qualname__ = (
-        "affine_runs" if epilogue else "affine_runs_plain")
-    return _jit(fastmath=_ELEMENTWISE)(affine_runs)
+    return affine_runs
 
 
-affine_runs = _affine_runs(True)
-affine_runs_plain = _affine_runs(False)
+affine_runs, affine_runs_plain = _variants(_affine_runs, fastmath=_ELEMENTWISE)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2193,45 +2205,40 @@ def _rows_forward(epilogue):
                 rows_forward_rows_plain(x, z, relu, centered, A, C, B, P, w, bias, wt, bt, eps,
                                         y, mean_out, rstd_out, var_out, seamed, stream, r0, r1)
 
-    rows_forward.__name__ = rows_forward.__qualname__ = (
-        "rows_forward" if epilogue else "rows_forward_plain")
-    return _jit(parallel=True)(rows_forward)
+    return rows_forward
 
 
-rows_forward = _rows_forward(True)
-rows_forward_plain = _rows_forward(False)
+rows_forward, rows_forward_plain = _variants(_rows_forward, parallel=True)
 
 
-@_jit(parallel=True)
-def rows_forward_fused(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
-                       rstd_out, var_out, stream):
-    """rows_forward on contiguous rows (A == 1) of float32 / float64 values with a weight per
-    element (P == 1), each row's statistics and normalization at once (short_rows_fused)."""
-    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
-    R = O * C
-    nblk = row_blocks(R, B)
-    stream = streams_rows(y, B, stream)
-    wt = tile_columns(w) if stream else w
-    bt = tile_columns(bias) if stream else bias
-    for k in prange(nblk):
-        short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                         var_out, k * R // nblk, (k + 1) * R // nblk, stream)
+def _rows_forward_fused(epilogue):
+    """rows_forward_fused, or without `epilogue` rows_forward_fused_plain (short_rows_fused_plain:
+    see _rows_forward)."""
+
+    def rows_forward_fused(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
+                           rstd_out, var_out, stream):
+        """rows_forward on contiguous rows (A == 1) of float32 / float64 values with a weight
+        per element (P == 1), each row's statistics and normalization at once
+        (short_rows_fused)."""
+        x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
+        R = O * C
+        nblk = row_blocks(R, B)
+        stream = streams_rows(y, B, stream)
+        wt = tile_columns(w) if stream else w
+        bt = tile_columns(bias) if stream else bias
+        for k in prange(nblk):
+            r0, r1 = k * R // nblk, (k + 1) * R // nblk
+            if epilogue:
+                short_rows_fused(x, z, relu, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                                 var_out, r0, r1, stream)
+            else:
+                short_rows_fused_plain(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
+                                       var_out, r0, r1, stream)
+
+    return rows_forward_fused
 
 
-@_jit(parallel=True)
-def rows_forward_fused_plain(x, z, relu, centered, O, A, C, B, P, w, bias, eps, y, mean_out,
-                             rstd_out, var_out, stream):
-    """rows_forward_fused without a residual or ReLU (z empty, relu False): the epilogues'
-    loops left out of its compilation (short_rows_fused_plain)."""
-    x, z, y, w, bias = borrow(x), borrow(z), borrow(y), borrow(w), borrow(bias)
-    R = O * C
-    nblk = row_blocks(R, B)
-    stream = streams_rows(y, B, stream)
-    wt = tile_columns(w) if stream else w
-    bt = tile_columns(bias) if stream else bias
-    for k in prange(nblk):
-        short_rows_fused_plain(x, z, centered, C, B, wt, bt, eps, y, mean_out, rstd_out,
-                               var_out, k * R // nblk, (k + 1) * R // nblk, stream)
+rows_forward_fused, rows_forward_fused_plain = _variants(_rows_forward_fused, parallel=True)
 
 
 @_jit(parallel=True)
@@ -2282,13 +2289,10 @@ def _rows_forward_rows(epilogue):
         if stream:
             sfence()
 
-    rows_forward_rows.__name__ = rows_forward_rows.__qualname__ = (
-        "rows_forward_rows" if epilogue else "rows_forward_rows_plain")
-    return _jit()(rows_forward_rows)
+    return rows_forward_rows
 
 
-rows_forward_rows = _rows_forward_rows(True)
-rows_forward_rows_plain = _rows_forward_rows(False)
+rows_forward_rows, rows_forward_rows_plain = _variants(_rows_forward_rows)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2720,80 +2724,72 @@ def instance_rows_loop(dy, x, C, B, mean, rstd, w, frozen, centered, dbias_part,
     flush(dweight, dweight_part)
 
 
-@_jit(parallel=True)
-def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered, nblk,
-                  dbias_part, dweight_part, dx, dz, stream):
-    """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache; any
-    rows (rows_backward_block).
+def _rows_backward(epilogue):
+    """rows_backward, or without `epilogue` rows_backward_plain, which compiles only the
+    ReLU-less row loop (see _rows_forward)."""
 
-    mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64).
-    w: (C * B // P,) parameter cells in the compute dtype; w_dx: the same array, or w repeated
-    per element (C * B values) for the dx pass, which then runs over a statistic's cells as
-    one loop (short cells, see normcore/_plan.py: SHORT_CELL).
-    dbias_part, dweight_part: (nblk, C * B // P) zeroed partial sums, one row per block of
-    statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
-    compute dtype (w's) first.
-    y: the saved output (read with relu only); dz: the residual's gradient, or empty.
-    stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
-    """
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    R = O * C
-    for k in prange(nblk):
-        r0, r1 = k * R // nblk, (k + 1) * R // nblk
-        if relu:    # a constant for the helpers (see short_rows_backward)
-            rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
-                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0,
-                                r1)
-        else:
-            rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
-                                centered, dbias_part[k], dweight_part[k], dx, dz, stream, r0,
-                                r1)
+    def rows_backward(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                      nblk, dbias_part, dweight_part, dx, dz, stream):
+        """Fused backward, one statistic at a time: its sums, then dx (and dz) from cache; any
+        rows (rows_backward_block).
 
+        mean, rstd: (O * C,) saved statistics (float32 or float64, used as float64).
+        w: (C * B // P,) parameter cells in the compute dtype; w_dx: the same array, or w repeated
+        per element (C * B values) for the dx pass, which then runs over a statistic's cells as
+        one loop (short cells, see normcore/_plan.py: SHORT_CELL).
+        dbias_part, dweight_part: (nblk, C * B // P) zeroed partial sums, one row per block of
+        statistics, summed by the caller; each block adds BLOCK_ROWS statistics at a time in the
+        compute dtype (w's) first.
+        y: the saved output (read with relu only); dz: the residual's gradient, or empty.
+        stream: non-temporal stores for dx where dx_run can use them (see rows_forward).
+        """
+        dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+        R = O * C
+        for k in prange(nblk):
+            r0, r1 = k * R // nblk, (k + 1) * R // nblk
+            if epilogue and relu:   # a constant for the helpers (see short_rows_backward)
+                rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                    centered, dbias_part[k], dweight_part[k], dx, dz, stream,
+                                    r0, r1)
+            else:
+                rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                                    centered, dbias_part[k], dweight_part[k], dx, dz, stream,
+                                    r0, r1)
 
-@_jit(parallel=True)
-def rows_backward_plain(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                        nblk, dbias_part, dweight_part, dx, dz, stream):
-    """rows_backward without ReLU (relu False, y and dz empty): the ReLU's loops left out of
-    its compilation."""
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    R = O * C
-    for k in prange(nblk):
-        rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                            dbias_part[k], dweight_part[k], dx, dz, stream, k * R // nblk,
-                            (k + 1) * R // nblk)
+    return rows_backward
 
 
-@_jit(parallel=True)
-def rows_backward_short(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                        nblk, dbias_part, dweight_part, dx, dz, stream):
-    """rows_backward on contiguous rows (A == 1, C == 1) of up to FUSED_ROW values with a
-    weight per element (P == 1): a row's sums and dx in one loop (short_rows_backward)."""
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    R = O * C
-    # float32 / float64 (the windows' types), rows of a line or more
-    stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
-              and streamable_dz(dx, dz, relu))
-    wt = tile_columns(w, DX_LANES) if stream else w
-    for k in prange(nblk):
-        short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
-                            dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
-                            (k + 1) * R // nblk, stream)
+rows_backward, rows_backward_plain = _variants(_rows_backward, parallel=True)
 
 
-@_jit(parallel=True)
-def rows_backward_short_plain(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen,
-                              centered, nblk, dbias_part, dweight_part, dx, dz, stream):
-    """rows_backward_short without ReLU (relu False, y and dz empty): the ReLU's loops left
-    out of its compilation (short_rows_backward_plain)."""
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    R = O * C
-    stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
-              and streamable_dz(dx, dz, False))
-    wt = tile_columns(w, DX_LANES) if stream else w
-    for k in prange(nblk):
-        short_rows_backward_plain(dy, y, x, B, mean, rstd, w, wt, frozen, centered,
-                                  dbias_part[k], dweight_part[k], dx, dz, k * R // nblk,
-                                  (k + 1) * R // nblk, stream)
+def _rows_backward_short(epilogue):
+    """rows_backward_short, or without `epilogue` rows_backward_short_plain
+    (short_rows_backward_plain: see _rows_forward)."""
+
+    def rows_backward_short(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, frozen,
+                            centered, nblk, dbias_part, dweight_part, dx, dz, stream):
+        """rows_backward on contiguous rows (A == 1, C == 1) of up to FUSED_ROW values with a
+        weight per element (P == 1): a row's sums and dx in one loop (short_rows_backward)."""
+        dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+        R = O * C
+        # float32 / float64 (the windows' types), rows of a line or more
+        stream = (stream and dx.itemsize >= 4 and B * dx.itemsize >= 64
+                  and streamable_dz(dx, dz, relu))
+        wt = tile_columns(w, DX_LANES) if stream else w
+        for k in prange(nblk):
+            r0, r1 = k * R // nblk, (k + 1) * R // nblk
+            if epilogue:
+                short_rows_backward(dy, y, relu, x, B, mean, rstd, w, wt, frozen, centered,
+                                    dbias_part[k], dweight_part[k], dx, dz, r0, r1, stream)
+            else:
+                short_rows_backward_plain(dy, y, x, B, mean, rstd, w, wt, frozen, centered,
+                                          dbias_part[k], dweight_part[k], dx, dz, r0, r1,
+                                          stream)
+
+    return rows_backward_short
+
+
+rows_backward_short, rows_backward_short_plain = _variants(_rows_backward_short, parallel=True)
 
 
 @_jit(parallel=True)
@@ -2992,13 +2988,10 @@ def _flat_normalize_runs(epilogue):
             if stream:
                 sfence()
 
-    flat_normalize_runs.__name__ = flat_normalize_runs.__qualname__ = (
-        "flat_normalize_runs" if epilogue else "flat_normalize_runs_plain")
-    return _jit(parallel=True)(flat_normalize_runs)
+    return flat_normalize_runs
 
 
-flat_normalize_runs = _flat_normalize_runs(True)
-flat_normalize_runs_plain = _flat_normalize_runs(False)
+flat_normalize_runs, flat_normalize_runs_plain = _variants(_flat_normalize_runs, parallel=True)
 
 
 @_jit(parallel=True)
