@@ -2934,7 +2934,8 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
 def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
     """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
     empty; stream: see rows_forward. A call per run (runs of one cell each, short or
-    streamed: flat_normalize_runs; the front end chooses, normcore/_cpu.py: flat_kernels)."""
+    streamed: flat_normalize_runs; the front end chooses, normcore/_cpu.py:
+    normalize_kernel)."""
     x, z, y = borrow(x), borrow(z), borrow(y)
     L = A * C * B
     for item in prange(O * K):
@@ -3216,42 +3217,52 @@ def rows_column_moments(x, J, j0, j1, lo, hi, mean, m2, narrow):
     return cnt
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
-    """y = relu((x - hi) * scale + shift + z) on columns [j0, j1) of rows [r0, r1) of the
-    flat (N, J) view, with per-column hi, scale, shift (j1 - j0,) in the compute dtype (the
-    mean's low part folded into shift, see fold); z may be empty. stream (whole rows only):
-    as in affine_run (the caller fences), with the residual and ReLU too (plain stores
-    before: channels-last (32, 56, 56, 64) float32 forward, caches swept, BatchNorm 1.30-1.34x,
-    GroupNorm 1.31-1.50x; float64 GroupNorm 1.32-1.68x)."""
-    W = j1 - j0
-    if stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= LANES:
-        span = slice(r0 * J, r1 * J)
-        columns = (tile_columns(hi), tile_columns(scale), tile_columns(shift))
-        if relu and z.size:
-            done = stream_columns_affine_relu(y[span], (x[span], z[span]), columns, J)
-        elif relu:
-            done = stream_columns_affine_relu(y[span], (x[span],), columns, J)
-        elif z.size:
-            done = stream_columns_affine(y[span], (x[span], z[span]), columns, J)
+def _normalize_rows(epilogue):
+    """normalize_rows, or without `epilogue` normalize_rows_plain: no residual or ReLU (z
+    empty, relu False), so none of their loops compile (see _rows_forward)."""
+
+    def normalize_rows(x, z, relu, y, J, j0, j1, r0, r1, hi, scale, shift, stream):
+        """y = relu((x - hi) * scale + shift + z) on columns [j0, j1) of rows [r0, r1) of the
+        flat (N, J) view, with per-column hi, scale, shift (j1 - j0,) in the compute dtype (the
+        mean's low part folded into shift, see fold); z may be empty. stream (whole rows only):
+        as in affine_run (the caller fences), with the residual and ReLU too (plain stores
+        before: channels-last (32, 56, 56, 64) float32 forward, caches swept, BatchNorm 1.30-1.34x,
+        GroupNorm 1.31-1.50x; float64 GroupNorm 1.32-1.68x)."""
+        W = j1 - j0
+        if stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= LANES:
+            span = slice(r0 * J, r1 * J)
+            columns = (tile_columns(hi), tile_columns(scale), tile_columns(shift))
+            if not epilogue:
+                done = stream_columns_affine(y[span], (x[span],), columns, J)
+            elif relu and z.size:
+                done = stream_columns_affine_relu(y[span], (x[span], z[span]), columns, J)
+            elif relu:
+                done = stream_columns_affine_relu(y[span], (x[span],), columns, J)
+            elif z.size:
+                done = stream_columns_affine(y[span], (x[span], z[span]), columns, J)
+            else:
+                done = stream_columns_affine(y[span], (x[span],), columns, J)
+            if done:
+                return
+        if epilogue and z.size:
+            for r in range(r0, r1):
+                lo = r * J + j0
+                row, zrow, out = x[lo:lo + W], z[lo:lo + W], y[lo:lo + W]
+                for j in range(W):
+                    v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j] + loadc(zrow[j])
+                    out[j] = store(activate(v, relu), out)
         else:
-            done = stream_columns_affine(y[span], (x[span],), columns, J)
-        if done:
-            return
-    if z.size:
-        for r in range(r0, r1):
-            lo = r * J + j0
-            row, zrow, out = x[lo:lo + W], z[lo:lo + W], y[lo:lo + W]
-            for j in range(W):
-                v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j] + loadc(zrow[j])
-                out[j] = store(activate(v, relu), out)
-    else:
-        for r in range(r0, r1):
-            lo = r * J + j0
-            row, out = x[lo:lo + W], y[lo:lo + W]
-            for j in range(W):
-                v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j]
-                out[j] = store(activate(v, relu), out)
+            for r in range(r0, r1):
+                lo = r * J + j0
+                row, out = x[lo:lo + W], y[lo:lo + W]
+                for j in range(W):
+                    v = (loadc(row[j]) - hi[j]) * scale[j] + shift[j]
+                    out[j] = store(activate(v, relu), out)
+
+    return normalize_rows
+
+
+normalize_rows, normalize_rows_plain = _variants(_normalize_rows, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -3284,106 +3295,132 @@ def channel_slice(item, S, C, B):
     return o, s * C // S, (s + 1) * C // S
 
 
-@_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_forward(x, z, relu, centered, O, A, C, B, P, S, w, bias, eps, y, mean_out,
-                   rstd_out, var_out, stream):
-    """Fused statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B),
-    one slice of the channels of one sample per work item (see channel_slice), small enough
-    to stay in cache, so that x is read from memory once: InstanceNorm / GroupNorm
-    channels-last, BatchNorm 2-D / channels-last on small batches. Statistic c merges the
-    moments of its B columns.
+def _column_forward(epilogue):
+    """column_forward, or without `epilogue` column_forward_plain (normalize_rows_plain)."""
 
-    w, bias: (C * B // P,) parameter cells in the compute dtype; mean_out, rstd_out (O * C,)
-    saved statistics; var_out (O * C,) float64 variance, or empty. stream: see affine_run
-    (whole rows only: S == 1).
-    """
-    x, z, y = borrow(x), borrow(z), borrow(y)
-    J = C * B
-    for item in prange(O * S):
-        o, c0, c1 = channel_slice(item, S, C, B)
-        j0 = c0 * B
-        W = (c1 - c0) * B
-        mu = np.empty(W)
-        acc = np.empty(W)
-        cnt = rows_column_moments(x, J, j0, j0 + W, o * A, (o + 1) * A, mu, acc, True)
-        mean_s = np.empty(c1 - c0)
-        rstd_s = np.empty(c1 - c0)
-        for c in range(c0, c1):
-            n = 0.0
-            mean = 0.0
-            m2 = 0.0
-            for b in range(B):
-                j = (c - c0) * B + b
-                n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[j], acc[j])
-            var = m2 / n
-            if not centered:
-                var += mean * mean
+    def column_forward(x, z, relu, centered, O, A, C, B, P, S, w, bias, eps, y, mean_out,
+                       rstd_out, var_out, stream):
+        """Fused statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B),
+        one slice of the channels of one sample per work item (see channel_slice), small enough
+        to stay in cache, so that x is read from memory once: InstanceNorm / GroupNorm
+        channels-last, BatchNorm 2-D / channels-last on small batches. Statistic c merges the
+        moments of its B columns.
+
+        w, bias: (C * B // P,) parameter cells in the compute dtype; mean_out, rstd_out (O * C,)
+        saved statistics; var_out (O * C,) float64 variance, or empty. stream: see affine_run
+        (whole rows only: S == 1).
+        """
+        x, z, y = borrow(x), borrow(z), borrow(y)
+        J = C * B
+        for item in prange(O * S):
+            o, c0, c1 = channel_slice(item, S, C, B)
+            j0 = c0 * B
+            W = (c1 - c0) * B
+            mu = np.empty(W)
+            acc = np.empty(W)
+            cnt = rows_column_moments(x, J, j0, j0 + W, o * A, (o + 1) * A, mu, acc, True)
+            mean_s = np.empty(c1 - c0)
+            rstd_s = np.empty(c1 - c0)
+            for c in range(c0, c1):
+                n = 0.0
                 mean = 0.0
-            rstd = 1.0 / np.sqrt(var + eps)
-            mean_out[o * C + c] = mean
-            rstd_out[o * C + c] = rstd
-            if var_out.size:
-                var_out[o * C + c] = var
-            mean_s[c - c0] = mean
-            rstd_s[c - c0] = rstd
-        hi = np.empty(W, w.dtype)
-        scale = np.empty(W, w.dtype)
-        shift = np.empty(W, w.dtype)
-        fold_columns(mean_s, rstd_s, w, bias, c0, c1, B, P, hi, scale, shift, x)
-        normalize_rows(x, z, relu, y, J, j0, j0 + W, o * A, (o + 1) * A, hi, scale, shift,
-                       stream)
-        if stream:
-            sfence()
+                m2 = 0.0
+                for b in range(B):
+                    j = (c - c0) * B + b
+                    n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[j], acc[j])
+                var = m2 / n
+                if not centered:
+                    var += mean * mean
+                    mean = 0.0
+                rstd = 1.0 / np.sqrt(var + eps)
+                mean_out[o * C + c] = mean
+                rstd_out[o * C + c] = rstd
+                if var_out.size:
+                    var_out[o * C + c] = var
+                mean_s[c - c0] = mean
+                rstd_s[c - c0] = rstd
+            hi = np.empty(W, w.dtype)
+            scale = np.empty(W, w.dtype)
+            shift = np.empty(W, w.dtype)
+            fold_columns(mean_s, rstd_s, w, bias, c0, c1, B, P, hi, scale, shift, x)
+            if epilogue:
+                normalize_rows(x, z, relu, y, J, j0, j0 + W, o * A, (o + 1) * A, hi, scale, shift,
+                               stream)
+            else:
+                normalize_rows_plain(x, z, False, y, J, j0, j0 + W, o * A, (o + 1) * A, hi, scale,
+                                     shift, stream)
+            if stream:
+                sfence()
+
+    return column_forward
 
 
-@_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
-                          mean_out, rstd_out, var_out, stream):
-    """Statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B) in two
-    parallel loops over chunks of whole rows in one call: each chunk's partial moments, their
-    merge on the calling thread, then each chunk's normalize (x read twice). For views whose
-    samples are too few to go round the threads (BatchNorm 2-D / channels-last): splitting a
-    sample's channels instead (column_forward's slices) had both cores work on parts of the
-    same rows, and on a 2-core Xeon that was slower than one core (BatchNorm (256, 1024)
-    forward: slices 94-109 us, chunks of rows through three kernel calls and NumPy glue 60).
+column_forward, column_forward_plain = _variants(
+    _column_forward, parallel=True, fastmath=_ELEMENTWISE)
 
-    w, bias: (C * B // P,) parameter cells in the compute dtype; narrow: see
-    rows_column_moments; mean_out, rstd_out (O * C,) saved statistics; var_out (O * C,)
-    float64 variance, or empty. stream: see affine_run.
-    """
-    x, z, y = borrow(x), borrow(z), borrow(y)
-    J = C * B
-    count = np.empty((O, K, J))
-    pmean = np.empty((O, K, J))
-    pm2 = np.empty((O, K, J))
-    for item in prange(O * K):
-        chunk_moments(x, A, J, K, narrow, item, count, pmean, pm2)
-    mean = np.empty((O, C))
-    var = np.empty((O, C))
-    merge_moments(count, pmean, pm2, B, mean, var)
-    folded = np.empty((O, 3, J), w.dtype)
-    rstd = np.empty(C)
-    for o in range(O):
-        mu = mean[o]
-        for c in range(C):
-            v = var[o, c]
-            if not centered:
-                v += mu[c] * mu[c]
-                mu[c] = 0.0
-            rstd[c] = 1.0 / np.sqrt(v + eps)
-            mean_out[o * C + c] = mu[c]
-            rstd_out[o * C + c] = rstd[c]
-            if var_out.size:
-                var_out[o * C + c] = v
-        fold_columns(mu, rstd, w, bias, 0, C, B, P, folded[o, 0], folded[o, 1], folded[o, 2],
-                     x)
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        normalize_rows(x, z, relu, y, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                       folded[o, 0], folded[o, 1], folded[o, 2], stream)
-        if stream:
-            sfence()
+
+def _column_forward_chunks(epilogue):
+    """column_forward_chunks, or without `epilogue` column_forward_chunks_plain
+    (normalize_rows_plain)."""
+
+    def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
+                              mean_out, rstd_out, var_out, stream):
+        """Statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B) in two
+        parallel loops over chunks of whole rows in one call: each chunk's partial moments, their
+        merge on the calling thread, then each chunk's normalize (x read twice). For views whose
+        samples are too few to go round the threads (BatchNorm 2-D / channels-last): splitting a
+        sample's channels instead (column_forward's slices) had both cores work on parts of the
+        same rows, and on a 2-core Xeon that was slower than one core (BatchNorm (256, 1024)
+        forward: slices 94-109 us, chunks of rows through three kernel calls and NumPy glue 60).
+
+        w, bias: (C * B // P,) parameter cells in the compute dtype; narrow: see
+        rows_column_moments; mean_out, rstd_out (O * C,) saved statistics; var_out (O * C,)
+        float64 variance, or empty. stream: see affine_run.
+        """
+        x, z, y = borrow(x), borrow(z), borrow(y)
+        J = C * B
+        count = np.empty((O, K, J))
+        pmean = np.empty((O, K, J))
+        pm2 = np.empty((O, K, J))
+        for item in prange(O * K):
+            chunk_moments(x, A, J, K, narrow, item, count, pmean, pm2)
+        mean = np.empty((O, C))
+        var = np.empty((O, C))
+        merge_moments(count, pmean, pm2, B, mean, var)
+        folded = np.empty((O, 3, J), w.dtype)
+        rstd = np.empty(C)
+        for o in range(O):
+            mu = mean[o]
+            for c in range(C):
+                v = var[o, c]
+                if not centered:
+                    v += mu[c] * mu[c]
+                    mu[c] = 0.0
+                rstd[c] = 1.0 / np.sqrt(v + eps)
+                mean_out[o * C + c] = mu[c]
+                rstd_out[o * C + c] = rstd[c]
+                if var_out.size:
+                    var_out[o * C + c] = v
+            fold_columns(mu, rstd, w, bias, 0, C, B, P, folded[o, 0], folded[o, 1], folded[o, 2],
+                         x)
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
+            if epilogue:
+                normalize_rows(x, z, relu, y, J, 0, J, r0, r1, folded[o, 0], folded[o, 1],
+                               folded[o, 2], stream)
+            else:
+                normalize_rows_plain(x, z, False, y, J, 0, J, r0, r1, folded[o, 0], folded[o, 1],
+                                     folded[o, 2], stream)
+            if stream:
+                sfence()
+
+    return column_forward_chunks
+
+
+column_forward_chunks, column_forward_chunks_plain = _variants(
+    _column_forward_chunks, parallel=True, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -3411,26 +3448,37 @@ def fold_columns(mean, rstd, w, bias, c0, c1, B, P, hi, scale, shift, arr):
                 cell += 1
 
 
-@_jit(parallel=True, fastmath=_ELEMENTWISE)
-def column_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
-    """y = relu((x - mean) * rstd * w + bias + z) on the column view (O, A, J = C * B) with
-    float64 statistics mean, rstd (O * C,) and parameter cells w, bias (C * B // P,) in the
-    compute dtype; z may be empty. Each work item folds its sample's J columns itself (see
-    fold): in NumPy that took ~10 calls of 1-2 us each, as long as the kernel on (256, 1024).
-    stream: see affine_run."""
-    x, z, y = borrow(x), borrow(z), borrow(y)
-    J = C * B
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        folded = np.empty((3, J), w.dtype)     # one allocation: see short_rows_forward
-        hi, scale, shift = folded[0], folded[1], folded[2]
-        fold_columns(mean[o * C:(o + 1) * C], rstd[o * C:(o + 1) * C], w, bias, 0, C, B, P, hi,
-                     scale, shift, x)
-        normalize_rows(x, z, relu, y, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                       hi, scale, shift, stream)
-        if stream:
-            sfence()
+def _column_normalize(epilogue):
+    """column_normalize, or without `epilogue` column_normalize_plain (normalize_rows_plain)."""
+
+    def column_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
+        """y = relu((x - mean) * rstd * w + bias + z) on the column view (O, A, J = C * B) with
+        float64 statistics mean, rstd (O * C,) and parameter cells w, bias (C * B // P,) in the
+        compute dtype; z may be empty. Each work item folds its sample's J columns itself (see
+        fold): in NumPy that took ~10 calls of 1-2 us each, as long as the kernel on (256, 1024).
+        stream: see affine_run."""
+        x, z, y = borrow(x), borrow(z), borrow(y)
+        J = C * B
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            folded = np.empty((3, J), w.dtype)     # one allocation: see short_rows_forward
+            hi, scale, shift = folded[0], folded[1], folded[2]
+            fold_columns(mean[o * C:(o + 1) * C], rstd[o * C:(o + 1) * C], w, bias, 0, C, B, P, hi,
+                         scale, shift, x)
+            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
+            if epilogue:
+                normalize_rows(x, z, relu, y, J, 0, J, r0, r1, hi, scale, shift, stream)
+            else:
+                normalize_rows_plain(x, z, False, y, J, 0, J, r0, r1, hi, scale, shift, stream)
+            if stream:
+                sfence()
+
+    return column_normalize
+
+
+column_normalize, column_normalize_plain = _variants(
+    _column_normalize, parallel=True, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -3476,42 +3524,50 @@ def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
             s2[j] += t2[j]
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
-    """dx = a * dy - b * (x - hi) - c per column of [j0, j1) over rows [r0, r1) of the flat
-    (N, J) views (the mean's low part folded into c, see fold); dz = dy (after ReLU's mask)
-    when dz is not empty. One loop per case: with ReLU's mask inside, the float16 loop stayed
-    scalar (3.7 ms against 0.12 on 256 x 1024). stream (whole rows only): as in affine_run
-    (the caller fences); behind a ReLU, dz too (plain stores before: BatchNorm / GroupNorm
-    channels-last (32, 56, 56, 64) backward, caches swept, with activation="relu" 1.16x /
-    1.20x, with residual=True too 1.08x / 1.26x)."""
-    W = j1 - j0
-    if stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= DX_LANES:
-        span = slice(r0 * J, r1 * J)
-        columns = (tile_columns(hi, DX_LANES), tile_columns(a, DX_LANES),
-                   tile_columns(b, DX_LANES), tile_columns(c, DX_LANES))
-        if not relu:
-            if not dz.size and stream_columns_dx(dx[span], (x[span], dy[span]), columns, J):
+def _dx_columns(epilogue):
+    """dx_columns, or without `epilogue` dx_columns_plain: no ReLU or residual (relu
+    False, dz empty), so none of their loops compile (see _rows_forward)."""
+
+    def dx_columns(dy, y, relu, x, dx, dz, J, j0, j1, r0, r1, hi, a, b, c, stream):
+        """dx = a * dy - b * (x - hi) - c per column of [j0, j1) over rows [r0, r1) of the flat
+        (N, J) views (the mean's low part folded into c, see fold); dz = dy (after ReLU's mask)
+        when dz is not empty. One loop per case: with ReLU's mask inside, the float16 loop stayed
+        scalar (3.7 ms against 0.12 on 256 x 1024). stream (whole rows only): as in affine_run
+        (the caller fences); behind a ReLU, dz too (plain stores before: BatchNorm / GroupNorm
+        channels-last (32, 56, 56, 64) backward, caches swept, with activation="relu" 1.16x /
+        1.20x, with residual=True too 1.08x / 1.26x)."""
+        W = j1 - j0
+        if stream and W == J and (r1 - r0) * J >= STREAM_RUN and J >= DX_LANES:
+            span = slice(r0 * J, r1 * J)
+            columns = (tile_columns(hi, DX_LANES), tile_columns(a, DX_LANES),
+                       tile_columns(b, DX_LANES), tile_columns(c, DX_LANES))
+            if not epilogue or not relu:
+                if not dz.size and stream_columns_dx(dx[span], (x[span], dy[span]), columns, J):
+                    return
+            elif (streamable_dz(dx, dz, relu)
+                  and stream_columns_dx(dx[span], (x[span], dy[span], y[span]), columns, J)):
+                if dz.size:
+                    stream_dz(dz[span], (dy[span], y[span]), ())
                 return
-        elif (streamable_dz(dx, dz, relu)
-              and stream_columns_dx(dx[span], (x[span], dy[span], y[span]), columns, J)):
-            if dz.size:
-                stream_dz(dz[span], (dy[span], y[span]), ())
-            return
-    for r in range(r0, r1):
-        lo = r * J + j0
-        row, drow, out = x[lo:lo + W], dy[lo:lo + W], dx[lo:lo + W]
-        if relu:
-            yrow = y[lo:lo + W]
-            for j in range(W):
-                d = relu_dy(drow, yrow, j)
-                out[j] = store(a[j] * d - b[j] * (loadc(row[j]) - hi[j]) - c[j], out)
-        else:
-            for j in range(W):
-                xc = loadc(row[j]) - hi[j]
-                out[j] = store(a[j] * loadc(drow[j]) - b[j] * xc - c[j], out)
-        if dz.size:
-            dz_run(drow, y[lo:lo + W] if relu else y, relu, dz[lo:lo + W])
+        for r in range(r0, r1):
+            lo = r * J + j0
+            row, drow, out = x[lo:lo + W], dy[lo:lo + W], dx[lo:lo + W]
+            if epilogue and relu:
+                yrow = y[lo:lo + W]
+                for j in range(W):
+                    d = relu_dy(drow, yrow, j)
+                    out[j] = store(a[j] * d - b[j] * (loadc(row[j]) - hi[j]) - c[j], out)
+            else:
+                for j in range(W):
+                    xc = loadc(row[j]) - hi[j]
+                    out[j] = store(a[j] * loadc(drow[j]) - b[j] * xc - c[j], out)
+            if epilogue and dz.size:
+                dz_run(drow, y[lo:lo + W] if relu else y, relu, dz[lo:lo + W])
+
+    return dx_columns
+
+
+dx_columns, dx_columns_plain = _variants(_dx_columns, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -3548,115 +3604,139 @@ def cell_coefficients(s1, s2, rstd, w, lo, o, C, c0, c1, B, P, n, frozen, center
             ccoef[j] = rs * k2 - bc * lo[j]      # see fold
 
 
-@_jit(parallel=True)
-def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, centered,
-                    dbias_out, dweight_out, dx, dz, stream):
-    """Fused backward of the column view, one slice of the channels of one sample per work
-    item (as column_forward): the slice's sums, then dx (and dz) from cache, so dy and x are
-    read from memory once.
+def _column_backward(epilogue):
+    """column_backward, or without `epilogue` column_backward_plain (dx_columns_plain)."""
 
-    mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
-    compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
-    caller sums over o). y: the saved output (read with relu only); dz: the residual's
-    gradient, or empty. stream: non-temporal stores for dx (whole rows only: S == 1), as in
-    column_forward (before, plain stores always: against them, caches swept, GroupNorm 32
-    groups channels-last (32, 56, 56, 64) float32 1.15-1.25x (1.28x warm), float64 1.39x,
-    InstanceNorm channels-last 1.29x).
-    """
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    J = C * B
-    n = A * B
-    for item in prange(O * S):
-        o, c0, c1 = channel_slice(item, S, C, B)
-        j0 = c0 * B
-        W = (c1 - c0) * B
-        hi = np.empty(W, w.dtype)
-        lo = np.empty(W, w.dtype)
-        for c in range(c0, c1):
-            h, low = split(mean[o * C + c], x)
-            for b in range(B):
-                hi[(c - c0) * B + b] = h
-                lo[(c - c0) * B + b] = low
-        s1 = np.zeros(W)
-        s2 = np.zeros(W)
-        backward_column_sums(dy, y, relu, x, J, j0, j0 + W, o * A, (o + 1) * A, hi, lo, s1, s2)
-        a = np.empty(W, w.dtype)
-        bcoef = np.empty(W, w.dtype)
-        ccoef = np.empty(W, w.dtype)
-        if B == 1:
-            # a statistic and a cell per column (BatchNorm 2-D / channels-last): one loop over
-            # the columns, the general one's arithmetic without its per-channel loops and
-            # divisions by P
-            for j in range(W):
-                c = c0 + j
-                rs = rstd[o * C + c]
-                sdyxhat = s2[j] * rs
-                dbias_out[o, c] = 0.0 + s1[j]
-                dweight_out[o, c] = 0.0 + sdyxhat
-                c1 = 0.0 if frozen else (0.0 + sdyxhat * w[c]) / n
-                c2 = 0.0 if frozen or not centered else (0.0 + s1[j] * w[c]) / n
-                bc = rs * rs * c1
-                a[j] = rs * w[c]
-                bcoef[j] = bc
-                ccoef[j] = rs * c2 - bc * lo[j]
-        else:
-            cell_coefficients(s1, s2, rstd, w, lo, o, C, c0, c1, B, P, n, frozen, centered,
-                              dbias_out, dweight_out, a, bcoef, ccoef)
-        dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
-                   ccoef, stream)
-        if stream:
-            sfence()
+    def column_backward(dy, y, relu, x, O, A, C, B, P, S, mean, rstd, w, frozen, centered,
+                        dbias_out, dweight_out, dx, dz, stream):
+        """Fused backward of the column view, one slice of the channels of one sample per work
+        item (as column_forward): the slice's sums, then dx (and dz) from cache, so dy and x are
+        read from memory once.
+
+        mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
+        compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
+        caller sums over o). y: the saved output (read with relu only); dz: the residual's
+        gradient, or empty. stream: non-temporal stores for dx (whole rows only: S == 1), as in
+        column_forward (before, plain stores always: against them, caches swept, GroupNorm 32
+        groups channels-last (32, 56, 56, 64) float32 1.15-1.25x (1.28x warm), float64 1.39x,
+        InstanceNorm channels-last 1.29x).
+        """
+        dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+        J = C * B
+        n = A * B
+        for item in prange(O * S):
+            o, c0, c1 = channel_slice(item, S, C, B)
+            j0 = c0 * B
+            W = (c1 - c0) * B
+            hi = np.empty(W, w.dtype)
+            lo = np.empty(W, w.dtype)
+            for c in range(c0, c1):
+                h, low = split(mean[o * C + c], x)
+                for b in range(B):
+                    hi[(c - c0) * B + b] = h
+                    lo[(c - c0) * B + b] = low
+            s1 = np.zeros(W)
+            s2 = np.zeros(W)
+            backward_column_sums(dy, y, relu, x, J, j0, j0 + W, o * A, (o + 1) * A, hi, lo, s1, s2)
+            a = np.empty(W, w.dtype)
+            bcoef = np.empty(W, w.dtype)
+            ccoef = np.empty(W, w.dtype)
+            if B == 1:
+                # a statistic and a cell per column (BatchNorm 2-D / channels-last): one loop over
+                # the columns, the general one's arithmetic without its per-channel loops and
+                # divisions by P
+                for j in range(W):
+                    c = c0 + j
+                    rs = rstd[o * C + c]
+                    sdyxhat = s2[j] * rs
+                    dbias_out[o, c] = 0.0 + s1[j]
+                    dweight_out[o, c] = 0.0 + sdyxhat
+                    c1 = 0.0 if frozen else (0.0 + sdyxhat * w[c]) / n
+                    c2 = 0.0 if frozen or not centered else (0.0 + s1[j] * w[c]) / n
+                    bc = rs * rs * c1
+                    a[j] = rs * w[c]
+                    bcoef[j] = bc
+                    ccoef[j] = rs * c2 - bc * lo[j]
+            else:
+                cell_coefficients(s1, s2, rstd, w, lo, o, C, c0, c1, B, P, n, frozen, centered,
+                                  dbias_out, dweight_out, a, bcoef, ccoef)
+            if epilogue:
+                dx_columns(dy, y, relu, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a, bcoef,
+                           ccoef, stream)
+            else:
+                dx_columns_plain(dy, y, False, x, dx, dz, J, j0, j0 + W, o * A, (o + 1) * A, hi, a,
+                                 bcoef, ccoef, stream)
+            if stream:
+                sfence()
+
+    return column_backward
 
 
-@_jit(parallel=True)
-def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
-                           dbias_out, dweight_out, dx, dz, stream):
-    """Backward of the column view in two parallel loops over chunks of whole rows in one
-    call (as column_forward_chunks): each chunk's partial sums, their reduction and the dx
-    coefficients on the calling thread, then each chunk's dx (and dz).
+column_backward, column_backward_plain = _variants(_column_backward, parallel=True)
 
-    mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
-    compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
-    caller sums over o). y: the saved output (read with relu only); dz: the residual's
-    gradient, or empty. stream: see affine_run.
-    """
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    J = C * B
-    n = A * B
-    hi = np.empty((O, J), w.dtype)
-    lo = np.empty((O, J), w.dtype)
-    for o in range(O):
-        for c in range(C):
-            h, low = split(mean[o * C + c], x)
-            for b in range(B):
-                hi[o, c * B + b] = h
-                lo[o, c * B + b] = low
-    s1 = np.zeros((O, K, J))
-    s2 = np.zeros((O, K, J))
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
-                             o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
-    coefs = np.empty((O, 3, J), w.dtype)
-    for o in range(O):
-        # the chunks' partials, added in chunk order (deterministic for a given plan)
-        t1 = s1[o, 0]
-        t2 = s2[o, 0]
-        for k in range(1, K):
-            for j in range(J):
-                t1[j] += s1[o, k, j]
-                t2[j] += s2[o, k, j]
-        cell_coefficients(t1, t2, rstd, w, lo[o], o, C, 0, C, B, P, n, frozen, centered,
-                          dbias_out, dweight_out, coefs[o, 0], coefs[o, 1], coefs[o, 2])
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        dx_columns(dy, y, relu, x, dx, dz, J, 0, J, o * A + k * A // K,
-                   o * A + (k + 1) * A // K, hi[o], coefs[o, 0], coefs[o, 1], coefs[o, 2],
-                   stream)
-        if stream:
-            sfence()
+
+def _column_backward_chunks(epilogue):
+    """column_backward_chunks, or without `epilogue` column_backward_chunks_plain
+    (dx_columns_plain)."""
+
+    def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
+                               dbias_out, dweight_out, dx, dz, stream):
+        """Backward of the column view in two parallel loops over chunks of whole rows in one
+        call (as column_forward_chunks): each chunk's partial sums, their reduction and the dx
+        coefficients on the calling thread, then each chunk's dx (and dz).
+
+        mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
+        compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
+        caller sums over o). y: the saved output (read with relu only); dz: the residual's
+        gradient, or empty. stream: see affine_run.
+        """
+        dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+        J = C * B
+        n = A * B
+        hi = np.empty((O, J), w.dtype)
+        lo = np.empty((O, J), w.dtype)
+        for o in range(O):
+            for c in range(C):
+                h, low = split(mean[o * C + c], x)
+                for b in range(B):
+                    hi[o, c * B + b] = h
+                    lo[o, c * B + b] = low
+        s1 = np.zeros((O, K, J))
+        s2 = np.zeros((O, K, J))
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
+                                 o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
+        coefs = np.empty((O, 3, J), w.dtype)
+        for o in range(O):
+            # the chunks' partials, added in chunk order (deterministic for a given plan)
+            t1 = s1[o, 0]
+            t2 = s2[o, 0]
+            for k in range(1, K):
+                for j in range(J):
+                    t1[j] += s1[o, k, j]
+                    t2[j] += s2[o, k, j]
+            cell_coefficients(t1, t2, rstd, w, lo[o], o, C, 0, C, B, P, n, frozen, centered,
+                              dbias_out, dweight_out, coefs[o, 0], coefs[o, 1], coefs[o, 2])
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
+            if epilogue:
+                dx_columns(dy, y, relu, x, dx, dz, J, 0, J, r0, r1, hi[o], coefs[o, 0],
+                           coefs[o, 1], coefs[o, 2], stream)
+            else:
+                dx_columns_plain(dy, y, False, x, dx, dz, J, 0, J, r0, r1, hi[o], coefs[o, 0],
+                                 coefs[o, 1], coefs[o, 2], stream)
+            if stream:
+                sfence()
+
+    return column_backward_chunks
+
+
+column_backward_chunks, column_backward_chunks_plain = _variants(
+    _column_backward_chunks, parallel=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3761,7 +3841,7 @@ def frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
         rstd_out[i] = rstd_out[i - C]
 
 
-column_normalize_serial = column_normalize.serial
+column_normalize_plain_serial = column_normalize_plain.serial
 flat_normalize_serial = flat_normalize.serial
 flat_normalize_runs_plain_serial = flat_normalize_runs_plain.serial
 
@@ -3777,8 +3857,9 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
     mean, rstd = stats[0], stats[1]
     frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
     if columns:
-        column_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
-    elif P == B and B < STREAM_RUN:     # (normcore/_cpu.py: flat_kernels)
+        column_normalize_plain_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y,
+                                      False)
+    elif P == B and B < STREAM_RUN:     # (normcore/_cpu.py: normalize_kernel)
         flat_normalize_runs_plain_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias,
                                          y, False)
     else:
@@ -3809,10 +3890,15 @@ KERNELS = {
     "flat_backward_dx_runs": flat_backward_dx_runs,
     "column_moments": column_moments,
     "column_forward": column_forward,
+    "column_forward_plain": column_forward_plain,
     "column_normalize": column_normalize,
+    "column_normalize_plain": column_normalize_plain,
     "column_backward": column_backward,
+    "column_backward_plain": column_backward_plain,
     "column_forward_chunks": column_forward_chunks,
+    "column_forward_chunks_plain": column_forward_chunks_plain,
     "column_backward_chunks": column_backward_chunks,
+    "column_backward_chunks_plain": column_backward_chunks_plain,
     "merge_moments": merge_moments,
     "update_running": update_running,
     "frozen_stats": frozen_stats,

@@ -111,24 +111,25 @@ def moments(plan, x, narrow=False):
 
 def normalize_kernel(plan, stream, relu, residual):
     """The kernel of the normalize pass alone (see Plan.normalize_path), writing its output
-    with non-temporal stores (`stream`) or not, with ReLU and a residual or not."""
+    with non-temporal stores (`stream`) or not, with ReLU and a residual or not: on the flat
+    path's runs of one cell each (P == B), short ones or streamed, a call per chunk of runs
+    (flat_normalize_runs), else a call per run (flat_normalize); without ReLU or residual,
+    kernels compiled without them (*_plain). One kernel per loop: one that chose at run time
+    compiled every loop on its first call."""
+    epilogue = relu or residual
     if plan.normalize_path == "columns":
-        return K.column_normalize
-    return flat_kernels(plan, stream, relu, residual)[0]
+        return K.column_normalize if epilogue else K.column_normalize_plain
+    if plan.P == plan.B and (plan.B < K.STREAM_RUN or stream):
+        return K.flat_normalize_runs if epilogue else K.flat_normalize_runs_plain
+    return K.flat_normalize
 
 
-def flat_kernels(plan, stream, relu, residual=False):
-    """The flat path's (normalize, backward sums, backward dx) kernels: on runs of one cell
-    each (P == B), short ones or streamed, a call per chunk of runs (flat_*_runs, the
-    normalize without ReLU or residual flat_normalize_runs_plain; the backward without ReLU,
-    short runs only), else a call per run. One kernel per loop: one that chose at run time
-    compiled both loops on its first call."""
-    cells = plan.P == plan.B
-    short = cells and plan.B < K.STREAM_RUN
-    runs = K.flat_normalize_runs if relu or residual else K.flat_normalize_runs_plain
-    return (runs if cells and (short or stream) else K.flat_normalize,
-            K.flat_backward_sums_runs if short and not relu else K.flat_backward_sums,
-            K.flat_backward_dx_runs if short and not relu else K.flat_backward_dx)
+def flat_backward_kernels(plan, relu):
+    """The flat path's backward (sums, dx) kernels: on short runs of one cell each without
+    ReLU, a call per chunk of runs (flat_backward_*_runs), else a call per run."""
+    if plan.P == plan.B and plan.B < K.STREAM_RUN and not relu:
+        return K.flat_backward_sums_runs, K.flat_backward_dx_runs
+    return K.flat_backward_sums, K.flat_backward_dx
 
 
 def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
@@ -210,7 +211,8 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
             _run(plan, kernel, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B, P,
                  row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd, var, stream)
         else:
-            _run(plan, K.column_forward, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
+            kernel = K.column_forward if relu or z.size else K.column_forward_plain
+            _run(plan, kernel, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B,
                  plan.P, plan.S, w, bias, eps, y, mean, rstd, var, stream and plan.S == 1)
         return mean, rstd, (var if want_var else None)
     if path == "columns" and plan.normalize_path == "columns":
@@ -220,7 +222,8 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         var = np.empty(R) if want_var else _EMPTY64
         x, y = _bits(x), _bits(y)
         z = _none_like(x) if z is None else _bits(z)
-        _run(plan, K.column_forward_chunks, x, z, relu, centered, plan.O, plan.A, plan.C,
+        kernel = K.column_forward_chunks if relu or z.size else K.column_forward_chunks_plain
+        _run(plan, kernel, x, z, relu, centered, plan.O, plan.A, plan.C,
              plan.B, plan.P, plan.K, stats_dtype != np.float64, w, bias, eps, y, mean, rstd,
              var, streams(y))
         return mean, rstd, (var if want_var else None)
@@ -304,18 +307,21 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         shape = (O, C * Q)
         dbias, dweight = np.empty(shape), np.empty(shape)
         if plan.backward_path == "columns_fused":
-            _run(plan, K.column_backward, dy, y, relu, x, O, A, C, B, P, plan.Sb, mean, rstd, w,
+            kernel = K.column_backward if relu or dz.size else K.column_backward_plain
+            _run(plan, kernel, dy, y, relu, x, O, A, C, B, P, plan.Sb, mean, rstd, w,
                  frozen, centered, dbias, dweight, dx, dz,
                  streams(dx) and plan.Sb == 1)
         else:
-            _run(plan, K.column_backward_chunks, dy, y, relu, x, O, A, C, B, P, plan.K, mean,
+            kernel = (K.column_backward_chunks if relu or dz.size
+                      else K.column_backward_chunks_plain)
+            _run(plan, kernel, dy, y, relu, x, O, A, C, B, P, plan.K, mean,
                  rstd, w, frozen, centered, dbias, dweight, dx, dz, streams(dx))
         if O == 1:
             return dweight[0], dbias[0]
         return dweight.sum(0), dbias.sum(0)
     shape = (O, plan.K, C * Q)
     sdy, sdyxhat = np.empty(shape), np.empty(shape)
-    _, sums_kernel, dx_kernel = flat_kernels(plan, False, relu)
+    sums_kernel, dx_kernel = flat_backward_kernels(plan, relu)
     _run(plan, sums_kernel, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
          sdy, sdyxhat)
     sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)

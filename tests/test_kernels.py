@@ -198,8 +198,10 @@ def _exercise_every_path(dtype, rows):
             f = fwd(x, activation=activation)
             bwd(dy, x, f.mean, f.rstd, activation=activation, y=f.y)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
-    f = nc.batch_norm_forward(xl, axis=-1)          # fused when small, else row chunks
-    nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1)
+    for activation in (None, "relu"):       # fused when small, else row chunks
+        f = nc.batch_norm_forward(xl, axis=-1, activation=activation)
+        nc.batch_norm_backward(np.ones_like(xl), xl, f.mean, f.rstd, axis=-1,
+                               activation=activation, y=f.y)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1)
     # the general path's eval (column_normalize; the small call's runs frozen_normalize)
     nc.batch_norm(xl, running_mean=f.mean, running_var=f.rstd, training=False, axis=-1,
@@ -219,8 +221,10 @@ def _exercise_every_path(dtype, rows):
     rm, rv = np.zeros(3, rdt), np.ones(3, rdt)                                  # update_running
     nc.batch_norm(x, running_mean=rm, running_var=rv)
     nc.batch_norm(x, running_mean=rm, running_var=rv, training=False)           # frozen_stats
-    f = nc.instance_norm_forward(xi, axis=-1)
-    nc.instance_norm_backward(np.ones_like(xi), xi, f.mean, f.rstd, axis=-1)
+    for activation in (None, "relu"):
+        f = nc.instance_norm_forward(xi, axis=-1, activation=activation)
+        nc.instance_norm_backward(np.ones_like(xi), xi, f.mean, f.rstd, axis=-1,
+                                  activation=activation, y=f.y)
 
 
 # (kernel, dtype) pairs that the front end never calls: float16 rows never take the fused
@@ -239,11 +243,15 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     for kernel_name, kernel in cpu.KERNELS.items():
         # serial-only kernels (the merge) have no twin; small column views are always fused,
         # so the row-chunk kernels' twins never run
-        if variant == "serial" and kernel_name in ("column_forward_chunks",
-                                                   "column_backward_chunks"):
+        if variant == "serial" and kernel_name.startswith(("column_forward_chunks",
+                                                          "column_backward_chunks")):
             continue
-        # the small-call path's eval on the calling thread (serial plans) only
+        # the small-call path's eval on the calling thread (serial plans) only, and there
+        # the plain column normalize only inside it (compiled with it, not when it comes
+        # from the cache)
         if variant == "parallel" and kernel_name == "frozen_normalize":
+            continue
+        if variant == "serial" and kernel_name == "column_normalize_plain":
             continue
         if (kernel_name, name) in NEVER_TAKEN:
             continue
@@ -702,7 +710,7 @@ VECTOR_SCRIPT = textwrap.dedent("""
     nc.group_norm_backward(x, x, mean, rstd, 4)
     # the short rows' sums (cell_sums, inlined) are compiled inside short_rows_loop
     names = ("dx_run", "dx_scalar_run", "backward_sums_run", "backward_column_sums",
-             "dx_columns", "short_rows_loop", "short_row_dx")
+             "dx_columns", "dx_columns_plain", "short_rows_loop", "short_row_dx")
     for name in names:
         fn = getattr(K, name)
         asm = "".join(fn.inspect_asm(sig) for sig in fn.signatures if "uint16" in str(sig))
@@ -724,7 +732,7 @@ def test_backward_loops_vectorize_when_compiled_in_process(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = dict(line.split() for line in done.stdout.split("\n") if line)
-    assert len(counts) == 7 and all(int(n) > 0 for n in counts.values()), counts
+    assert len(counts) == 8 and all(int(n) > 0 for n in counts.values()), counts
 
 
 @settings(max_examples=40, deadline=None)
