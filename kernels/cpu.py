@@ -1118,37 +1118,47 @@ stream_affine_runs = _streaming_runs(_runs_affine_window, _affine_window, _affin
 stream_dx_scalar_runs = _streaming_runs(_runs_dx_scalar_window, _dx_scalar_window, _dx_scalar1)
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False, ahead=0):
-    """ys = relu((xs - mean) * scale + shift + zs) with float64 scalars mean, scale, shift,
-    computed in the precision of xs as (xs - hi) * scale + (shift - lo * scale): the part lo
-    of the mean that its compute-dtype hi cannot hold moves into the shift (see fold).
-    ahead: as normalize_run's. stream: with the residual and ReLU too (plain stores before:
-    BatchNorm (32, 64, 56, 56) float32 forward with ReLU 1.35x, a residual 1.20x, both
-    1.26x, caches swept; float64 with ReLU 1.30-1.35x)."""
-    hi, sc, sh = fold(mean, scale, shift, xs)
-    # outputs far larger than the caches: non-temporal stores skip reading each line before
-    # writing it (IN / BN forward on 64 MiB: ~20% faster), but leave y out of the cache
-    # float64 with a residual streamed at 0.94-0.95x (BatchNorm (32, 64, 56, 56), caches
-    # swept): it keeps plain stores
-    if stream and xs.size >= STREAM_RUN and not (zs.size and xs.itemsize == 8):
-        if relu and zs.size:
-            done = stream_affine_relu(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
-        elif relu:
-            done = stream_affine_relu(ys, (xs,), (hi, sc, sh), (xs,), ahead)
-        elif zs.size:
-            done = stream_affine(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
+def _affine_run(epilogue):
+    """affine_run, or without `epilogue` affine_run_plain: no residual or ReLU (zs empty,
+    relu False), so none of their loops compile (see _rows_forward)."""
+
+    def affine_run(xs, zs, ys, relu, mean, scale, shift, stream=False, ahead=0):
+        """ys = relu((xs - mean) * scale + shift + zs) with float64 scalars mean, scale, shift,
+        computed in the precision of xs as (xs - hi) * scale + (shift - lo * scale): the part lo
+        of the mean that its compute-dtype hi cannot hold moves into the shift (see fold).
+        ahead: as normalize_run's. stream: with the residual and ReLU too (plain stores before:
+        BatchNorm (32, 64, 56, 56) float32 forward with ReLU 1.35x, a residual 1.20x, both
+        1.26x, caches swept; float64 with ReLU 1.30-1.35x)."""
+        hi, sc, sh = fold(mean, scale, shift, xs)
+        # outputs far larger than the caches: non-temporal stores skip reading each line before
+        # writing it (IN / BN forward on 64 MiB: ~20% faster), but leave y out of the cache
+        # float64 with a residual streamed at 0.94-0.95x (BatchNorm (32, 64, 56, 56), caches
+        # swept): it keeps plain stores
+        if stream and xs.size >= STREAM_RUN and not (zs.size and xs.itemsize == 8):
+            if not epilogue:
+                done = stream_affine(ys, (xs,), (hi, sc, sh), (xs,), ahead)
+            elif relu and zs.size:
+                done = stream_affine_relu(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
+            elif relu:
+                done = stream_affine_relu(ys, (xs,), (hi, sc, sh), (xs,), ahead)
+            elif zs.size:
+                done = stream_affine(ys, (xs, zs), (hi, sc, sh), (xs, zs), ahead)
+            else:
+                done = stream_affine(ys, (xs,), (hi, sc, sh), (xs,), ahead)
+            if done:
+                return
+        if epilogue and zs.size:
+            for i in range(xs.size):
+                v = (loadc(xs[i]) - hi) * sc + sh + loadc(zs[i])
+                ys[i] = store(activate(v, relu), ys)
         else:
-            done = stream_affine(ys, (xs,), (hi, sc, sh), (xs,), ahead)
-        if done:
-            return
-    if zs.size:
-        for i in range(xs.size):
-            v = (loadc(xs[i]) - hi) * sc + sh + loadc(zs[i])
-            ys[i] = store(activate(v, relu), ys)
-    else:
-        for i in range(xs.size):
-            ys[i] = store(activate((loadc(xs[i]) - hi) * sc + sh, relu), ys)
+            for i in range(xs.size):
+                ys[i] = store(activate((loadc(xs[i]) - hi) * sc + sh, relu), ys)
+
+    return affine_run
+
+
+affine_run, affine_run_plain = _variants(_affine_run, fastmath=_ELEMENTWISE)
 
 
 def _affine_runs(epilogue):
@@ -1209,61 +1219,75 @@ def _affine_runs(epilogue):
 affine_runs, affine_runs_plain = _variants(_affine_runs, fastmath=_ELEMENTWISE)
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=False, ahead=0):
-    """y = relu((x - mean) * rstd * w + bias + z) on the piece [b0, b0 + len) of channel c's
-    run; zs is empty without a residual. w, bias: parameter cells in the compute dtype.
-    ahead: where streamed, prefetch x this many values on (the next run, when it follows
-    this one in memory: 0 for none)."""
-    e = xs.size
-    if P == 1:
-        wv = w[c * B + b0:c * B + b0 + e]
-        bv = bias[c * B + b0:c * B + b0 + e]
-        hi, lo = split(mean, xs)
-        rs = narrow(rstd, xs)
-        if (stream and e >= STREAM_RUN and not relu and not zs.size
-                and stream_normalize(ys, (xs, wv, bv), (hi, lo, rs), (xs,), ahead)):
-            return
-        if zs.size:
-            for i in range(e):
-                v = center(loadc(xs[i]), hi, lo) * (rs * wv[i]) + bv[i] + loadc(zs[i])
-                ys[i] = store(activate(v, relu), ys)
-        else:
-            for i in range(e):
-                v = center(loadc(xs[i]), hi, lo) * (rs * wv[i]) + bv[i]
-                ys[i] = store(activate(v, relu), ys)
-        return
-    if P == B:      # one cell per run: no division per piece (BatchNorm NCHW runs of 196)
-        affine_run(xs, zs, ys, relu, mean, rstd * w[c], bias[c], stream, ahead)
-        return
-    Q = B // P
-    s = b0
-    if P < STREAM_RUN:
-        # short cells (GroupNorm on 7 x 7 maps: P = 49): affine_run's loops inline; a call
-        # per cell cost ~15 ns, as much as the normalize itself on (64, 256, 7, 7)
-        q = s // P
-        while s < b0 + e:
-            t = min(b0 + e, (q + 1) * P)
-            hi, sc, sh = fold(mean, rstd * w[c * Q + q], bias[c * Q + q], xs)
-            xq, yq = xs[s - b0:t - b0], ys[s - b0:t - b0]
-            if zs.size:
-                zq = zs[s - b0:t - b0]
-                for i in range(t - s):
-                    v = (loadc(xq[i]) - hi) * sc + sh + loadc(zq[i])
-                    yq[i] = store(activate(v, relu), yq)
+def _normalize_run(epilogue):
+    """normalize_run, or without `epilogue` normalize_run_plain (affine_run_plain)."""
+
+    def normalize_run(xs, zs, ys, relu, mean, rstd, w, bias, c, b0, B, P, stream=False, ahead=0):
+        """y = relu((x - mean) * rstd * w + bias + z) on the piece [b0, b0 + len) of channel c's
+        run; zs is empty without a residual. w, bias: parameter cells in the compute dtype.
+        ahead: where streamed, prefetch x this many values on (the next run, when it follows
+        this one in memory: 0 for none)."""
+        e = xs.size
+        if P == 1:
+            wv = w[c * B + b0:c * B + b0 + e]
+            bv = bias[c * B + b0:c * B + b0 + e]
+            hi, lo = split(mean, xs)
+            rs = narrow(rstd, xs)
+            if (stream and e >= STREAM_RUN and not relu and not zs.size
+                    and stream_normalize(ys, (xs, wv, bv), (hi, lo, rs), (xs,), ahead)):
+                return
+            if epilogue and zs.size:
+                for i in range(e):
+                    v = center(loadc(xs[i]), hi, lo) * (rs * wv[i]) + bv[i] + loadc(zs[i])
+                    ys[i] = store(activate(v, relu), ys)
             else:
-                for i in range(t - s):
-                    yq[i] = store(activate((loadc(xq[i]) - hi) * sc + sh, relu), yq)
+                for i in range(e):
+                    v = center(loadc(xs[i]), hi, lo) * (rs * wv[i]) + bv[i]
+                    ys[i] = store(activate(v, relu), ys)
+            return
+        if P == B:      # one cell per run: no division per piece (BatchNorm NCHW runs of 196)
+            if epilogue:
+                affine_run(xs, zs, ys, relu, mean, rstd * w[c], bias[c], stream, ahead)
+            else:
+                affine_run_plain(xs, zs, ys, False, mean, rstd * w[c], bias[c], stream, ahead)
+            return
+        Q = B // P
+        s = b0
+        if P < STREAM_RUN:
+            # short cells (GroupNorm on 7 x 7 maps: P = 49): affine_run's loops inline; a call
+            # per cell cost ~15 ns, as much as the normalize itself on (64, 256, 7, 7)
+            q = s // P
+            while s < b0 + e:
+                t = min(b0 + e, (q + 1) * P)
+                hi, sc, sh = fold(mean, rstd * w[c * Q + q], bias[c * Q + q], xs)
+                xq, yq = xs[s - b0:t - b0], ys[s - b0:t - b0]
+                if epilogue and zs.size:
+                    zq = zs[s - b0:t - b0]
+                    for i in range(t - s):
+                        v = (loadc(xq[i]) - hi) * sc + sh + loadc(zq[i])
+                        yq[i] = store(activate(v, relu), yq)
+                else:
+                    for i in range(t - s):
+                        yq[i] = store(activate((loadc(xq[i]) - hi) * sc + sh, relu), yq)
+                s = t
+                q += 1
+            return
+        while s < b0 + e:
+            q = s // P
+            t = min(b0 + e, (q + 1) * P)
+            if epilogue:
+                zq = zs[s - b0:t - b0] if zs.size else zs
+                affine_run(xs[s - b0:t - b0], zq, ys[s - b0:t - b0], relu, mean,
+                           rstd * w[c * Q + q], bias[c * Q + q], stream, ahead)
+            else:
+                affine_run_plain(xs[s - b0:t - b0], zs, ys[s - b0:t - b0], False, mean,
+                                 rstd * w[c * Q + q], bias[c * Q + q], stream, ahead)
             s = t
-            q += 1
-        return
-    while s < b0 + e:
-        q = s // P
-        t = min(b0 + e, (q + 1) * P)
-        zq = zs[s - b0:t - b0] if zs.size else zs
-        affine_run(xs[s - b0:t - b0], zq, ys[s - b0:t - b0], relu, mean, rstd * w[c * Q + q],
-                   bias[c * Q + q], stream, ahead)
-        s = t
+
+    return normalize_run
+
+
+normalize_run, normalize_run_plain = _variants(_normalize_run, fastmath=_ELEMENTWISE)
 
 
 @_jit(inline="always")
@@ -2280,9 +2304,13 @@ def _rows_forward_rows(epilogue):
             ahead = B if A == 1 or c + 1 < C else 0
             for a in range(0 if seamed else A):
                 lo = ((o * A + a) * C + c) * B
-                zs = z[lo:lo + B] if z.size else z
-                normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c, 0, B,
-                              P, stream, ahead)
+                if epilogue:
+                    zs = z[lo:lo + B] if z.size else z
+                    normalize_run(x[lo:lo + B], zs, y[lo:lo + B], relu, mean, rstd, w, bias, c,
+                                  0, B, P, stream, ahead)
+                else:
+                    normalize_run_plain(x[lo:lo + B], z, y[lo:lo + B], False, mean, rstd, w,
+                                        bias, c, 0, B, P, stream, ahead)
             c += 1
             if c == C:
                 o, c = o + 1, 0
@@ -2930,31 +2958,43 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
             c = c + 1 if c + 1 < C else 0
 
 
-@_jit(parallel=True)
-def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
-    """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
-    empty; stream: see rows_forward. A call per run (runs of one cell each, short or
-    streamed: flat_normalize_runs; the front end chooses, normcore/_cpu.py:
-    normalize_kernel)."""
-    x, z, y = borrow(x), borrow(z), borrow(y)
-    L = A * C * B
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        pos = k * L // K
-        hi = (k + 1) * L // K
-        c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
-        while pos < hi:
-            e = min(hi - pos, B - b)
-            base = o * L + pos
-            zs = z[base:base + e] if z.size else z
-            normalize_run(x[base:base + e], zs, y[base:base + e], relu, mean[o * C + c],
-                          rstd[o * C + c], w, bias, c, b, B, P, stream)
-            pos += e
-            b = 0
-            c = c + 1 if c + 1 < C else 0
-        if stream:
-            sfence()
+def _flat_normalize(epilogue):
+    """flat_normalize, or without `epilogue` flat_normalize_plain (normalize_run_plain)."""
+
+    def flat_normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream):
+        """y = relu((x - mean) * rstd * w + bias + z); mean, rstd: (O * C,) float64; z may be
+        empty; stream: see rows_forward. A call per run (runs of one cell each, short or
+        streamed: flat_normalize_runs; the front end chooses, normcore/_cpu.py:
+        normalize_kernel)."""
+        x, z, y = borrow(x), borrow(z), borrow(y)
+        L = A * C * B
+        for item in prange(O * K):
+            o = item // K
+            k = item % K
+            pos = k * L // K
+            hi = (k + 1) * L // K
+            c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
+            while pos < hi:
+                e = min(hi - pos, B - b)
+                base = o * L + pos
+                if epilogue:
+                    zs = z[base:base + e] if z.size else z
+                    normalize_run(x[base:base + e], zs, y[base:base + e], relu, mean[o * C + c],
+                                  rstd[o * C + c], w, bias, c, b, B, P, stream)
+                else:
+                    normalize_run_plain(x[base:base + e], z, y[base:base + e], False,
+                                        mean[o * C + c], rstd[o * C + c], w, bias, c, b, B, P,
+                                        stream)
+                pos += e
+                b = 0
+                c = c + 1 if c + 1 < C else 0
+            if stream:
+                sfence()
+
+    return flat_normalize
+
+
+flat_normalize, flat_normalize_plain = _variants(_flat_normalize, parallel=True)
 
 
 def _flat_normalize_runs(epilogue):
@@ -3842,7 +3882,7 @@ def frozen_stats(running_mean, running_var, eps, mean, rstd, mean_out, rstd_out)
 
 
 column_normalize_plain_serial = column_normalize_plain.serial
-flat_normalize_serial = flat_normalize.serial
+flat_normalize_plain_serial = flat_normalize_plain.serial
 flat_normalize_runs_plain_serial = flat_normalize_runs_plain.serial
 
 
@@ -3863,7 +3903,8 @@ def frozen_normalize(x, columns, O, A, C, B, P, K, running_mean, running_var, ep
         flat_normalize_runs_plain_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias,
                                          y, False)
     else:
-        flat_normalize_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y, False)
+        flat_normalize_plain_serial(x, x[:0], False, O, A, C, B, P, K, mean, rstd, w, bias, y,
+                                    False)
 
 
 # One registry of the compiled kernels: the front end looks kernels up here, and a test checks
@@ -3882,6 +3923,7 @@ KERNELS = {
     "rows_backward_cells": rows_backward_cells,
     "flat_moments": flat_moments,
     "flat_normalize": flat_normalize,
+    "flat_normalize_plain": flat_normalize_plain,
     "flat_normalize_runs": flat_normalize_runs,
     "flat_normalize_runs_plain": flat_normalize_runs_plain,
     "flat_backward_sums": flat_backward_sums,

@@ -121,7 +121,7 @@ def normalize_kernel(plan, stream, relu, residual):
         return K.column_normalize if epilogue else K.column_normalize_plain
     if plan.P == plan.B and (plan.B < K.STREAM_RUN or stream):
         return K.flat_normalize_runs if epilogue else K.flat_normalize_runs_plain
-    return K.flat_normalize
+    return K.flat_normalize if epilogue else K.flat_normalize_plain
 
 
 def flat_backward_kernels(plan, relu):
