@@ -1460,32 +1460,40 @@ def dx_scalar_coefficients(mean, rstd, wq, c1, c2, arr):
     return narrow(rstd * wq, arr), hi, nb, sh
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False, ahead=0):
-    """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
-    a * dy - b * (x - mean) - cc in the precision of xs; dz = dy (after ReLU's mask) when dzs
-    is not empty. stream: dx with non-temporal stores, and dz behind a ReLU (the mask in the
-    windows; plain stores before: BatchNorm / InstanceNorm / GroupNorm (32, 64, 56, 56)
-    backward with activation="relu", residual=True 1.33-1.51x, caches swept)."""
-    # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
-    a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, wq, c1, c2, xs)
-    if stream and xs.size >= STREAM_RUN:
-        if not relu:
-            if not dzs.size and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh), (xs, dys),
-                                                 ahead):
+def _dx_scalar_run(epilogue):
+    """dx_scalar_run, or without `epilogue` dx_scalar_run_plain: no ReLU or residual (relu
+    False, dzs empty), so none of their loops compile (see _rows_forward)."""
+
+    def dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, wq, c1, c2, stream=False, ahead=0):
+        """dx = rstd * (dy * wq - c2 - xhat * c1) with a scalar weight wq, computed as
+        a * dy - b * (x - mean) - cc in the precision of xs; dz = dy (after ReLU's mask) when dzs
+        is not empty. stream: dx with non-temporal stores, and dz behind a ReLU (the mask in the
+        windows; plain stores before: BatchNorm / InstanceNorm / GroupNorm (32, 64, 56, 56)
+        backward with activation="relu", residual=True 1.33-1.51x, caches swept)."""
+        # a * dy + (x - mean) * nb + sh with nb = -b, sh = -cc, the mean's low part folded into sh
+        a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, wq, c1, c2, xs)
+        if stream and xs.size >= STREAM_RUN:
+            if not epilogue or not relu:
+                if not dzs.size and stream_dx_scalar(dxs, (xs, dys), (a, hi, nb, sh), (xs, dys),
+                                                     ahead):
+                    return
+            elif (streamable_dz(dxs, dzs, relu)
+                  and stream_dx_scalar(dxs, (xs, dys, ys), (a, hi, nb, sh), (xs, dys, ys), ahead)):
+                if dzs.size:
+                    stream_dz(dzs, (dys, ys), ())
                 return
-        elif (streamable_dz(dxs, dzs, relu)
-              and stream_dx_scalar(dxs, (xs, dys, ys), (a, hi, nb, sh), (xs, dys, ys), ahead)):
-            if dzs.size:
-                stream_dz(dzs, (dys, ys), ())
-            return
-    if relu:
-        for i in range(xs.size):
-            dxs[i] = store(a * relu_dy(dys, ys, i) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
-    else:
-        dx_scalar_row(dys, xs, dxs, a, hi, nb, sh)
-    if dzs.size:
-        dz_run(dys, ys, relu, dzs)
+        if epilogue and relu:
+            for i in range(xs.size):
+                dxs[i] = store(a * relu_dy(dys, ys, i) + ((loadc(xs[i]) - hi) * nb + sh), dxs)
+        else:
+            dx_scalar_row(dys, xs, dxs, a, hi, nb, sh)
+        if epilogue and dzs.size:
+            dz_run(dys, ys, relu, dzs)
+
+    return dx_scalar_run
+
+
+dx_scalar_run, dx_scalar_run_plain = _variants(_dx_scalar_run, fastmath=_ELEMENTWISE)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -1523,63 +1531,80 @@ def dx_scalar_runs(dys, xs, dxs, B, b, c, C, a, hi, nb, sh, stream=False):
         c = c + 1 if c + 1 < C else 0
 
 
-@_jit(fastmath=_ELEMENTWISE)
-def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stream=False,
-           ahead=0):
-    """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run;
-    dz = dy (after ReLU's mask) when dzs is not empty. ahead: where streamed, prefetch x and
-    dy this many values on (see normalize_run)."""
-    e = xs.size
-    if P == 1:
-        wv = w[c * B + b0:c * B + b0 + e]
-        hi, lo = split(mean, xs)
-        rs = narrow(rstd, xs)
-        b = narrow(rstd * rstd * c1, xs)
-        cc = narrow(rstd * c2, xs)
-        if (stream and e >= STREAM_RUN and not relu and not dzs.size
-                and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc), (xs, dys), ahead)):
-            return
-        if relu:
-            for i in range(e):
-                d = relu_dy(dys, ys, i)
-                dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
-        else:
-            for i in range(e):
-                d = loadc(dys[i])
-                dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
-        if dzs.size:
-            dz_run(dys, ys, relu, dzs)
-        return
-    if P == B:
-        dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w[c], c1, c2, stream, ahead)
-        return
-    Q = B // P
-    s = b0
-    if P < STREAM_RUN and not dzs.size:
-        # short cells: dx_scalar_run's loops inline (see normalize_run)
-        q = s // P
-        while s < b0 + e:
-            t = min(b0 + e, (q + 1) * P)
-            a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, w[c * Q + q], c1, c2, xs)
-            xq, gq, dq = xs[s - b0:t - b0], dys[s - b0:t - b0], dxs[s - b0:t - b0]
-            if relu:
-                yq = ys[s - b0:t - b0]
-                for i in range(t - s):
-                    dq[i] = store(a * relu_dy(gq, yq, i) + ((loadc(xq[i]) - hi) * nb + sh), dq)
+def _dx_run(epilogue):
+    """dx_run, or without `epilogue` dx_run_plain (dx_scalar_run_plain)."""
+
+    def dx_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w, c1, c2, c, b0, B, P, stream=False,
+               ahead=0):
+        """dx = rstd * (dy * w - c2 - xhat * c1) on the piece [b0, b0 + len) of channel c's run;
+        dz = dy (after ReLU's mask) when dzs is not empty. ahead: where streamed, prefetch x and
+        dy this many values on (see normalize_run)."""
+        e = xs.size
+        if P == 1:
+            wv = w[c * B + b0:c * B + b0 + e]
+            hi, lo = split(mean, xs)
+            rs = narrow(rstd, xs)
+            b = narrow(rstd * rstd * c1, xs)
+            cc = narrow(rstd * c2, xs)
+            if (stream and e >= STREAM_RUN and not relu and not dzs.size
+                    and stream_dx(dxs, (xs, dys, wv), (hi, lo, rs, b, cc), (xs, dys), ahead)):
+                return
+            if epilogue and relu:
+                for i in range(e):
+                    d = relu_dy(dys, ys, i)
+                    dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
             else:
-                for i in range(t - s):
-                    dq[i] = store(a * loadc(gq[i]) + ((loadc(xq[i]) - hi) * nb + sh), dq)
+                for i in range(e):
+                    d = loadc(dys[i])
+                    dxs[i] = store((rs * wv[i]) * d - b * center(loadc(xs[i]), hi, lo) - cc, dxs)
+            if epilogue and dzs.size:
+                dz_run(dys, ys, relu, dzs)
+            return
+        if P == B:
+            if epilogue:
+                dx_scalar_run(dys, ys, relu, xs, dxs, dzs, mean, rstd, w[c], c1, c2, stream,
+                              ahead)
+            else:
+                dx_scalar_run_plain(dys, ys, False, xs, dxs, dzs, mean, rstd, w[c], c1, c2, stream,
+                                    ahead)
+            return
+        Q = B // P
+        s = b0
+        if P < STREAM_RUN and not dzs.size:
+            # short cells: dx_scalar_run's loops inline (see normalize_run)
+            q = s // P
+            while s < b0 + e:
+                t = min(b0 + e, (q + 1) * P)
+                a, hi, nb, sh = dx_scalar_coefficients(mean, rstd, w[c * Q + q], c1, c2, xs)
+                xq, gq, dq = xs[s - b0:t - b0], dys[s - b0:t - b0], dxs[s - b0:t - b0]
+                if epilogue and relu:
+                    yq = ys[s - b0:t - b0]
+                    for i in range(t - s):
+                        dq[i] = store(a * relu_dy(gq, yq, i) + ((loadc(xq[i]) - hi) * nb + sh), dq)
+                else:
+                    for i in range(t - s):
+                        dq[i] = store(a * loadc(gq[i]) + ((loadc(xq[i]) - hi) * nb + sh), dq)
+                s = t
+                q += 1
+            return
+        while s < b0 + e:
+            q = s // P
+            t = min(b0 + e, (q + 1) * P)
+            if epilogue:
+                yq = ys[s - b0:t - b0] if relu else ys
+                dzq = dzs[s - b0:t - b0] if dzs.size else dzs
+                dx_scalar_run(dys[s - b0:t - b0], yq, relu, xs[s - b0:t - b0], dxs[s - b0:t - b0],
+                              dzq, mean, rstd, w[c * Q + q], c1, c2, stream, ahead)
+            else:
+                dx_scalar_run_plain(dys[s - b0:t - b0], ys, False, xs[s - b0:t - b0],
+                                    dxs[s - b0:t - b0], dzs, mean, rstd, w[c * Q + q], c1, c2,
+                                    stream, ahead)
             s = t
-            q += 1
-        return
-    while s < b0 + e:
-        q = s // P
-        t = min(b0 + e, (q + 1) * P)
-        yq = ys[s - b0:t - b0] if relu else ys
-        dzq = dzs[s - b0:t - b0] if dzs.size else dzs
-        dx_scalar_run(dys[s - b0:t - b0], yq, relu, xs[s - b0:t - b0], dxs[s - b0:t - b0], dzq,
-                      mean, rstd, w[c * Q + q], c1, c2, stream, ahead)
-        s = t
+
+    return dx_run
+
+
+dx_run, dx_run_plain = _variants(_dx_run, fastmath=_ELEMENTWISE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2688,8 +2713,8 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
                          narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
                          w_dx[c * B:(c + 1) * B])
         elif stream:    # a row of one cell (InstanceNorm), its scalar weight: streamed
-            dx_scalar_run(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r, w[c],
-                          c1, c2, stream, B)
+            dx_scalar_run_plain(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r,
+                                w[c], c1, c2, stream, B)
         else:           # the same, plain
             a, hq, nb, sh = dx_scalar_coefficients(np.float64(mean[r]), rstd_r, w[c], c1, c2, x)
             exact_dx_scalar_row(dys, xs, dx[s:s + B], a, hq, nb, sh)
@@ -2779,10 +2804,14 @@ def _rows_backward(epilogue):
                 rows_backward_block(dy, y, True, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
                                     centered, dbias_part[k], dweight_part[k], dx, dz, stream,
                                     r0, r1)
-            else:
+            elif epilogue:
                 rows_backward_block(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx, frozen,
                                     centered, dbias_part[k], dweight_part[k], dx, dz, stream,
                                     r0, r1)
+            else:
+                rows_backward_block_plain(dy, y, False, x, A, C, B, P, mean, rstd, w, w_dx,
+                                          frozen, centered, dbias_part[k], dweight_part[k], dx,
+                                          dz, stream, r0, r1)
 
     return rows_backward
 
@@ -2834,71 +2863,83 @@ def rows_backward_cells(dy, y, relu, x, O, A, C, B, P, mean, rstd, w, w_dx, froz
                          (k + 1) * R // nblk)
 
 
-@_jit()
-def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
-                        dbias_part, dweight_part, dx, dz, stream, r0, r1):
-    """rows_backward's statistics [r0, r1) (of the flattened (o, c)), their parameter sums
-    into dbias_part / dweight_part."""
-    n = A * B
-    P_dx = 1 if w_dx.size == C * B else P
-    dbias = np.zeros(dbias_part.size, w.dtype)
-    dweight = np.zeros(dweight_part.size, w.dtype)
-    o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
-    # contiguous rows streamed across their ends (stream_seamed_dx_row)
-    seamed = (stream and A == 1 and P_dx == 1 and B >= STREAM_RUN and dx.itemsize >= 4
-              and streamable_dz(dx, dz, relu))
-    wt = tile_columns(w_dx, DX_LANES) if seamed else w_dx
-    line = 64 // dx.itemsize
-    i = window_above(dx, r0 * B, line)
-    iz = window_above(dz, r0 * B, line) if seamed and dz.size else 0
-    if seamed and dz.size:
-        dz_piece(dz, dy, y, r0 * B, iz)
-    h0, l0 = split(0.0, x)
-    z0 = narrow(0.0, x)
-    before = (h0, l0, z0, z0, z0)
-    for r in range(r0, r1):
-        if (r - r0) % BLOCK_ROWS == 0 and r > r0:
-            flush(dbias, dbias_part)
-            flush(dweight, dweight_part)
-        mean_r, rstd_r = np.float64(mean[r]), np.float64(rstd[r])
-        ahead = B if A == 1 or c + 1 < C else 0     # as in rows_forward
-        g1 = 0.0
-        g2 = 0.0
-        for a in range(A):
-            lo = ((o * A + a) * C + c) * B
-            ys = y[lo:lo + B] if relu else y
-            s1, s2 = backward_sums_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], mean_r, rstd_r, w,
-                                       dbias, dweight, c, 0, B, P)
-            g1 += s1
-            g2 += s2
-        c1 = 0.0 if frozen else g2 / n
-        c2 = 0.0 if frozen or not centered else g1 / n
-        if seamed:
-            if relu:
-                i, before = stream_seamed_dx_row((x, dy, y), dx, wt, C, B, r, c, mean_r, rstd_r,
-                                                 c1, c2, i, before, r == r0, r == r1 - 1)
-            else:
-                i, before = stream_seamed_dx_row((x, dy), dx, wt, C, B, r, c, mean_r, rstd_r,
-                                                 c1, c2, i, before, r == r0, r == r1 - 1)
-            if dz.size:
-                s = r * B
-                iz = stream_dz_piece(dz, dy, y, iz, s + B if r + 1 < r1
-                                     else window_below(dz, s + B, line))
-                if r == r1 - 1:
-                    dz_piece(dz, dy, y, iz, s + B)
-        for a in range(0 if seamed else A):
-            lo = ((o * A + a) * C + c) * B
-            ys = y[lo:lo + B] if relu else y
-            dzs = dz[lo:lo + B] if dz.size else dz
-            dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean_r, rstd_r,
-                   w_dx, c1, c2, c, 0, B, P_dx, stream, ahead)
-        c += 1
-        if c == C:
-            o, c = o + 1, 0
-    if stream:
-        sfence()
-    flush(dbias, dbias_part)
-    flush(dweight, dweight_part)
+def _rows_backward_block(epilogue):
+    """rows_backward_block, or without `epilogue` rows_backward_block_plain (dx_run_plain),
+    which compiles none of the ReLU / residual loops (see _rows_forward)."""
+
+    def rows_backward_block(dy, y, relu, x, A, C, B, P, mean, rstd, w, w_dx, frozen, centered,
+                            dbias_part, dweight_part, dx, dz, stream, r0, r1):
+        """rows_backward's statistics [r0, r1) (of the flattened (o, c)), their parameter sums
+        into dbias_part / dweight_part."""
+        n = A * B
+        P_dx = 1 if w_dx.size == C * B else P
+        dbias = np.zeros(dbias_part.size, w.dtype)
+        dweight = np.zeros(dweight_part.size, w.dtype)
+        o, c = r0 // C, r0 % C      # then stepped, as in rows_forward
+        # contiguous rows streamed across their ends (stream_seamed_dx_row)
+        seamed = (stream and A == 1 and P_dx == 1 and B >= STREAM_RUN and dx.itemsize >= 4
+                  and streamable_dz(dx, dz, relu))
+        wt = tile_columns(w_dx, DX_LANES) if seamed else w_dx
+        line = 64 // dx.itemsize
+        i = window_above(dx, r0 * B, line)
+        iz = window_above(dz, r0 * B, line) if epilogue and seamed and dz.size else 0
+        if epilogue and seamed and dz.size:
+            dz_piece(dz, dy, y, r0 * B, iz)
+        h0, l0 = split(0.0, x)
+        z0 = narrow(0.0, x)
+        before = (h0, l0, z0, z0, z0)
+        for r in range(r0, r1):
+            if (r - r0) % BLOCK_ROWS == 0 and r > r0:
+                flush(dbias, dbias_part)
+                flush(dweight, dweight_part)
+            mean_r, rstd_r = np.float64(mean[r]), np.float64(rstd[r])
+            ahead = B if A == 1 or c + 1 < C else 0     # as in rows_forward
+            g1 = 0.0
+            g2 = 0.0
+            for a in range(A):
+                lo = ((o * A + a) * C + c) * B
+                ys = y[lo:lo + B] if relu else y
+                s1, s2 = backward_sums_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], mean_r, rstd_r, w,
+                                           dbias, dweight, c, 0, B, P)
+                g1 += s1
+                g2 += s2
+            c1 = 0.0 if frozen else g2 / n
+            c2 = 0.0 if frozen or not centered else g1 / n
+            if seamed:
+                if epilogue and relu:
+                    i, before = stream_seamed_dx_row((x, dy, y), dx, wt, C, B, r, c, mean_r, rstd_r,
+                                                     c1, c2, i, before, r == r0, r == r1 - 1)
+                else:
+                    i, before = stream_seamed_dx_row((x, dy), dx, wt, C, B, r, c, mean_r, rstd_r,
+                                                     c1, c2, i, before, r == r0, r == r1 - 1)
+                if epilogue and dz.size:
+                    s = r * B
+                    iz = stream_dz_piece(dz, dy, y, iz, s + B if r + 1 < r1
+                                         else window_below(dz, s + B, line))
+                    if r == r1 - 1:
+                        dz_piece(dz, dy, y, iz, s + B)
+            for a in range(0 if seamed else A):
+                lo = ((o * A + a) * C + c) * B
+                if epilogue:
+                    ys = y[lo:lo + B] if relu else y
+                    dzs = dz[lo:lo + B] if dz.size else dz
+                    dx_run(dy[lo:lo + B], ys, relu, x[lo:lo + B], dx[lo:lo + B], dzs, mean_r,
+                           rstd_r, w_dx, c1, c2, c, 0, B, P_dx, stream, ahead)
+                else:
+                    dx_run_plain(dy[lo:lo + B], y, False, x[lo:lo + B], dx[lo:lo + B], dz, mean_r,
+                                 rstd_r, w_dx, c1, c2, c, 0, B, P_dx, stream, ahead)
+            c += 1
+            if c == C:
+                o, c = o + 1, 0
+        if stream:
+            sfence()
+        flush(dbias, dbias_part)
+        flush(dweight, dweight_part)
+
+    return rows_backward_block
+
+
+rows_backward_block, rows_backward_block_plain = _variants(_rows_backward_block)
 
 
 @_jit(inline="always")
