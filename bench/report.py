@@ -134,10 +134,11 @@ def cold_section(cold):
         "", "**Memory-bound: caches swept before every call**", "",
         f"Measured with `{command}` at `{m['commit']}`, {m['date'][:10]} (copy bandwidth "
         f"{bandwidth}{copy_range(cold)}). Before every timed call of every peer, one thread "
-        f"reads {cold['cold_sweep_bytes'] >> 20} MiB (twice the L3, {cache_text(m)}; not "
-        f"timed), so that each call finds x, dy and its outputs in memory, as on a machine "
-        f"whose L3 is smaller than the case. The table above is the other regime: there a "
-        f"case's arrays stay in this machine's L3 between calls, for every peer alike.", ""]
+        f"reads {cold['cold_sweep_bytes'] >> 20} MiB (at least twice the L3, {cache_text(m)}; "
+        f"not timed), so that each call finds x, dy and its outputs in memory, as on a machine "
+        f"whose L3 is smaller than the case. The table above is the other regime: there what "
+        f"of a case's arrays fits in this machine's caches stays in them between calls, for "
+        f"every peer alike.", ""]
     lines += device_table(cold["results"])
     lines += [""] + [line + "." for line in summary(cold["results"], "Caches swept:")]
     return lines

@@ -104,6 +104,22 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- machine
 
+def source_commit(where):
+    """The commit measured, with "-dirty" when tracked files other than the results and the
+    README (which a run's earlier steps rewrite) differ from it; "" outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=where).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)bench/results", ":(exclude)README.md")
+    except OSError:
+        return ""
+    return commit + "-dirty" if commit and changed else commit
+
+
 def machine_info(threads):
     cpu = {}
     try:
@@ -120,11 +136,7 @@ def machine_info(threads):
         mod = sys.modules.get(name)
         if mod is not None:
             versions[name] = getattr(mod, "__version__", "?")
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = source_commit(Path(__file__).parent)
     return {"cpu": cpu.get("model name", platform.processor()), "cache": cpu.get("cache size"),
             "l3": l3_size(),
             "openmp_runtimes": openmp_runtimes(),

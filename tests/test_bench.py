@@ -1,6 +1,7 @@
 """The bench harness's own logic (bench/run.py, bench/report.py), without timing anything
 that matters: --cold's sweep and case selection, measure's per-call hook, and the README
 tables (the cold section, bench/first_call.py's), built from made-up results."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,32 @@ def test_cold_sweep_reads_twice_the_l3_and_never_less_than_its_minimum():
     assert run.CacheSweep.size(480 << 20) == 960 << 20
     assert run.CacheSweep.size(32 << 20) == run.COLD_SWEEP_MIN
     assert run.CacheSweep.size(None) == run.COLD_SWEEP_MIN
+
+
+def test_the_commit_is_dirty_for_source_changes_not_for_results_or_the_readme(tmp_path):
+    """A regeneration runs bench/run.py three times, and each run rewrites bench/results/: the
+    later runs measure the same source and must not call it dirty."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    files = [tmp_path / "README.md", tmp_path / "bench" / "results" / "latest.json",
+             tmp_path / "kernel.py"]
+    for f in files:
+        f.write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    clean = run.source_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    files[0].write_text("1")
+    files[1].write_text("1")
+    (tmp_path / "untracked.txt").write_text("1")
+    assert run.source_commit(tmp_path) == clean
+    files[2].write_text("1")
+    assert run.source_commit(tmp_path) == clean + "-dirty"
+    assert run.source_commit(tmp_path.parent / "nowhere") == ""
 
 
 def test_cold_leaves_out_the_cases_under_its_size_in_the_narrowest_dtype():
