@@ -2965,12 +2965,17 @@ def flush(part, total):
 
 
 @_jit()
-def run_piece(pos, C, B):
-    """(c, b): the channel and the offset in its run of flat position `pos` of a sample's
-    A * C * B elements."""
+def flat_chunk(item, K, L, C, B):
+    """(o, pos, end, c, b): work item `item`'s sample o and its chunk [pos, end) of the
+    sample's L = A * C * B elements, and the channel c and the offset b in its run of the
+    chunk's first element. The kernels then step c and b from run to run: divisions per run of
+    196 values cost ~40%."""
+    o = item // K
+    k = item % K
+    pos = k * L // K
     r = pos % (C * B)
     c = r // B
-    return c, r - c * B
+    return o, pos, (k + 1) * L // K, c, r - c * B
 
 
 @_jit(parallel=True)
@@ -2979,15 +2984,12 @@ def flat_moments(x, O, A, C, B, K, count, mean, m2):
     x = borrow(x)
     L = A * C * B
     for item in prange(O * K):
-        o = item // K
+        o, pos, hi, c, b = flat_chunk(item, K, L, C, B)
         k = item % K
-        for c in range(C):
-            count[o, k, c] = 0.0
-            mean[o, k, c] = 0.0
-            m2[o, k, c] = 0.0
-        pos = k * L // K
-        hi = (k + 1) * L // K
-        c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
+        for j in range(C):
+            count[o, k, j] = 0.0
+            mean[o, k, j] = 0.0
+            m2[o, k, j] = 0.0
         while pos < hi:
             e = min(hi - pos, B - b)
             base = o * L + pos
@@ -3010,11 +3012,7 @@ def _flat_normalize(epilogue):
         x, z, y = borrow(x), borrow(z), borrow(y)
         L = A * C * B
         for item in prange(O * K):
-            o = item // K
-            k = item % K
-            pos = k * L // K
-            hi = (k + 1) * L // K
-            c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
+            o, pos, hi, c, b = flat_chunk(item, K, L, C, B)
             while pos < hi:
                 e = min(hi - pos, B - b)
                 base = o * L + pos
@@ -3052,16 +3050,13 @@ def _flat_normalize_runs(epilogue):
         x, z, y = borrow(x), borrow(z), borrow(y)
         L = A * C * B
         for item in prange(O * K):
-            o = item // K
-            k = item % K
+            o, pos, end, c, b = flat_chunk(item, K, L, C, B)
             hic = np.empty(C, w.dtype)
             scc = np.empty(C, w.dtype)
             shc = np.empty(C, w.dtype)
-            for c in range(C):
-                hic[c], scc[c], shc[c] = fold(mean[o * C + c], rstd[o * C + c] * w[c], bias[c], x)
-            lo = o * L + k * L // K
-            hi = o * L + (k + 1) * L // K
-            c, b = run_piece(k * L // K, C, B)
+            for j in range(C):
+                hic[j], scc[j], shc[j] = fold(mean[o * C + j], rstd[o * C + j] * w[j], bias[j], x)
+            lo, hi = o * L + pos, o * L + end
             if epilogue:
                 affine_runs(x[lo:hi], z[lo:hi] if z.size else z, y[lo:hi], relu, B, b, c, C, hic,
                             scc, shc, stream)
@@ -3084,15 +3079,11 @@ def flat_backward_sums(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbias_pa
     dy, y, x = borrow(dy), borrow(y), borrow(x)
     L = A * C * B
     for item in prange(O * K):
-        o = item // K
-        k = item % K
-        dbias = dbias_part[o, k]
-        dweight = dweight_part[o, k]
+        o, pos, hi, c, b = flat_chunk(item, K, L, C, B)
+        dbias = dbias_part[o, item % K]
+        dweight = dweight_part[o, item % K]
         dbias[:] = 0.0
         dweight[:] = 0.0
-        pos = k * L // K
-        hi = (k + 1) * L // K
-        c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
         while pos < hi:
             e = min(hi - pos, B - b)
             base = o * L + pos
@@ -3112,47 +3103,54 @@ def flat_backward_sums_runs(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, dbi
     dy, x = borrow(dy), borrow(x)
     L = A * C * B
     for item in prange(O * K):
-        o = item // K
-        k = item % K
-        dbias = dbias_part[o, k]
-        dweight = dweight_part[o, k]
+        o, pos, end, c, b = flat_chunk(item, K, L, C, B)
+        dbias = dbias_part[o, item % K]
+        dweight = dweight_part[o, item % K]
         dbias[:] = 0.0
         dweight[:] = 0.0
-        lo = o * L + k * L // K
-        hi = o * L + (k + 1) * L // K
-        c, b = run_piece(k * L // K, C, B)
+        lo, hi = o * L + pos, o * L + end
         scalar_sums_runs(dy[lo:hi], x[lo:hi], B, b, c, C, mean[o * C:(o + 1) * C], dbias,
                          dweight)
-        for c in range(C):
-            dweight[c] *= rstd[o * C + c]
+        for j in range(C):
+            dweight[j] *= rstd[o * C + j]
 
 
-@_jit(parallel=True)
-def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz, stream):
-    """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64; stream:
-    see rows_backward. A call per run (short runs of one cell each without ReLU:
-    flat_backward_dx_runs)."""
-    dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-    L = A * C * B
-    for item in prange(O * K):
-        o = item // K
-        k = item % K
-        pos = k * L // K
-        hi = (k + 1) * L // K
-        c, b = run_piece(pos, C, B)     # then stepped: divisions per run of 196 cost ~40%
-        while pos < hi:
-            e = min(hi - pos, B - b)
-            base = o * L + pos
-            oc = o * C + c
-            ys = y[base:base + e] if relu else y
-            dzs = dz[base:base + e] if dz.size else dz
-            dx_run(dy[base:base + e], ys, relu, x[base:base + e], dx[base:base + e], dzs,
-                   mean[oc], rstd[oc], w, c1[oc], c2[oc], c, b, B, P, stream)
-            pos += e
-            b = 0
-            c = c + 1 if c + 1 < C else 0
-        if stream:
-            sfence()
+def _flat_backward_dx(epilogue):
+    """flat_backward_dx, or without `epilogue` flat_backward_dx_plain (no ReLU or residual:
+    dx_run_plain)."""
+
+    def flat_backward_dx(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c2, dx, dz,
+                         stream):
+        """dx = rstd * (dy * w - c2 - xhat * c1); mean, rstd, c1, c2: (O * C,) float64; stream:
+        see rows_backward. A call per run (short runs of one cell each without ReLU:
+        flat_backward_dx_runs)."""
+        dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
+        L = A * C * B
+        for item in prange(O * K):
+            o, pos, hi, c, b = flat_chunk(item, K, L, C, B)
+            while pos < hi:
+                e = min(hi - pos, B - b)
+                base = o * L + pos
+                oc = o * C + c
+                if epilogue:
+                    ys = y[base:base + e] if relu else y
+                    dzs = dz[base:base + e] if dz.size else dz
+                    dx_run(dy[base:base + e], ys, relu, x[base:base + e], dx[base:base + e], dzs,
+                           mean[oc], rstd[oc], w, c1[oc], c2[oc], c, b, B, P, stream)
+                else:
+                    dx_run_plain(dy[base:base + e], y, False, x[base:base + e],
+                                 dx[base:base + e], dz, mean[oc], rstd[oc], w, c1[oc], c2[oc], c,
+                                 b, B, P, stream)
+                pos += e
+                b = 0
+                c = c + 1 if c + 1 < C else 0
+            if stream:
+                sfence()
+
+    return flat_backward_dx
+
+
+flat_backward_dx, flat_backward_dx_plain = _variants(_flat_backward_dx, parallel=True)
 
 
 @_jit(parallel=True)
@@ -3163,19 +3161,16 @@ def flat_backward_dx_runs(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, c1, c
     dy, x, dx = borrow(dy), borrow(x), borrow(dx)
     L = A * C * B
     for item in prange(O * K):
-        o = item // K
-        k = item % K
+        o, pos, end, c, b = flat_chunk(item, K, L, C, B)
         a = np.empty(C, w.dtype)
         hic = np.empty(C, w.dtype)
         nbc = np.empty(C, w.dtype)
         shc = np.empty(C, w.dtype)
-        for c in range(C):
-            oc = o * C + c
-            a[c], hic[c], nbc[c], shc[c] = dx_scalar_coefficients(mean[oc], rstd[oc], w[c],
+        for j in range(C):
+            oc = o * C + j
+            a[j], hic[j], nbc[j], shc[j] = dx_scalar_coefficients(mean[oc], rstd[oc], w[j],
                                                                   c1[oc], c2[oc], x)
-        lo = o * L + k * L // K
-        hi = o * L + (k + 1) * L // K
-        c, b = run_piece(k * L // K, C, B)
+        lo, hi = o * L + pos, o * L + end
         dx_scalar_runs(dy[lo:hi], x[lo:hi], dx[lo:hi], B, b, c, C, a, hic, nbc, shc, stream)
         if stream:
             sfence()
@@ -3970,6 +3965,7 @@ KERNELS = {
     "flat_backward_sums": flat_backward_sums,
     "flat_backward_sums_runs": flat_backward_sums_runs,
     "flat_backward_dx": flat_backward_dx,
+    "flat_backward_dx_plain": flat_backward_dx_plain,
     "flat_backward_dx_runs": flat_backward_dx_runs,
     "column_moments": column_moments,
     "column_forward": column_forward,

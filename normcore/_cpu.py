@@ -124,12 +124,14 @@ def normalize_kernel(plan, stream, relu, residual):
     return K.flat_normalize if epilogue else K.flat_normalize_plain
 
 
-def flat_backward_kernels(plan, relu):
+def flat_backward_kernels(plan, relu, residual):
     """The flat path's backward (sums, dx) kernels: on short runs of one cell each without
-    ReLU, a call per chunk of runs (flat_backward_*_runs), else a call per run."""
+    ReLU, a call per chunk of runs (flat_backward_*_runs), else a call per run; the dx kernel
+    without ReLU or residual compiled without their loops (flat_backward_dx_plain)."""
     if plan.P == plan.B and plan.B < K.STREAM_RUN and not relu:
         return K.flat_backward_sums_runs, K.flat_backward_dx_runs
-    return K.flat_backward_sums, K.flat_backward_dx
+    return (K.flat_backward_sums,
+            K.flat_backward_dx if relu or residual else K.flat_backward_dx_plain)
 
 
 def normalize(plan, x, y, mean, rstd, w, bias, *, z=None, relu=False):
@@ -321,7 +323,7 @@ def backward(plan, dy, x, dx, mean, rstd, w, frozen, *, y=None, relu=False, dz=N
         return dweight.sum(0), dbias.sum(0)
     shape = (O, plan.K, C * Q)
     sdy, sdyxhat = np.empty(shape), np.empty(shape)
-    sums_kernel, dx_kernel = flat_backward_kernels(plan, relu)
+    sums_kernel, dx_kernel = flat_backward_kernels(plan, relu, dz.size)
     _run(plan, sums_kernel, dy, y, relu, x, O, A, C, B, plan.P, plan.K, mean, rstd, w,
          sdy, sdyxhat)
     sdy, sdyxhat = sdy.sum(1), sdyxhat.sum(1)                      # (O, C * Q)

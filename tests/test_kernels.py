@@ -197,6 +197,10 @@ def _exercise_every_path(dtype, rows):
         for activation in (None, "relu"):      # (flat: the ReLU's backward a call per run)
             f = fwd(x, activation=activation)
             bwd(dy, x, f.mean, f.rstd, activation=activation, y=f.y)
+    # runs of STREAM_RUN values or more: the flat backward a call per run, without ReLU too
+    xb = rng.standard_normal((max(2, rows // 8), 3, 1100)).astype(dtype)
+    f = nc.batch_norm_forward(xb)
+    nc.batch_norm_backward(np.ones_like(xb), xb, f.mean, f.rstd)
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))                            # columns
     for activation in (None, "relu"):       # fused when small, else row chunks
         f = nc.batch_norm_forward(xl, axis=-1, activation=activation)
