@@ -228,6 +228,10 @@ def _float32_to_half_bits(typingctx, value):
 # rows take the same counts of lanes: windows of two lines and of one.
 LANES = 16
 DX_LANES = 8
+# Windows per descending group (float32, float64) where the output starts just past the input
+# modulo 4 KiB (see _window_loop): the dx windows' and the seamed rows' (_seamed_row)
+DX_GROUPS = (4, 2)
+SEAMED_GROUPS = (4, 2)
 
 
 def _float_run(a, dtype=types.float32):
@@ -785,47 +789,56 @@ def dz_run(dys, ys, relu, dzs):
 # y under a test: the ReLU loops read it always (relu_dy), the others never.
 
 
-def _window_loop(stream_window):
+def _window_loop(stream_window, fetch=None, groups=(2, 2)):
     """A jit-only helper (ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0) -> the
     index after the last window: stream_window(ys, j, arrays, p + j - i, columns, scalars)
     for the windows from i (a window boundary of ys) while they end by `end`, each
-    prefetching the arrays of the tuple `lead` `ahead` values on when ahead > 0.
+    prefetching the arrays of the tuple `lead` `ahead` values on when ahead > 0 (through
+    `fetch`, by default prefetch).
 
-    The windows go up the addresses, but in pairs, the upper one first, where ys starts 1 to
-    2 windows' bytes past arrays[0] modulo 4 KiB. There a window's non-temporal store
-    overlaps, in the address bits a load is first matched on, the lines the next window reads,
-    and on the AMD EPYC (Zen) of session 27 each such load waited for the store: BatchNorm /
-    InstanceNorm (32, 64, 56, 56) backward into dx 16-48 bytes past x took 1.4-1.6x as long,
-    LayerNorm (8192, 1024) forward 1.3x. The pair's lower window stores after both read.
-    Always in pairs, the outputs just before x (NumPy's 16-byte-aligned inputs, the output
-    cache's page-aligned blocks) lost 10%: their stores overlap the lower window's loads."""
+    The windows go up the addresses, but in groups of G (groups: G for float32, for float64),
+    each group's windows downwards, where ys starts less than G windows' bytes past
+    arrays[0] modulo 4 KiB. There a window's non-temporal store matches, in the 12 address
+    bits a load is first checked against the stores still queued, the lines the next windows
+    read, and on the AMD EPYC (Zen) each such load waited for the store. Going down a group,
+    the stores alias lines the group has read already. Consecutive arrays of one size on
+    glibc's heap lie 16-32 bytes apart modulo 4 KiB, so that an out= made just after x lands
+    there: into y 16-80 bytes past x, GroupNorm / InstanceNorm (32, 64, 56, 56) forward took
+    1.6-1.7x as long (2.4 -> 3.9-4.2 ms) before their seamed rows came here. Groups of 4
+    against pairs: seamed rows and cells (SEAMED_GROUPS) 1.4-1.7x at 16-80 bytes, 1.2x at
+    128, and dx (DX_GROUPS) 1.1-1.4x; but BatchNorm NCHW runs and short LayerNorm rows forward
+    0.80-0.96x (so pairs), and float64 long rows (prefetch_l2) 0.85x in pairs (so none).
+    Always in groups, the outputs just before x (NumPy's 16-byte-aligned inputs, the output
+    cache's page-aligned blocks) lost 10%: their stores overlap the lower windows' loads."""
 
     def helper(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
         raise NotImplementedError
 
     L = stream_window.lanes
+    fetch = prefetch if fetch is None else fetch
 
     # inlined in Numba's IR: called, LayerNorm (8192, 1024) backward lost 4-9% (two A/Bs)
     @overload(helper, inline="always", jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
         W = ys.dtype.bitwidth // 8 * L
+        G = groups[0] if ys.dtype.bitwidth == 32 else groups[1]
 
         def impl(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
             past = (np.int64(ys.ctypes.data % 4096)
                     - np.int64(arrays[0].ctypes.data % 4096)) % 4096
-            if 0 < past < 2 * W:
-                while i + 2 * L <= end:
+            if G > 1 and 0 < past < G * W:
+                while i + G * L <= end:
                     if ahead:
-                        prefetch(lead, i + ahead)
-                        prefetch(lead, i + L + ahead)
-                    stream_window(ys, i + L, arrays, p + L, columns, scalars)
-                    stream_window(ys, i, arrays, p, columns, scalars)
-                    i += 2 * L
-                    p += 2 * L
+                        for k in range(G):
+                            fetch(lead, i + k * L + ahead)
+                    for k in range(G - 1, -1, -1):
+                        stream_window(ys, i + k * L, arrays, p + k * L, columns, scalars)
+                    i += G * L
+                    p += G * L
             if ahead:   # a loop of its own: the test inside the one loop below cost LayerNorm
                 # (8192, 1024) forward and BatchNorm NCHW backward 0.88-0.89x (one A/B)
                 while i + L <= end:
-                    prefetch(lead, i + ahead)
+                    fetch(lead, i + ahead)
                     stream_window(ys, i, arrays, p, columns, scalars)
                     i += L
                     p += L
@@ -840,7 +853,7 @@ def _window_loop(stream_window):
     return helper
 
 
-def _streaming(stream_window, element):
+def _streaming(stream_window, element, groups=(2, 2)):
     """A jit-only helper (ys, arrays, scalars, lead=(), ahead=0) -> bool that writes ys[j] =
     element(j, arrays, scalars) for every j with non-temporal stores: a scalar head up to a
     window boundary of ys (`lanes` values' bytes), stream_window on its `lanes` values at a
@@ -854,7 +867,7 @@ def _streaming(stream_window, element):
         raise NotImplementedError
 
     L = stream_window.lanes
-    windows = _window_loop(stream_window)
+    windows = _window_loop(stream_window, groups=groups)
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, scalars, lead=(), ahead=0):
@@ -992,11 +1005,11 @@ def _columns_dx1_impl(j, p, v, c):
 stream_normalize = _streaming(_normalize_window, _normalize1)
 # dx = a * dy + ((x - hi) * nb + sh): arrays (x, dy) or (x, dy, y) (dy masked by ReLU's
 # gradient), scalars (a, hi, nb, sh)
-stream_dx_scalar = _streaming(_dx_scalar_window, _dx_scalar1)
+stream_dx_scalar = _streaming(_dx_scalar_window, _dx_scalar1, DX_GROUPS)
 # dz = dy masked by ReLU's gradient: arrays (dy, y), no scalars
 stream_dz = _streaming(_dz_window, _dz1)
 # dx = (rs * w) * dy - b * ((x - hi) - lo) - cc: arrays (x, dy, w), scalars (hi, lo, rs, b, cc)
-stream_dx = _streaming(_dx_window, _dx1)
+stream_dx = _streaming(_dx_window, _dx1, DX_GROUPS)
 # dx = a * dy - b * (x - hi) - c: arrays (x, dy) or (x, dy, y) (dy masked by ReLU's gradient),
 # columns (hi, a, b, c), tiled
 stream_columns_dx = _streaming_columns(_columns_dx_window, _columns_dx1)
@@ -1046,7 +1059,7 @@ stream_columns_affine = _affine_epilogue(False, True)
 stream_columns_affine_relu = _affine_epilogue(True, True)
 
 
-def _streaming_runs(runs_window, window, element):
+def _streaming_runs(runs_window, window, element, groups=(2, 2)):
     """A jit-only helper (ys, arrays, B, b, c, C, coefficients) -> bool that writes, over a
     chunk of consecutive runs of B values (one cell each; the first from offset b of channel
     c's run), ys[j] = element(j, arrays, the coefficients of j's channel) with non-temporal
@@ -1064,7 +1077,7 @@ def _streaming_runs(runs_window, window, element):
 
     L = runs_window.lanes
     assert window.lanes == L
-    windows = _window_loop(window)
+    windows = _window_loop(window, groups=groups)
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, arrays, B, b, c, C, coefficients):
@@ -1123,7 +1136,8 @@ def _tuple_of(arrays, c):
 stream_affine_runs = _streaming_runs(_runs_affine_window, _affine_window, _affine1)
 # dx_scalar_runs, streamed: dx = a * dy + ((x - hi) * nb + sh); arrays (x, dy), coefficients
 # (a, hi, nb, sh)
-stream_dx_scalar_runs = _streaming_runs(_runs_dx_scalar_window, _dx_scalar_window, _dx_scalar1)
+stream_dx_scalar_runs = _streaming_runs(_runs_dx_scalar_window, _dx_scalar_window, _dx_scalar1,
+                                       DX_GROUPS)
 
 
 def _affine_run(epilogue):
@@ -2008,6 +2022,9 @@ def _seamed_row(residual, relu):
     0.94-0.95x that). float32 / float64 arrays of one dtype."""
     row_window, row_seam = _row_windows(residual, relu)
     cell_window, cell_seam = _cell_windows(residual, relu)
+    row_windows = _window_loop(row_window, groups=SEAMED_GROUPS)
+    row_windows_l2 = _window_loop(row_window, prefetch_l2, (SEAMED_GROUPS[0], 1))
+    cell_windows = _window_loop(cell_window, groups=SEAMED_GROUPS)
 
     def helper(x, z, y, wt, bt, C, B, P, r, c, mean, rstd, i, before, first, last):
         raise NotImplementedError
@@ -2040,15 +2057,9 @@ def _seamed_row(residual, relu):
                     i += LANES
                 # (a loop per case: a test inside the loop cost stream_normalize 0.88x)
                 if B * y.itemsize >= LONG_ROW:
-                    while i + LANES <= s + B:
-                        prefetch_l2(xz, i + B)
-                        row_window(y, i, xz, p + i, (wt, bt), here)
-                        i += LANES
+                    i = row_windows_l2(y, i, s + B, xz, p + i, (wt, bt), here, xz, B)
                 else:
-                    while i + LANES <= s + B:
-                        prefetch(xz, i + B)
-                        row_window(y, i, xz, p + i, (wt, bt), here)
-                        i += LANES
+                    i = row_windows(y, i, s + B, xz, p + i, (wt, bt), here, xz, B)
                 if last:
                     for j in range(i, s + B):
                         y[j] = _row_value(x, z, wt, bt, j, p + j, here, residual, relu)
@@ -2064,10 +2075,7 @@ def _seamed_row(residual, relu):
                 elif i < t:
                     cell_seam(y, i, xz, 0, (), t - i, before, here)
                     i += LANES
-                while i + LANES <= t + P:
-                    prefetch(xz, i + ahead)
-                    cell_window(y, i, xz, 0, (), here)
-                    i += LANES
+                i = cell_windows(y, i, t + P, xz, 0, (), here, xz, ahead)
                 if last and q == Q - 1:
                     for j in range(i, t + P):
                         y[j] = _cell_value(x, z, j, here, residual, relu)
@@ -2474,7 +2482,7 @@ def dx_piece(dx, arrays, j0, j1, wt, p, hi, lo, rs, b, cc):
         dx[j0 + j] = _dx1(j, pieces, (hi, lo, rs, b, cc))
 
 
-_dx_windows = _window_loop(_dx_window)
+_dx_windows = _window_loop(_dx_window, groups=DX_GROUPS)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2721,9 +2729,11 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
             short_row_dx(dys, y, False, xs, dx[s:s + B], y, hi, lo, rs,
                          narrow(rstd_r * rstd_r * c1, x), narrow(rstd_r * c2, x),
                          w_dx[c * B:(c + 1) * B])
-        elif stream:    # a row of one cell (InstanceNorm), its scalar weight: streamed
+        elif stream:    # a row of one cell (InstanceNorm), its scalar weight: streamed,
+            # prefetching RUN_AHEAD bytes on (the next row whole: InstanceNorm (32, 64, 56, 56)
+            # backward 1.17-1.25x slower float32 / float64)
             dx_scalar_run_plain(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r,
-                                w[c], c1, c2, stream, B)
+                                w[c], c1, c2, stream, min(B, RUN_AHEAD // x.itemsize))
         else:           # the same, plain
             a, hq, nb, sh = dx_scalar_coefficients(np.float64(mean[r]), rstd_r, w[c], c1, c2, x)
             exact_dx_scalar_row(dys, xs, dx[s:s + B], a, hq, nb, sh)

@@ -350,27 +350,37 @@ def _at_page_offset(like, offset):
     return raw[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
 
 
-@pytest.mark.parametrize("past", [16, 48, 112])
-@pytest.mark.parametrize("norm, shape, axis", [
-    ("instance", (2, 4, 524289), 1),      # rows, odd lengths
-    ("batch", (64, 3, 32771), 1),         # flat
-    ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
-    ("layer", (4099, 1025), -1),          # long rows: windows across the rows' ends
+@pytest.mark.parametrize("past", [16, 48, 112, 176])
+@pytest.mark.parametrize("norm, shape, axis, dtype", [
+    ("instance", (2, 4, 524289), 1, np.float32),      # rows, odd lengths
+    ("instance", (2, 4, 262147), 1, np.float64),
+    ("group", (2, 4, 524289), 1, np.float32),         # rows of two cells (2 groups)
+    ("batch", (64, 3, 32771), 1, np.float32),         # flat
+    ("batch", (128, 173, 14, 14), 1, np.float32),     # flat, runs of 196: across two runs
+    ("layer", (4099, 1025), -1, np.float32),          # rows: windows across the rows' ends
+    ("layer", (1031, 4101), -1, np.float32),          # rows of LONG_ROW bytes and more
 ])
-def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, past, monkeypatch):
-    """Outputs that start `past` bytes after x modulo 4 KiB (under two windows: 64 or 128
-    bytes) take their streamed windows in pairs, the upper one first (_window_loop): the plain
-    loops' results, heads and tails included, bit for bit up to contraction."""
-    x = _at_page_offset(np.empty(shape, np.float32), 256)
-    x[...] = np.random.default_rng(6).standard_normal(shape, dtype=np.float32)
+def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, dtype, past,
+                                                       monkeypatch):
+    """Outputs that start `past` bytes after x modulo 4 KiB (under a group of windows: 2 or 4
+    windows of 32 to 128 bytes) take their streamed windows in groups, each group's upper
+    window first (_window_loop): the plain loops' results, heads and tails included, bit for
+    bit up to contraction."""
+    x = _at_page_offset(np.empty(shape, dtype), 256)
+    x[...] = np.random.default_rng(6).standard_normal(shape).astype(dtype)
     dy = _at_page_offset(x, 256)
-    dy[...] = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
+    dy[...] = np.random.default_rng(7).standard_normal(shape).astype(dtype)
     assert x.nbytes >= _cpu.STREAM_MIN
+    if shape == (1031, 4101):   # the long rows' own loop (prefetch_l2)
+        assert shape[-1] * x.itemsize >= cpu.LONG_ROW
     C = x.shape[axis]
-    w = np.linspace(0.5, 2, C, dtype=np.float32)
+    w = np.linspace(0.5, 2, C, dtype=dtype)
     fwd, bwd = {
         "instance": (nc.instance_norm_forward, nc.instance_norm_backward),
         "batch": (nc.batch_norm_forward, nc.batch_norm_backward),
+        "group": (lambda x, w, b, **k: nc.group_norm_forward(x, 2, w, b, **k),
+                  lambda dy, x, mean, rstd, w, **k: nc.group_norm_backward(dy, x, mean, rstd,
+                                                                           2, w, **k)),
         "layer": (nc.layer_norm_forward, nc.layer_norm_backward)}[norm]
 
     def run():
