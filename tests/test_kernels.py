@@ -359,13 +359,15 @@ def _at_page_offset(like, offset):
     ("batch", (128, 173, 14, 14), 1, np.float32),     # flat, runs of 196: across two runs
     ("layer", (4099, 1025), -1, np.float32),          # rows: windows across the rows' ends
     ("layer", (1031, 4101), -1, np.float32),          # rows of LONG_ROW bytes and more
+    ("batch", (16, 37, 113, 64), -1, np.float32),     # columns, channels-last
+    ("batch", (4099, 1025), 1, np.float32),           # columns, 2-D: rows of an odd length
 ])
 def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, dtype, past,
                                                        monkeypatch):
     """Outputs that start `past` bytes after x modulo 4 KiB (under a group of windows: 2 or 4
     windows of 32 to 128 bytes) take their streamed windows in groups, each group's upper
-    window first (_window_loop): the plain loops' results, heads and tails included, bit for
-    bit up to contraction."""
+    window first (_window_loop, and the columns' dx in _streaming_columns): the plain loops'
+    results, heads and tails included, bit for bit up to contraction."""
     x = _at_page_offset(np.empty(shape, dtype), 256)
     x[...] = np.random.default_rng(6).standard_normal(shape).astype(dtype)
     dy = _at_page_offset(x, 256)
