@@ -113,8 +113,9 @@ def source_commit(where):
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                      ":(exclude)bench/results", ":(exclude)README.md")
+        # paths from the top of the checkout: run.py asks from bench/
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                      ":(top,exclude)bench/results", ":(top,exclude)README.md")
     except OSError:
         return ""
     return commit + "-dirty" if commit and changed else commit

@@ -31,14 +31,16 @@ def test_cold_sweep_reads_twice_the_l3_and_never_less_than_its_minimum():
 
 def test_the_commit_is_dirty_for_source_changes_not_for_results_or_the_readme(tmp_path):
     """A regeneration runs bench/run.py three times, and each run rewrites bench/results/: the
-    later runs measure the same source and must not call it dirty."""
+    later runs measure the same source and must not call it dirty; a change anywhere else
+    (kernels/ too, outside bench/, where run.py asks from) does."""
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
                        cwd=tmp_path, check=True, capture_output=True)
 
     (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernels").mkdir()
     files = [tmp_path / "README.md", tmp_path / "bench" / "results" / "latest.json",
-             tmp_path / "kernel.py"]
+             tmp_path / "kernels" / "cpu.py"]
     for f in files:
         f.write_text("0")
     git("init", "-q")
@@ -49,9 +51,10 @@ def test_the_commit_is_dirty_for_source_changes_not_for_results_or_the_readme(tm
     files[0].write_text("1")
     files[1].write_text("1")
     (tmp_path / "untracked.txt").write_text("1")
-    assert run.source_commit(tmp_path) == clean
+    bench = tmp_path / "bench"      # where bench/run.py asks from
+    assert run.source_commit(tmp_path) == run.source_commit(bench) == clean
     files[2].write_text("1")
-    assert run.source_commit(tmp_path) == clean + "-dirty"
+    assert run.source_commit(tmp_path) == run.source_commit(bench) == clean + "-dirty"
     assert run.source_commit(tmp_path.parent / "nowhere") == ""
 
 
