@@ -2,6 +2,7 @@
 CPU tensors when torch is installed), through both routes (the kernels on DLPack views, and
 the pure Array-API backend), against the NumPy path; results keep the array type and device;
 running statistics and out= are updated in place, or returned for immutable arrays."""
+import inspect
 import json
 import subprocess
 import sys
@@ -198,3 +199,25 @@ def test_import_loads_no_optional_library(tmp_path):
                        text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_public_functions_keep_their_parameters_and_pass_every_argument():
+    """The wrappers (arrayapi._numpy_first) have their functions' parameters, defaults and
+    keyword-only marks, and pass every argument on, by position or by keyword, to the NumPy
+    function as to the Array-API route."""
+    for name in nc.__all__:
+        f = getattr(nc, name)
+        if hasattr(f, "__wrapped__"):
+            assert inspect.signature(f) == inspect.signature(f.__wrapped__), name
+            assert f.__module__ == "normcore" and f.__doc__ == f.__wrapped__.__doc__
+    x = np.random.default_rng(1).standard_normal((3, 4, 5))
+    w, b = np.full(5, 2.0), np.full(5, 0.5)
+    with pytest.raises(TypeError):
+        nc.layer_norm_forward(x, w, b, -1)      # axis is keyword-only
+    want = ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 0.25)) * w + b
+    out = np.empty_like(x)
+    got = nc.layer_norm_forward(x=x, bias=b, weight=w, eps=0.25, axis=-1, out=out)
+    assert got.y is out
+    assert_close(out, want, dtype=np.float64, n=5)
+    got = nc.layer_norm_forward(xs.asarray(x), xs.asarray(w), xs.asarray(b), eps=0.25)
+    assert_close(np.from_dlpack(got.y), want, dtype=np.float64, n=5)

@@ -1105,3 +1105,68 @@ def test_outputs_off_their_alignment_are_written_plain(norm, shape, axis):
         want = nc.batch_norm(x, w, w - 1, running_mean=rm, running_var=rv, training=False,
                              axis=axis)
         assert np.array_equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_sums_prefetch_from_memory_and_change_no_value(dtype):
+    """The column sums (rows_column_moments but for float64's exact two-pass,
+    backward_column_sums) prefetch the rows ahead of them in inputs from memory, whole rows of
+    up to PREFETCH_COLUMN_ROW bytes only; the same rows' moments and sums in a copy too small
+    to prefetch are the same, bit for bit."""
+    E = np.dtype(dtype).itemsize
+    J = 64
+    N = cpu.FROM_MEMORY // (J * E) + 5
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(N * J) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(N * J).astype(dtype)
+    assert cpu.column_rows_ahead(x, J, J) > 0
+    small = x[:cpu.FROM_MEMORY // E - J]
+    assert cpu.column_rows_ahead(small, J, J) == 0
+    assert cpu.column_rows_ahead(x, J, J // 2) == 0          # slices of the rows
+    assert cpu.column_rows_ahead(x, 4 * J, 4 * J) == 0        # rows of 1-2 KiB
+    lo, hi = N - 1003, N                # the last rows: the prefetches run past x's end
+    part = x[lo * J:hi * J].copy()
+    dpart = dy[lo * J:hi * J].copy()
+    for narrow in (True, False):
+        got, want = np.empty((2, J)), np.empty((2, J))
+        n = cpu.rows_column_moments(x, J, 0, J, lo, hi, got[0], got[1], narrow)
+        m = cpu.rows_column_moments(part, J, 0, J, 0, hi - lo, want[0], want[1], narrow)
+        assert n == m == hi - lo and np.array_equal(got, want)
+    center = np.full(J, 1, dtype), np.zeros(J, dtype)
+    got, want = np.zeros((2, J)), np.zeros((2, J))
+    cpu.backward_column_sums(dy, x, False, x, J, 0, J, lo, hi, *center, got[0], got[1])
+    cpu.backward_column_sums(dpart, part, False, part, J, 0, J, 0, hi - lo, *center, want[0],
+                             want[1])
+    assert np.array_equal(got, want) and np.abs(got).min() > 0
+    if platform.machine() in ("x86_64", "AMD64"):
+        # float64 moments take the exact two-pass, which does not prefetch
+        kernels = ((cpu.rows_column_moments,) if dtype == np.float32 else ()) + (
+            cpu.backward_column_sums,)
+        for kernel in kernels:
+            sig = [s for s in kernel.signatures if s[0].dtype == numba.from_dtype(dtype)][0]
+            assert "prefetcht0" in kernel.inspect_asm(sig)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunks_from_memory_taken_last_first_are_each_normalized(dtype):
+    """BatchNorm channels-last on an input from memory (FROM_MEMORY) takes its second pass's
+    chunks last first (last_first): every chunk's y and dx are there, as the float64 oracle
+    gives them."""
+    import oracle
+    from helpers import assert_close
+    shape = (16, 37, 113, 64)
+    x = np.random.default_rng(12).standard_normal(shape).astype(dtype) * 2 + 3
+    dy = np.random.default_rng(13).standard_normal(shape).astype(dtype)
+    assert x.nbytes >= cpu.FROM_MEMORY
+    plan = plan_batch_norm(shape, 3, numba.get_num_threads(), x.itemsize)
+    assert plan.path == plan.backward_path == "columns" and plan.K >= 2
+    w = np.linspace(0.5, 2, 64).astype(dtype)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    f = nc.batch_norm_forward(x, w, w - 1, axis=-1, out=y)
+    g = nc.batch_norm_backward(dy, x, f.mean, f.rstd, w, axis=-1, dx_out=dx)
+    ref = oracle.batch_norm_forward(x, w, w - 1, axis=3)
+    n = x.size // 64
+    assert_close(y, ref[0], dtype=dtype, n=n, cond=3, what="y")
+    rg = oracle.batch_norm_backward(dy, x, f.mean, f.rstd, w, axis=3)
+    assert_close(dx, rg[0], dtype=dtype, n=n, cond=3, what="dx")
+    assert_close(g.dweight, rg[1], dtype=dtype, n=n, cond=3, what="dweight")

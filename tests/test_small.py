@@ -325,3 +325,47 @@ def test_signatures_allocate_nothing_before_a_call_is_served():
     x = np.broadcast_to(np.zeros((1, 1, 1), np.float32), (2**40, 4, 2))
     with pytest.raises(ValueError, match="eps"):
         nc.instance_norm_forward(x, eps=-1.0)
+
+
+def _unaligned(a):
+    """A copy of `a` whose data lies one byte past an element's alignment."""
+    buf = np.zeros(a.nbytes + 8, np.uint8)
+    u = buf[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned
+    return u
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_later_calls_take_the_compiled_function_and_refuse_what_it_was_not_compiled_for(
+        dtype, monkeypatch):
+    """After a signature's first direct call, its LayerNorm calls run the row kernels' compiled
+    function without Numba's dispatcher (_entry_point), and give the first call's results; an
+    unaligned x, dy or out= (typed apart by Numba) goes to the general path instead, and a
+    read-only x runs through a writable alias: the same values every time."""
+    rng = np.random.default_rng(5)
+    shape = (5, 48)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.random(48).astype(dtype) + 0.5, rng.random(48).astype(dtype)
+    _small._signatures.clear()
+    first = nc.layer_norm_forward(x, w, b)
+    grads = nc.layer_norm_backward(dy, x, first.mean, first.rstd, w)
+    sig = _small._signature("layer", x, -1)
+    assert sig.direct and sig.direct_backward
+    assert sig.forward_entry is not None and sig.forward_entry is not sig.rows_forward
+    assert sig.backward_entry is not None and sig.backward_entry is not sig.rows_backward
+    served = _served(monkeypatch)
+    out = _unaligned(np.zeros(shape, dtype))
+    forwards = [nc.layer_norm_forward(x.copy(), w, b),
+                nc.layer_norm_forward(_unaligned(x), w, b),
+                nc.layer_norm_forward(x, w, b, out=out),
+                nc.layer_norm_forward(_read_only(x.copy()), w, b)]
+    assert served == [True, False, False, True]
+    for f in forwards:
+        _same(f[:3], first[:3])
+    backwards = [nc.layer_norm_backward(dy.copy(), x, first.mean, first.rstd, w),
+                 nc.layer_norm_backward(_unaligned(dy), x, first.mean, first.rstd, w)]
+    assert served[4:] == [True, False]
+    for g in backwards:
+        _same(g, grads)
