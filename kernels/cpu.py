@@ -800,6 +800,19 @@ def dz_run(dys, ys, relu, dzs):
 # y under a test: the ReLU loops read it always (relu_dy), the others never.
 
 
+def _group(groups, ys):
+    """The group size of `groups` (float32, float64) for the output type ys."""
+    return groups[0] if ys.dtype.bitwidth == 32 else groups[1]
+
+
+@_jit(inline="always")
+def descending(ys, x, G, W):
+    """Whether windows of W bytes go in descending groups of G (see _window_loop): ys starts
+    less than G windows' bytes past x modulo 4 KiB."""
+    past = (np.int64(ys.ctypes.data % 4096) - np.int64(x.ctypes.data % 4096)) % 4096
+    return G > 1 and 0 < past < G * W
+
+
 def _window_loop(stream_window, fetch=None, groups=(2, 2)):
     """A jit-only helper (ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0) -> the
     index after the last window: stream_window(ys, j, arrays, p + j - i, columns, scalars)
@@ -832,12 +845,10 @@ def _window_loop(stream_window, fetch=None, groups=(2, 2)):
     @overload(helper, inline="always", jit_options={"fastmath": _ELEMENTWISE})
     def _helper(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
         W = ys.dtype.bitwidth // 8 * L
-        G = groups[0] if ys.dtype.bitwidth == 32 else groups[1]
+        G = _group(groups, ys)
 
         def impl(ys, i, end, arrays, p, columns, scalars, lead=(), ahead=0):
-            past = (np.int64(ys.ctypes.data % 4096)
-                    - np.int64(arrays[0].ctypes.data % 4096)) % 4096
-            if G > 1 and 0 < past < G * W:
+            if descending(ys, arrays[0], G, W):
                 while i + G * L <= end:
                     if ahead:
                         for k in range(G):
@@ -922,7 +933,7 @@ def _streaming_columns(stream_window, element, groups=(1, 1)):
         if not _streamable(ys, tuple(arrays) + tuple(columns)):
             return lambda ys, arrays, columns, J: False
         E = ys.dtype.bitwidth // 8
-        G = groups[0] if E == 4 else groups[1]
+        G = _group(groups, ys)
 
         def impl(ys, arrays, columns, J):
             n = ys.size
@@ -931,9 +942,7 @@ def _streaming_columns(stream_window, element, groups=(1, 1)):
                 ys[j] = element(j, j % J, arrays, columns)
             i = head
             p = head % J
-            past = (np.int64(ys.ctypes.data % 4096)
-                    - np.int64(arrays[0].ctypes.data % 4096)) % 4096
-            if G > 1 and 0 < past < G * E * L:
+            if descending(ys, arrays[0], G, E * L):
                 while i + G * L <= n:
                     top = p         # the group's upper window's first column
                     for k in range(G - 1):
@@ -1785,6 +1794,13 @@ def rows_ahead(x, B):
 
 
 @_jit(inline="always")
+def run_ahead(x, B):
+    """How far on (in values) the loops over runs or rows of B values prefetch the data that
+    follows: RUN_AHEAD bytes, at most the next run or row whole."""
+    return min(B, RUN_AHEAD // x.itemsize)
+
+
+@_jit(inline="always")
 def prefetch_row(arrays, s, ahead, B):
     """Prefetch the lines of values [s + ahead, s + ahead + B) of each array of the tuple
     `arrays` (of one element size), unless ahead is 0. The short-row loops read a row of
@@ -2115,7 +2131,7 @@ def _seamed_row(residual, relu):
                         y[j] = _row_value(x, z, wt, bt, j, p + j, here, residual, relu)
                 return i, here
             Q = B // P
-            ahead = min(B, RUN_AHEAD // x.itemsize)
+            ahead = run_ahead(x, B)
             for q in range(Q):
                 here = fold(mean, rstd * wt[c * Q + q], bt[c * Q + q], x)
                 t = s + q * P
@@ -2393,7 +2409,7 @@ def _rows_forward_rows(epilogue):
                                           r == r0, r == r1 - 1)
             # the next statistic's runs follow this one's by B values, except from the last
             # channel of an o with A > 1: their first RUN_AHEAD bytes are prefetched
-            ahead = min(B, RUN_AHEAD // x.itemsize) if A == 1 or c + 1 < C else 0
+            ahead = run_ahead(x, B) if A == 1 or c + 1 < C else 0
             for a in range(0 if seamed else A):
                 lo = ((o * A + a) * C + c) * B
                 if epilogue:
@@ -2783,7 +2799,7 @@ def short_cells_loop(dy, y, x, C, B, P, mean, rstd, w, w_dx, frozen, centered, d
             # prefetching RUN_AHEAD bytes on (the next row whole: InstanceNorm (32, 64, 56, 56)
             # backward 1.17-1.25x slower float32 / float64)
             dx_scalar_run_plain(dys, y, False, xs, dx[s:s + B], y, np.float64(mean[r]), rstd_r,
-                                w[c], c1, c2, stream, min(B, RUN_AHEAD // x.itemsize))
+                                w[c], c1, c2, stream, run_ahead(x, B))
         else:           # the same, plain
             a, hq, nb, sh = dx_scalar_coefficients(np.float64(mean[r]), rstd_r, w[c], c1, c2, x)
             exact_dx_scalar_row(dys, xs, dx[s:s + B], a, hq, nb, sh)
@@ -2962,7 +2978,7 @@ def _rows_backward_block(epilogue):
                 flush(dbias, dbias_part)
                 flush(dweight, dweight_part)
             mean_r, rstd_r = np.float64(mean[r]), np.float64(rstd[r])
-            ahead = min(B, RUN_AHEAD // x.itemsize) if A == 1 or c + 1 < C else 0  # rows_forward
+            ahead = run_ahead(x, B) if A == 1 or c + 1 < C else 0  # rows_forward
             g1 = 0.0
             g2 = 0.0
             for a in range(A):
