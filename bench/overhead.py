@@ -1,8 +1,8 @@
 """Per-call cost of tiny calls, where the arithmetic is negligible: normcore against PyTorch's
 own CPU ops (``native_*``, as autograd calls them; by their C++ bindings where torch has them,
-see bench/peers.py: TorchPeer), and where normcore's time goes: the Numba kernel calls
-(dispatch, argument unboxing and the work) against the rest, the Python front end
-(validation, plan lookup, allocation).
+see bench/peers.py: TorchPeer), and where normcore's time goes: the Numba kernels (their
+compiled functions: argument unboxing and the work) against the rest, the Python front end
+(validation, plan lookup, allocation, Numba's dispatch where a call goes through it).
 
     python bench/overhead.py [--rounds 21] [--json PATH] [--print]
 
@@ -86,7 +86,9 @@ def cases(torch):
 def kernel_calls(call):
     """A thunk replaying the kernel calls (parallel kernels and their serial twins, each
     compiled kernel of normcore.kernels.cpu.KERNELS) that one `call` makes, with the same
-    arguments."""
+    arguments, each through its compiled function (normcore._small._entry_point): the
+    kernel's argument unboxing and work, while Numba's dispatch (typing the arguments, which
+    the small path's later calls skip) counts with the front end."""
     recorded = []
     saved = {name: getattr(K, name) for name in K.KERNELS}
 
@@ -111,8 +113,10 @@ def kernel_calls(call):
             setattr(K, name, kernel)
         _small._signatures.clear()
 
+    compiled = [(_small._entry_point(kernel, args), args) for kernel, args in recorded]
+
     def replay():
-        for kernel, args in recorded:
+        for kernel, args in compiled:
             kernel(*args)
     return replay
 
