@@ -1811,6 +1811,12 @@ def prefetch_row(arrays, s, ahead, B):
 
 
 @_jit(inline="always")
+def from_memory(x):
+    """Whether x is FROM_MEMORY bytes or more: too large to stay in the caches."""
+    return x.size * x.itemsize >= FROM_MEMORY
+
+
+@_jit(inline="always")
 def column_rows_ahead(x, J, W):
     """How far on (in values) the column loops that sum several rows per sweep prefetch the
     flat (N, J) view x they read: PREFETCH_BYTES where whole rows (W == J) of at most
@@ -1821,8 +1827,7 @@ def column_rows_ahead(x, J, W):
     float64 backward 1.06-1.10x. Rows of 1-4 KiB lost (sweeps of 4 such rows read 4 streams at
     once, and a burst of prefetches for the next rows ran ahead of them): (8192, 1024)
     backward 0.86-0.92x, (25088, 256) 0.93x; and in cache (4096, 64) 0.94-0.95x."""
-    if (W < J or J * x.itemsize > PREFETCH_COLUMN_ROW
-            or x.size * x.itemsize < FROM_MEMORY):
+    if W < J or J * x.itemsize > PREFETCH_COLUMN_ROW or not from_memory(x):
         return 0
     return PREFETCH_BYTES // x.itemsize
 
@@ -3533,7 +3538,7 @@ def last_first(item, O, K, x):
     outgrow the L3). In order otherwise: each thread's chunks are then in its own L2
     (reversed, BatchNorm (256, 1024) 0.95-0.99x)."""
     i = np.int64(item)      # the parallel loop's index may be unsigned
-    if x.size * x.itemsize >= FROM_MEMORY:
+    if from_memory(x):
         i = O * K - 1 - i
     return i // K, i % K
 

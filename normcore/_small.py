@@ -72,8 +72,10 @@ class _Signature:
             plan.A, plan.B, self.row_dims[4], dtype.itemsize, False, False).serial
         self.rows_backward = _cpu.rows_backward_kernel(
             plan.A, plan.C, plan.B, plan.P, False, False, plan.short_cells).serial
-        # and what the first call of each finds they compiled for its arguments (_entry_point)
-        self.forward_entry = self.backward_entry = None
+        # what the calls call: the compiled function each runs, from its first call on
+        self.forward_entry = _compiled_on_first_call(self, "forward_entry", self.rows_forward)
+        self.backward_entry = _compiled_on_first_call(self, "backward_entry",
+                                                      self.rows_backward)
 
 
 def _plan(norm, shape, dtype, axis, groups):
@@ -213,13 +215,20 @@ def _statistics(sig, x, y, w, b, eps, centered, want_var=False):
         xf, yf = xf.view(_U16), yf.view(_U16)
     if sig.short_cells:
         w, b = _cpu.row_cells(sig.plan, w), _cpu.row_cells(sig.plan, b)
-    args = (xf, sig.none, False, centered, *sig.row_dims, w, b, eps, yf, mean, rstd, var, False)
-    if sig.forward_entry is None:
-        sig.rows_forward(*args)
-        sig.forward_entry = _entry_point(sig.rows_forward, args)
-    else:
-        sig.forward_entry(*args)
+    sig.forward_entry(xf, sig.none, False, centered, *sig.row_dims, w, b, eps, yf, mean, rstd,
+                      var, False)
     return mean, rstd, (var if want_var else None)
+
+
+def _compiled_on_first_call(sig, name, kernel):
+    """A stand-in for sig.<name> whose first call runs the Numba dispatcher `kernel` (which
+    compiles or loads what the arguments need) and puts the compiled function it ran
+    (_entry_point) in its own place."""
+    def first_call(*args):
+        result = kernel(*args)
+        setattr(sig, name, _entry_point(kernel, args))
+        return result
+    return first_call
 
 
 def _entry_point(kernel, args):
@@ -335,14 +344,9 @@ def _backward(sig, dy, x, mean, rstd, weight, frozen, dx_out, centered=True):
         dbias, dweight = np.zeros((1, sig.cells)), np.zeros((1, sig.cells))
         if sig.bits:
             dyf, xf, dxf = dyf.view(_U16), xf.view(_U16), dxf.view(_U16)
-        args = (dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
-                _cpu.row_cells(sig.plan, w) if sig.short_cells else w, frozen, centered, 1,
-                dbias, dweight, dxf, sig.none, False)
-        if sig.backward_entry is None:
-            sig.rows_backward(*args)
-            sig.backward_entry = _entry_point(sig.rows_backward, args)
-        else:
-            sig.backward_entry(*args)
+        sig.backward_entry(dyf, sig.none, False, xf, *sig.dims, mean, rstd, w,
+                           _cpu.row_cells(sig.plan, w) if sig.short_cells else w, frozen,
+                           centered, 1, dbias, dweight, dxf, sig.none, False)
         dweight, dbias = dweight[0], dbias[0]
     else:
         dweight, dbias = _cpu.backward(sig.plan, dyf, xf, dxf, mean, rstd, w, frozen,
