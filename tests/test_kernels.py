@@ -176,6 +176,48 @@ def test_fused_column_slices():
     assert plan_instance_norm((32, 56, 56, 64), -1, T).S == 1      # enough samples
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([16, 32, 48, 64]), st.integers(0, 3), st.integers(0, 150),
+       st.sampled_from([np.float16, np.float32]), st.data())
+def test_short_column_rows_moments_match_float64_with_an_outlier_first(J, lo, n, dtype, data):
+    """The narrow column moments of whole rows of 1-4 windows (short_rows_column_moments: sums
+    in float32 registers per block of BLOCK_ROWS rows, shifted by the first block's means) on
+    rows [lo, lo + n) far from 0 whose first row lies 40 standard deviations off: NumPy's
+    float64 mean and variance within 4 * sqrt(BLOCK_ROWS) float32 ulps, what centered sums
+    of BLOCK_ROWS terms keep (the sweeps, shifted by each block's first row, were off by up
+    to 121 ulps on such rows of 64). A NaN makes its own column's statistics NaN, in the
+    first block or later."""
+    rng = np.random.default_rng(J * 1000 + lo * 100 + n)
+    N = lo + n + 2
+    x = (1000 + rng.standard_normal((N, J))).astype(dtype)
+    x[lo] += 40
+    nan_row = data.draw(st.integers(lo, lo + n - 1)) if n else None
+    nan_col = data.draw(st.integers(0, J - 1))
+    if nan_row is not None and data.draw(st.booleans()):
+        x[nan_row, nan_col] = np.nan
+    else:
+        nan_row = None
+    flat = x.view(np.uint16) if dtype == np.float16 else x
+    mean, m2 = np.full(J, 7.0), np.full(J, 7.0)
+    count = cpu.rows_column_moments(flat.reshape(-1), J, 0, J, lo, lo + n, mean, m2, True)
+    assert count == n
+    if n == 0:
+        assert (mean == 0).all() and (m2 == 0).all()
+        return
+    x64 = x[lo:lo + n].astype(np.float64)
+    eps = np.finfo(np.float32).eps
+    finite = np.ones(J, bool)
+    if nan_row is not None:
+        finite[nan_col] = False
+        assert np.isnan(mean[nan_col]) and np.isnan(m2[nan_col])
+    want_var = x64[:, finite].var(axis=0)
+    scale = np.sqrt(want_var) + 1
+    np.testing.assert_allclose(mean[finite], x64[:, finite].mean(axis=0),
+                               rtol=0, atol=4 * eps * (1000 + scale.max()))
+    np.testing.assert_allclose(m2[finite] / n, want_var, rtol=4 * np.sqrt(cpu.BLOCK_ROWS) * eps,
+                               atol=eps * eps)
+
+
 def test_plan_moments_views_without_copy_when_possible():
     plan, perm = plan_moments((3, 4, 5, 6), (1, 3), T)     # kept (0, 2): O, A, C, B
     assert perm is None and (plan.O, plan.A, plan.C, plan.B) == (3, 4, 5, 6)
