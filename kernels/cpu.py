@@ -581,6 +581,103 @@ window_column_sums1, window_column_sums2, window_column_sums3, window_column_sum
     _window_column_sums(w) for w in (1, 2, 3, 4))
 
 
+def _lanes_of(context, builder, arrty, arr, index, vec):
+    """The LANES values at arr[index:index + LANES] in the float lanes `vec` (LLVM IR): float16
+    bits widened, float32 kept or widened to float64 lanes."""
+    kind = {types.uint16: ir.IntType(16), types.float32: ir.FloatType(),
+            types.float64: ir.DoubleType()}[arrty.dtype]
+    v = builder.load(_vector_at(context, builder, arrty, arr, index, ir.VectorType(kind, LANES)),
+                     align=arrty.dtype.bitwidth // 8)
+    if arrty.dtype == types.uint16:
+        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
+                          ir.VectorType(ir.FloatType(), LANES))
+    if v.type != vec:
+        v = builder.fpext(v, vec)
+    return v
+
+
+def _window_gradient_sums(windows):
+    """An intrinsic (dy, x, i, J, n, hi, lo, t1, t2): over the n rows r, for the `windows`
+    windows of LANES columns from column 0, t1 = the sum of dy and t2 = the sum of dy * ((x -
+    hi) - lo) (x - hi for float64, see center), dy and x at [i + r * J, ...), hi, lo, t1, t2
+    runs of the compute dtype (float32 for float16 / float32 data); the sums in lanes kept in
+    registers, two rows at a time as backward_column_sums' sweeps add them."""
+
+    @intrinsic
+    def window_gradient_sums(typingctx, dy, x, i, J, n, hi, lo, t1, t2):
+        compute = getattr(t1, "dtype", None)
+        if not (compute in (types.float32, types.float64)
+                and all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype in (
+                    types.uint16, types.float32, types.float64) for a in (dy, x))
+                and all(isinstance(t, types.Integer) for t in (i, J, n))
+                and all(_float_run(a, compute) for a in (hi, lo, t1, t2))
+                and t1.mutable and t2.mutable):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i, J, n = (context.cast(builder, args[k], signature.args[k], types.intp)
+                       for k in (2, 3, 4))
+            vec = _window_type(compute, LANES)
+            at = [ir.Constant(i.type, w * LANES) for w in range(windows)]
+            hs, ls = ([builder.load(_vector_at(context, builder, signature.args[k], args[k], a,
+                                                vec), align=_bytes(vec)) for a in at]
+                      for k in (5, 6))
+            zero = ir.Constant(vec, None)
+            t1_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
+            t2_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
+
+            def row(r):
+                start = builder.add(i, builder.mul(r, J))
+                out = []
+                for w, a in enumerate(at):
+                    index = builder.add(start, a)
+                    g = _lanes_of(context, builder, signature.args[0], args[0], index, vec)
+                    v = _lanes_of(context, builder, signature.args[1], args[1], index, vec)
+                    c = builder.fsub(v, hs[w], flags=("contract",))
+                    if compute == types.float32:
+                        c = builder.fsub(c, ls[w], flags=("contract",))
+                    out.append((g, c))
+                return out
+
+            def add(a, b):
+                return builder.fadd(a, b, flags=("contract",))
+
+            def mul(a, b):
+                return builder.fmul(a, b, flags=("contract",))
+
+            two = ir.Constant(i.type, 2)
+            pairs = builder.sdiv(n, two)
+            with cgutils.for_range(builder, pairs) as loop:
+                r = builder.mul(loop.index, two)
+                row0, row1 = row(r), row(builder.add(r, ir.Constant(r.type, 1)))
+                for w in range(windows):
+                    (g0, c0), (g1, c1) = row0[w], row1[w]
+                    builder.store(add(builder.load(t1_acc[w]), add(g0, g1)), t1_acc[w])
+                    builder.store(add(builder.load(t2_acc[w]), add(mul(g0, c0), mul(g1, c1))),
+                                  t2_acc[w])
+            done = builder.mul(pairs, two)
+            with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+                last = row(builder.add(done, loop.index))
+                for w in range(windows):
+                    g, c = last[w]
+                    builder.store(add(builder.load(t1_acc[w]), g), t1_acc[w])
+                    builder.store(add(builder.load(t2_acc[w]), mul(g, c)), t2_acc[w])
+            for w, a in enumerate(at):
+                for k, acc in ((7, t1_acc[w]), (8, t2_acc[w])):
+                    builder.store(builder.load(acc), _vector_at(
+                        context, builder, signature.args[k], args[k], a, vec),
+                        align=_bytes(vec))
+            return context.get_dummy_value()
+
+        return types.void(dy, x, i, J, n, hi, lo, t1, t2), codegen
+
+    return window_gradient_sums
+
+
+window_gradient_sums1, window_gradient_sums2, window_gradient_sums3, window_gradient_sums4 = (
+    _window_gradient_sums(w) for w in (1, 2, 3, 4))
+
+
 @intrinsic
 def borrow(typingctx, arr):
     """arr without its reference count: the same data, shape and strides, no meminfo. Numba
@@ -3819,15 +3916,34 @@ def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
     """s1 += dy, s2 += dy * (x - mean) per column of [j0, j1) over rows [r0, r1) of the flat
     (N, J) views (dy masked by ReLU's gradient when relu); mean = hi + lo in the compute
     dtype; s1, s2: (j1 - j0,) float64. Each block of BLOCK_ROWS rows adds up in the compute
-    dtype first (as in rows_column_moments)."""
+    dtype first (as in rows_column_moments); on whole rows of 1-4 windows without ReLU, in
+    registers (window_gradient_sums*, no prefetch), against the sweeps in one process on the
+    Zen 4 (see short_rows_column_moments): BatchNorm channels-last (32, 56, 56, 64) backward
+    float32 1.10-1.21x, float64 1.04-1.11x, float16 1.01-1.05x; GroupNorm channels-last
+    float32 1.07-1.32x, float64 1.15x."""
     W = j1 - j0
     ahead = column_rows_ahead(x, J, W)
     t1 = np.empty(W, hi.dtype)
     t2 = np.empty(W, hi.dtype)
+    # whole rows of 1-4 windows: their sums in registers (window_gradient_sums*)
+    windows = W // LANES if not relu and W == J <= SHORT_COLUMN_ROW and J % LANES == 0 else 0
     for b0 in range(r0, r1, BLOCK_ROWS):
+        b1 = min(b0 + BLOCK_ROWS, r1)
+        if windows:
+            if windows == 4:
+                window_gradient_sums4(dy, x, b0 * J, J, b1 - b0, hi, lo, t1, t2)
+            elif windows == 3:
+                window_gradient_sums3(dy, x, b0 * J, J, b1 - b0, hi, lo, t1, t2)
+            elif windows == 2:
+                window_gradient_sums2(dy, x, b0 * J, J, b1 - b0, hi, lo, t1, t2)
+            else:
+                window_gradient_sums1(dy, x, b0 * J, J, b1 - b0, hi, lo, t1, t2)
+            for j in range(W):
+                s1[j] += t1[j]
+                s2[j] += t2[j]
+            continue
         t1[:] = 0.0
         t2[:] = 0.0
-        b1 = min(b0 + BLOCK_ROWS, r1)
         r = b0
         while not relu and r + 2 <= b1:    # two rows per sweep, as in rows_column_moments
             prefetch_row((x, dy), r * J, ahead, 2 * J)

@@ -218,6 +218,41 @@ def test_short_column_rows_moments_match_float64_with_an_outlier_first(J, lo, n,
                                atol=eps * eps)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([16, 32, 48, 64, 40]), st.integers(0, 3), st.integers(0, 100),
+       st.sampled_from([np.float16, np.float32, np.float64]), st.booleans())
+def test_short_column_rows_gradient_sums_match_float64(J, r0, n, dtype, relu):
+    """backward_column_sums on whole rows of 1-4 windows (window_gradient_sums*: the block's
+    sums in registers) and on the rest (the sweeps: 40 columns, or behind a ReLU) adds sum(dy)
+    and sum(dy * (x - mean)) per column onto s1, s2 within the compute dtype's rounding of
+    sums of BLOCK_ROWS terms, against float64."""
+    rng = np.random.default_rng(J * 1000 + r0 * 100 + n)
+    N = r0 + n + 2
+    x = (5 + rng.standard_normal((N, J))).astype(dtype)
+    dy = rng.standard_normal((N, J)).astype(dtype)
+    y = np.maximum(rng.standard_normal((N, J)), 0).astype(dtype) if relu else dy[:0]
+    compute = np.float64 if dtype == np.float64 else np.float32
+    mean = 5 + rng.standard_normal(J)
+    hi = mean.astype(compute)
+    lo = (mean - hi).astype(compute) if compute == np.float32 else np.zeros(J)
+    s1, s2 = np.full(J, 0.5), np.full(J, -0.25)
+
+    def bits(a):
+        return a.view(np.uint16).reshape(-1) if dtype == np.float16 else a.reshape(-1)
+
+    cpu.backward_column_sums(bits(dy), bits(y), relu, bits(x), J, 0, J, r0, r0 + n, hi, lo,
+                             s1, s2)
+    g = dy[r0:r0 + n].astype(np.float64)
+    if relu:
+        g = np.where(y[r0:r0 + n] > 0, g, 0.0)
+    c = x[r0:r0 + n].astype(np.float64) - (hi.astype(np.float64) + lo)
+    eps = np.finfo(compute).eps
+    bound = 4 * np.sqrt(cpu.BLOCK_ROWS) * eps
+    for got, start, terms in ((s1, 0.5, g), (s2, -0.25, g * c)):
+        error = np.abs(got - (start + terms.sum(axis=0)))
+        assert (error <= bound * (np.abs(terms).sum(axis=0) + 1)).all(), error
+
+
 def test_plan_moments_views_without_copy_when_possible():
     plan, perm = plan_moments((3, 4, 5, 6), (1, 3), T)     # kept (0, 2): O, A, C, B
     assert perm is None and (plan.O, plan.A, plan.C, plan.B) == (3, 4, 5, 6)
