@@ -495,17 +495,19 @@ prefetch = _prefetcher(3)
 prefetch_l2 = _prefetcher(2)
 
 
-def _window_of(context, builder, arrty, arr, index):
-    """The LANES values at arr[index:index + LANES] as float32 lanes (LLVM IR): float16 bits
-    widened, float64 rounded."""
+def _lanes_of(context, builder, arrty, arr, index, vec):
+    """The LANES values at arr[index:index + LANES] in the float lanes `vec` (LLVM IR): float16
+    bits widened, float32 / float64 widened or rounded to vec's."""
     kind = {types.uint16: ir.IntType(16), types.float32: ir.FloatType(),
             types.float64: ir.DoubleType()}[arrty.dtype]
-    vec = ir.VectorType(ir.FloatType(), LANES)
     v = builder.load(_vector_at(context, builder, arrty, arr, index, ir.VectorType(kind, LANES)),
                      align=arrty.dtype.bitwidth // 8)
     if arrty.dtype == types.uint16:
-        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)), vec)
-    if arrty.dtype == types.float64:
+        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
+                          ir.VectorType(ir.FloatType(), LANES))
+    if _bytes(v.type) < _bytes(vec):
+        return builder.fpext(v, vec)
+    if _bytes(v.type) > _bytes(vec):
         return builder.fptrunc(v, vec)
     return v
 
@@ -539,8 +541,8 @@ def _window_column_sums(windows):
 
             def centered(r):
                 start = builder.add(i, builder.mul(r, J))
-                return [builder.fsub(_window_of(context, builder, xt, args[0],
-                                                builder.add(start, a)), h[w])
+                return [builder.fsub(_lanes_of(context, builder, xt, args[0],
+                                               builder.add(start, a), vec), h[w])
                         for w, a in enumerate(at)]
 
             def add(a, b):
@@ -579,21 +581,6 @@ def _window_column_sums(windows):
 
 window_column_sums1, window_column_sums2, window_column_sums3, window_column_sums4 = (
     _window_column_sums(w) for w in (1, 2, 3, 4))
-
-
-def _lanes_of(context, builder, arrty, arr, index, vec):
-    """The LANES values at arr[index:index + LANES] in the float lanes `vec` (LLVM IR): float16
-    bits widened, float32 kept or widened to float64 lanes."""
-    kind = {types.uint16: ir.IntType(16), types.float32: ir.FloatType(),
-            types.float64: ir.DoubleType()}[arrty.dtype]
-    v = builder.load(_vector_at(context, builder, arrty, arr, index, ir.VectorType(kind, LANES)),
-                     align=arrty.dtype.bitwidth // 8)
-    if arrty.dtype == types.uint16:
-        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
-                          ir.VectorType(ir.FloatType(), LANES))
-    if v.type != vec:
-        v = builder.fpext(v, vec)
-    return v
 
 
 def _window_gradient_sums(windows):
