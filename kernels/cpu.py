@@ -512,6 +512,41 @@ def _lanes_of(context, builder, arrty, arr, index, vec):
     return v
 
 
+def _sum_rows_in_registers(builder, n, step, windows, vec, terms, store):
+    """LLVM IR: for each of the `windows` windows, the two sums over the rows r of [0, n) of
+    terms(r)[w] (a pair of vectors `vec`), held in registers: `step` rows at a time, added as
+    a pairwise tree ((t0 + t1) + (t2 + t3)), then the last n % step rows one at a time; then
+    store(w, k, value) for sum k of window w."""
+    zero = ir.Constant(vec, None)
+    acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(windows)]
+
+    def add(a, b):
+        return builder.fadd(a, b, flags=("contract",))
+
+    def tree(values):
+        while len(values) > 1:
+            values = [add(values[k], values[k + 1]) for k in range(0, len(values), 2)]
+        return values[0]
+
+    def accumulate(rows):
+        for w in range(windows):
+            for k in range(2):
+                total = tree([row[w][k] for row in rows])
+                builder.store(add(builder.load(acc[w][k]), total), acc[w][k])
+
+    size = ir.Constant(n.type, step)
+    steps = builder.sdiv(n, size)
+    with cgutils.for_range(builder, steps) as loop:
+        r = builder.mul(loop.index, size)
+        accumulate([terms(builder.add(r, ir.Constant(r.type, j))) for j in range(step)])
+    done = builder.mul(steps, size)
+    with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+        accumulate([terms(builder.add(done, loop.index))])
+    for w in range(windows):
+        for k in range(2):
+            store(w, k, builder.load(acc[w][k]))
+
+
 def _window_column_sums(windows):
     """An intrinsic (x, i, J, n, shift, s, q): over the n rows r of the values d =
     x[i + r * J:i + r * J + windows * LANES] - shift[:windows * LANES], s[:windows * LANES] =
@@ -535,43 +570,21 @@ def _window_column_sums(windows):
             at = [ir.Constant(i.type, w * LANES) for w in range(windows)]
             h = [builder.load(_vector_at(context, builder, signature.args[4], args[4], a, vec),
                               align=4) for a in at]
-            zero = ir.Constant(vec, None)
-            s_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
-            q_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
 
-            def centered(r):
+            def terms(r):
                 start = builder.add(i, builder.mul(r, J))
-                return [builder.fsub(_lanes_of(context, builder, xt, args[0],
+                out = []
+                for w, a in enumerate(at):
+                    d = builder.fsub(_lanes_of(context, builder, xt, args[0],
                                                builder.add(start, a), vec), h[w])
-                        for w, a in enumerate(at)]
+                    out.append((d, builder.fmul(d, d, flags=("contract",))))
+                return out
 
-            def add(a, b):
-                return builder.fadd(a, b, flags=("contract",))
+            def store(w, k, value):
+                builder.store(value, _vector_at(context, builder, signature.args[5 + k],
+                                                args[5 + k], at[w], vec), align=4)
 
-            def square(v):
-                return builder.fmul(v, v, flags=("contract",))
-
-            four = ir.Constant(i.type, 4)
-            quads = builder.sdiv(n, four)
-            with cgutils.for_range(builder, quads) as loop:
-                r = builder.mul(loop.index, four)
-                rows = [centered(builder.add(r, ir.Constant(r.type, k))) for k in range(4)]
-                for w in range(windows):
-                    d0, d1, d2, d3 = (row[w] for row in rows)
-                    builder.store(add(builder.load(s_acc[w]), add(add(d0, d1), add(d2, d3))),
-                                  s_acc[w])
-                    builder.store(add(builder.load(q_acc[w]), add(
-                        add(square(d0), square(d1)), add(square(d2), square(d3)))), q_acc[w])
-            done = builder.mul(quads, four)
-            with cgutils.for_range(builder, builder.sub(n, done)) as loop:
-                row = centered(builder.add(done, loop.index))
-                for w in range(windows):
-                    builder.store(add(builder.load(s_acc[w]), row[w]), s_acc[w])
-                    builder.store(add(builder.load(q_acc[w]), square(row[w])), q_acc[w])
-            for w, a in enumerate(at):
-                for k, acc in ((5, s_acc[w]), (6, q_acc[w])):
-                    builder.store(builder.load(acc), _vector_at(
-                        context, builder, signature.args[k], args[k], a, vec), align=4)
+            _sum_rows_in_registers(builder, n, 4, windows, vec, terms, store)
             return context.get_dummy_value()
 
         return types.void(x, i, J, n, shift, s, q), codegen
@@ -609,11 +622,8 @@ def _window_gradient_sums(windows):
             hs, ls = ([builder.load(_vector_at(context, builder, signature.args[k], args[k], a,
                                                 vec), align=_bytes(vec)) for a in at]
                       for k in (5, 6))
-            zero = ir.Constant(vec, None)
-            t1_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
-            t2_acc = [cgutils.alloca_once_value(builder, zero) for _ in range(windows)]
 
-            def row(r):
+            def terms(r):
                 start = builder.add(i, builder.mul(r, J))
                 out = []
                 for w, a in enumerate(at):
@@ -623,37 +633,14 @@ def _window_gradient_sums(windows):
                     c = builder.fsub(v, hs[w], flags=("contract",))
                     if compute == types.float32:
                         c = builder.fsub(c, ls[w], flags=("contract",))
-                    out.append((g, c))
+                    out.append((g, builder.fmul(g, c, flags=("contract",))))
                 return out
 
-            def add(a, b):
-                return builder.fadd(a, b, flags=("contract",))
+            def store(w, k, value):
+                builder.store(value, _vector_at(context, builder, signature.args[7 + k],
+                                                args[7 + k], at[w], vec), align=_bytes(vec))
 
-            def mul(a, b):
-                return builder.fmul(a, b, flags=("contract",))
-
-            two = ir.Constant(i.type, 2)
-            pairs = builder.sdiv(n, two)
-            with cgutils.for_range(builder, pairs) as loop:
-                r = builder.mul(loop.index, two)
-                row0, row1 = row(r), row(builder.add(r, ir.Constant(r.type, 1)))
-                for w in range(windows):
-                    (g0, c0), (g1, c1) = row0[w], row1[w]
-                    builder.store(add(builder.load(t1_acc[w]), add(g0, g1)), t1_acc[w])
-                    builder.store(add(builder.load(t2_acc[w]), add(mul(g0, c0), mul(g1, c1))),
-                                  t2_acc[w])
-            done = builder.mul(pairs, two)
-            with cgutils.for_range(builder, builder.sub(n, done)) as loop:
-                last = row(builder.add(done, loop.index))
-                for w in range(windows):
-                    g, c = last[w]
-                    builder.store(add(builder.load(t1_acc[w]), g), t1_acc[w])
-                    builder.store(add(builder.load(t2_acc[w]), mul(g, c)), t2_acc[w])
-            for w, a in enumerate(at):
-                for k, acc in ((7, t1_acc[w]), (8, t2_acc[w])):
-                    builder.store(builder.load(acc), _vector_at(
-                        context, builder, signature.args[k], args[k], a, vec),
-                        align=_bytes(vec))
+            _sum_rows_in_registers(builder, n, 2, windows, vec, terms, store)
             return context.get_dummy_value()
 
         return types.void(dy, x, i, J, n, hi, lo, t1, t2), codegen
@@ -1990,6 +1977,14 @@ def from_memory(x):
 
 
 @_jit(inline="always")
+def short_column_windows(J, W):
+    """The windows of LANES values in a row, where the column sums take whole rows (W == J)
+    of 1-4 whole windows in registers (short_rows_column_moments, window_gradient_sums*);
+    else 0."""
+    return J // LANES if W == J <= SHORT_COLUMN_ROW and J % LANES == 0 else 0
+
+
+@_jit(inline="always")
 def column_rows_ahead(x, J, W):
     """How far on (in values) the column loops that sum several rows per sweep prefetch the
     flat (N, J) view x they read: PREFETCH_BYTES where whole rows (W == J) of at most
@@ -1999,7 +1994,9 @@ def column_rows_ahead(x, J, W):
     backward 1.09-1.16x; GroupNorm channels-last forward 1.14-1.37x, backward 1.21-1.25x;
     float64 backward 1.06-1.10x. Rows of 1-4 KiB lost (sweeps of 4 such rows read 4 streams at
     once, and a burst of prefetches for the next rows ran ahead of them): (8192, 1024)
-    backward 0.86-0.92x, (25088, 256) 0.93x; and in cache (4096, 64) 0.94-0.95x."""
+    backward 0.86-0.92x, (25088, 256) 0.93x; and in cache (4096, 64) 0.94-0.95x. (Those
+    measurements were of the sweeps on a Zen 1; whole rows of 1-4 windows now take the
+    register sums, short_column_windows, which do not prefetch.)"""
     if W < J or J * x.itemsize > PREFETCH_COLUMN_ROW or not from_memory(x):
         return 0
     return PREFETCH_BYTES // x.itemsize
@@ -3479,7 +3476,7 @@ def rows_column_moments(x, J, j0, j1, lo, hi, mean, m2, narrow):
     W = j1 - j0
     exact = exact_two_pass(x)
     narrow = narrow and not exact
-    if narrow and W == J <= SHORT_COLUMN_ROW and J % LANES == 0:
+    if narrow and short_column_windows(J, W):
         return short_rows_column_moments(x, J, lo, hi, mean, m2)
     ahead = column_rows_ahead(x, J, W)
     # the exact two-pass reads its block twice: keep it in L1
@@ -3583,7 +3580,7 @@ def short_rows_column_moments(x, J, lo, hi, mean, m2):
         mean[:] = 0.0
         m2[:] = 0.0
         return 0.0
-    windows = W // LANES
+    windows = short_column_windows(J, W)
     shift32 = np.empty(W, np.float32)
     s32 = np.empty(W, np.float32)
     q32 = np.empty(W, np.float32)
@@ -3913,7 +3910,7 @@ def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
     t1 = np.empty(W, hi.dtype)
     t2 = np.empty(W, hi.dtype)
     # whole rows of 1-4 windows: their sums in registers (window_gradient_sums*)
-    windows = W // LANES if not relu and W == J <= SHORT_COLUMN_ROW and J % LANES == 0 else 0
+    windows = 0 if relu else short_column_windows(J, W)
     for b0 in range(r0, r1, BLOCK_ROWS):
         b1 = min(b0 + BLOCK_ROWS, r1)
         if windows:
