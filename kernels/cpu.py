@@ -491,7 +491,7 @@ def _prefetcher(locality):
 
 prefetch = _prefetcher(3)
 # for rows of LONG_ROW bytes or more, whose next row would push the row itself, its weight
-# and its bias out of the L1 (_seamed_row)
+# and its bias out of the L1 (_seamed_row; float32 dx: stream_seamed_dx_row)
 prefetch_l2 = _prefetcher(2)
 
 
@@ -2724,6 +2724,7 @@ def dx_piece(dx, arrays, j0, j1, wt, p, hi, lo, rs, b, cc):
 
 
 _dx_windows = _window_loop(_dx_window, groups=DX_GROUPS)
+_dx_windows_l2 = _window_loop(_dx_window, fetch=prefetch_l2, groups=DX_GROUPS)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2732,6 +2733,13 @@ def stream_dx_piece(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
     boundary of dx) while the windows end by `end`; returns where the next one starts.
     ahead > 0: each window prefetches the arrays that many values on."""
     return _dx_windows(dx, i, end, arrays, p, (wt,), (hi, lo, rs, b, cc), arrays, ahead)
+
+
+@_jit(fastmath=_ELEMENTWISE)
+def stream_dx_piece_l2(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
+    """stream_dx_piece prefetching into the L2 alone (prefetch_l2): float32 rows of LONG_ROW
+    bytes or more (stream_seamed_dx_row)."""
+    return _dx_windows_l2(dx, i, end, arrays, p, (wt,), (hi, lo, rs, b, cc), arrays, ahead)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2865,6 +2873,12 @@ def stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, befo
     (x, dy, y) behind a ReLU. float32 / float64 arrays of one dtype (jit only). Against a
     streamed run per row, its head and tail in plain stores, into NumPy's dx_out= with caches
     swept: LayerNorm float32 (4096, 4096) 1.03-1.18x (1.07x warm), (8192, 2048) 1.14x.
+    The windows prefetch the next row as they go; float32 rows of LONG_ROW bytes or more
+    into the L2 alone, since the row being read (x and dy) and the next one would overfill
+    the L1 (32 KiB on the 2-core AMD EPYC Zen 4): against every level, same process,
+    dx_out=, LayerNorm (4096, 4096) 1.05-1.27x (seven runs), (2048, 8192)
+    1.16-1.17x, (1024, 16384) 1.07-1.21x; float32 rows of 1536-2048 values (from 8 KiB)
+    0.99-1.09x and float64 (4096, 4096) 0.96-1.00x, so those keep every level.
     GroupNorm's and InstanceNorm's cells of STREAM_RUN
     values or more, streamed this way, measured 0.94-0.98x and 0.99x on (32, 64, 56, 56):
     they keep a streamed run per cell (dx_scalar_run)."""
@@ -2882,6 +2896,7 @@ def _stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, bef
             return i, before
 
         return unstreamable
+    narrow_rows = dx.dtype == types.float32     # a constant: float64 compiles one loop
 
     def impl(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, before, first, last):
         s = r * B
@@ -2896,7 +2911,10 @@ def _stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, bef
                            here)
             i += DX_LANES
         end = window_below(dx, s + B, 64 // dx.itemsize) if last else s + B
-        i = stream_dx_piece(dx, arrays, wt, i, end, p + i, *here, B)
+        if narrow_rows and B * dx.itemsize >= LONG_ROW:     # see stream_seamed_dx_row
+            i = stream_dx_piece_l2(dx, arrays, wt, i, end, p + i, *here, B)
+        else:
+            i = stream_dx_piece(dx, arrays, wt, i, end, p + i, *here, B)
         if last:
             dx_piece(dx, arrays, i, s + B, wt, p + i, *here)
         return i, here
