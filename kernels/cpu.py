@@ -111,11 +111,18 @@ PREFETCH_COLUMN_ROW = 512
 # Inputs of this many bytes or more come from memory (larger than this machine's 8 MiB L3)
 FROM_MEMORY = 1 << 23
 # Rows of LONG_ROW bytes or more with a weight per element prefetch the next row into the L2
-# only as they stream (_seamed_row): the row, its weight and bias fill a 48 KiB L1 already.
-# LayerNorm forward into out=, caches swept: float32 (4096, 4096) 1.03-1.06x (1.09x warm,
-# 1.02x into fresh outputs), (2048, 8192) 1.05x, float64 (4096, 4096) 1.12x; every prefetch
-# into the L2 only: float32 (8192, 2048) 0.98x, (8192, 1024) forward 0.94x, backward 0.92x.
-LONG_ROW = 1 << 14
+# only as they stream (_seamed_row; the float32 dx: stream_seamed_dx_row): the row, its
+# weight and bias (48 KiB for float32 rows of 4096) and the next row overfill the L1. On an
+# Intel Xeon (48 KiB L1), from 16 KiB: LayerNorm forward into out=, caches swept, float32
+# (4096, 4096) 1.03-1.06x (1.09x warm, 1.02x into fresh outputs), (2048, 8192) 1.05x,
+# float64 (4096, 4096) 1.12x; float32 (8192, 2048) 0.98x, and the rows of 1024 that then
+# came here 0.92-0.94x. On the 2-core AMD EPYC Zen 4 (32 KiB L1), from 4 KiB against 16 KiB
+# (same process, out= / dx_out=): float32 (8192, 2048) forward 1.04-1.30x (seven runs),
+# backward 1.07-1.16x; (11000, 1536) 1.07-1.12x / 1.06-1.08x; float64 (5461, 1536) forward
+# 1.11-1.24x, backward 0.99-1.01x (its dx keeps every level). Shorter rows with a weight per
+# element take the fused rows (FUSED_ROW), but for float32 rows of 513-1023 values behind a
+# ReLU or a residual, which come here and prefetch into every level.
+LONG_ROW = 1 << 12
 # Runs of parameter cells (InstanceNorm / GroupNorm rows, BatchNorm's runs in the row
 # kernels) prefetch RUN_AHEAD bytes on as they stream, not the whole next run: on the 2-core
 # AMD EPYC (32 KiB L1) a run of 12-25 KiB ahead (x, and dy in the backward) pushed the run
@@ -2876,9 +2883,10 @@ def stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, befo
     The windows prefetch the next row as they go; float32 rows of LONG_ROW bytes or more
     into the L2 alone, since the row being read (x and dy) and the next one would overfill
     the L1 (32 KiB on the 2-core AMD EPYC Zen 4): against every level, same process,
-    dx_out=, LayerNorm (4096, 4096) 1.05-1.27x (seven runs), (2048, 8192)
-    1.16-1.17x, (1024, 16384) 1.07-1.21x; float32 rows of 1536-2048 values (from 8 KiB)
-    0.99-1.09x and float64 (4096, 4096) 0.96-1.00x, so those keep every level.
+    dx_out=, LayerNorm (4096, 4096) 1.05-1.27x (seven runs), (2048, 8192) 1.16-1.17x,
+    (1024, 16384) 1.07-1.21x, (8192, 2048) 0.99-1.16x (eight runs), (11000, 1536)
+    1.06-1.08x; float64 (4096, 4096) 0.96-1.00x and (5461, 1536) 0.99-1.01x, so float64
+    keeps every level.
     GroupNorm's and InstanceNorm's cells of STREAM_RUN
     values or more, streamed this way, measured 0.94-0.98x and 0.99x on (32, 64, 56, 56):
     they keep a streamed run per cell (dx_scalar_run)."""
