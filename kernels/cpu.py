@@ -89,7 +89,10 @@ SHORT_BLOCK = 128
 # short_rows_backward: against the long rows' loop, caches swept, (8192, 1024) float32 1.24x,
 # float64 1.19x, float16 1.23x (warm), (16384, 1024) 1.48x; fresh outputs 1.05x, in cache (256,
 # 1024) 1.00x, with ReLU or a residual (not streamed) 0.99-1.02x; rows of 2048 0.78-0.93x, 4096
-# 0.97-1.01x.
+# 0.97-1.01x. Since the long rows prefetch into the L2 from LONG_ROW bytes, the forward's rows
+# of LONG_ROW bytes or more in inputs that stream take them instead (on the Zen 4 1.05-1.45x;
+# normcore/_cpu.py: LONG_ROWS_MIN); the backward's stay here (the long rows' loop ran
+# 0.70-0.81x on (8192, 1024) and (16384, 1024)).
 FUSED_ROW = 1024
 # InstanceNorm rows of up to this many values take short_cells_loop's backward.
 ROW_CELL = 4096

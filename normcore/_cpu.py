@@ -55,6 +55,16 @@ _F32 = np.dtype(np.float32)
 # stay in the 32 MiB L3 anyway, and skipping the read of each line before writing it saved
 # ~20% on 64 MiB.
 STREAM_MIN = 1 << 24
+# Rows of LONG_ROW bytes or more (kernels/cpu.py) in inputs of this many bytes or more (those
+# whose outputs stream) take rows_forward's streamed rows, which prefetch the next row into the
+# L2 alone, rather than the fused rows (up to FUSED_ROW values; without an epilogue). Decided
+# by size, not by whether the output streams, so that a call's kernel and statistics do not
+# depend on where its out= starts. Same-process A/B on the 2-core AMD EPYC Zen 4 (32 KiB L1),
+# LayerNorm forward into out= / fresh outputs / with caches swept: float32 (8192, 1024)
+# 1.17x / 1.17x / 1.03x, (16384, 1024) 1.05-1.09x / 1.11x / 1.04x; float64 (8192, 1024)
+# 1.09-1.15x / 1.12x, (16384, 1024) 1.14-1.17x / 1.18x, (8192, 512) 1.31-1.45x, (32768, 768)
+# 1.25-1.32x. Float32 rows of 768 (3 KiB, every level) ran 0.92-0.99x: they stay fused.
+LONG_ROWS_MIN = 1 << 24
 
 
 def streams(out):
@@ -156,24 +166,28 @@ def row_period(plan):
     return 1 if plan.short_cells else plan.P
 
 
-def rows_forward_kernel(A, B, P, itemsize, relu, residual):
+def rows_forward_kernel(A, B, P, itemsize, relu, residual, nbytes):
     """The row kernel for the forward of rows of B values (A of them per statistic, parameter
     cells of P values; row_period's P), `itemsize` bytes per value, with ReLU and a residual
     or not. Rows of up to FUSED_ROW values normalized as their statistics are taken
     (rows_forward_fused), up to SHORT_ROW with a residual or ReLU (kernels/cpu.py: FUSED_ROW
     has the measurements); float16 rows and float32 rows under 64 values kept the blocks of
     rows (rows_forward_short; one at a time, float16 rows of 64 ran 0.82-0.88x, 128 0.98x,
-    float32 rows of 49 0.91-1.0x); the rest rows_forward. Without an epilogue, the fused and
-    the general rows' kernels that compile none (rows_forward_fused_plain, rows_forward_plain)."""
-    if A == 1 and P == 1:
+    float32 rows of 49 0.91-1.0x); the rest rows_forward, and without an epilogue those of
+    LONG_ROW bytes or more in inputs of `nbytes` >= LONG_ROWS_MIN. Without an epilogue, the
+    fused and the general rows' kernels that compile none (rows_forward_fused_plain,
+    rows_forward_plain)."""
+    plain = not relu and not residual
+    if A == 1 and P == 1 and not (plain and nbytes >= LONG_ROWS_MIN
+                                  and B * itemsize >= K.LONG_ROW):
         fused = itemsize == 8 or itemsize == 4 and B >= 64
-        if fused and not relu and not residual and B <= K.FUSED_ROW:
+        if fused and plain and B <= K.FUSED_ROW:
             return K.rows_forward_fused_plain
         if fused and B <= K.SHORT_ROW:
             return K.rows_forward_fused
         if B <= K.SHORT_ROW:
             return K.rows_forward_short
-    return K.rows_forward_plain if not relu and not residual else K.rows_forward
+    return K.rows_forward_plain if plain else K.rows_forward
 
 
 def rows_backward_kernel(A, C, B, P, relu, residual, short_cells):
@@ -209,7 +223,7 @@ def forward_train(plan, x, y, w, bias, eps, stats_dtype, want_var, *, z=None, re
         stream = streams(y)
         if path == "rows":
             P = row_period(plan)
-            kernel = rows_forward_kernel(plan.A, plan.B, P, x.itemsize, relu, z.size)
+            kernel = rows_forward_kernel(plan.A, plan.B, P, x.itemsize, relu, z.size, x.nbytes)
             _run(plan, kernel, x, z, relu, centered, plan.O, plan.A, plan.C, plan.B, P,
                  row_cells(plan, w), row_cells(plan, bias), eps, y, mean, rstd, var, stream)
         else:

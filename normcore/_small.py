@@ -69,7 +69,7 @@ class _Signature:
         self.direct_backward = plan.serial and plan.backward_path == "rows"
         # their serial twins (no residual, no ReLU)
         self.rows_forward = _cpu.rows_forward_kernel(
-            plan.A, plan.B, self.row_dims[4], dtype.itemsize, False, False).serial
+            plan.A, plan.B, self.row_dims[4], dtype.itemsize, False, False, 0).serial
         self.rows_backward = _cpu.rows_backward_kernel(
             plan.A, plan.C, plan.B, plan.P, False, False, plan.short_cells).serial
         # what the calls call: the compiled function each runs, from its first call on

@@ -904,7 +904,7 @@ def test_streamed_rows_equal_the_plain_ones_wherever_y_starts(O, C, B, dtype, ce
         return buf, start, buf[start:start + R * B], _saved_stats(R, dtype)
 
     results = []
-    kernel = _cpu.rows_forward_kernel(1, B, 1, x.itemsize, relu, residual)
+    kernel = _cpu.rows_forward_kernel(1, B, 1, x.itemsize, relu, residual, x.nbytes)
     for stream in (True, False):
         buf, start, y, stats = output()
         kernel(x, z, relu, centered, O, 1, C, B, 1, w, bias, 1e-5, y, stats[0], stats[1],
