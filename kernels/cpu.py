@@ -3958,7 +3958,29 @@ def backward_column_sums(dy, y, relu, x, J, j0, j1, r0, r1, hi, lo, s1, s2):
         t1[:] = 0.0
         t2[:] = 0.0
         r = b0
-        while not relu and r + 2 <= b1:    # two rows per sweep, as in rows_column_moments
+        # four rows per sweep, then two: a quarter of the loads and stores of t1, t2, hi and
+        # lo against a row at a time; against two rows per sweep, same process on the Zen 4,
+        # float32 BatchNorm (8192, 1024) backward 0.99-1.07x (five runs), channels-last
+        # (16, 28, 28, 256) 1.04-1.06x, float64 (256, 1024) 1.01-1.25x
+        while not relu and r + 4 <= b1:
+            prefetch_row((x, dy), r * J, ahead, 4 * J)
+            s0, s1_, s2_, s3_ = (r * J + j0, (r + 1) * J + j0, (r + 2) * J + j0,
+                                 (r + 3) * J + j0)
+            x0, x1, g0, g1 = x[s0:s0 + W], x[s1_:s1_ + W], dy[s0:s0 + W], dy[s1_:s1_ + W]
+            x2, x3, g2, g3 = x[s2_:s2_ + W], x[s3_:s3_ + W], dy[s2_:s2_ + W], dy[s3_:s3_ + W]
+            for j in range(W):
+                d0 = loadc(g0[j])
+                d1 = loadc(g1[j])
+                d2 = loadc(g2[j])
+                d3 = loadc(g3[j])
+                h = hi[j]
+                low = lo[j]
+                t1[j] += (d0 + d1) + (d2 + d3)
+                t2[j] += ((d0 * center(loadc(x0[j]), h, low) + d1 * center(loadc(x1[j]), h, low))
+                          + (d2 * center(loadc(x2[j]), h, low)
+                             + d3 * center(loadc(x3[j]), h, low)))
+            r += 4
+        while not relu and r + 2 <= b1:
             prefetch_row((x, dy), r * J, ahead, 2 * J)
             s0, s1_ = r * J + j0, (r + 1) * J + j0
             x0, x1, g0, g1 = x[s0:s0 + W], x[s1_:s1_ + W], dy[s0:s0 + W], dy[s1_:s1_ + W]
