@@ -2734,6 +2734,7 @@ def dx_piece(dx, arrays, j0, j1, wt, p, hi, lo, rs, b, cc):
 
 
 _dx_windows = _window_loop(_dx_window, groups=DX_GROUPS)
+# float32 rows of LONG_ROW bytes or more (stream_seamed_dx_row, as _seamed_row's windows)
 _dx_windows_l2 = _window_loop(_dx_window, fetch=prefetch_l2, groups=DX_GROUPS)
 
 
@@ -2743,13 +2744,6 @@ def stream_dx_piece(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
     boundary of dx) while the windows end by `end`; returns where the next one starts.
     ahead > 0: each window prefetches the arrays that many values on."""
     return _dx_windows(dx, i, end, arrays, p, (wt,), (hi, lo, rs, b, cc), arrays, ahead)
-
-
-@_jit(fastmath=_ELEMENTWISE)
-def stream_dx_piece_l2(dx, arrays, wt, i, end, p, hi, lo, rs, b, cc, ahead):
-    """stream_dx_piece prefetching into the L2 alone (prefetch_l2): float32 rows of LONG_ROW
-    bytes or more (stream_seamed_dx_row)."""
-    return _dx_windows_l2(dx, i, end, arrays, p, (wt,), (hi, lo, rs, b, cc), arrays, ahead)
 
 
 @_jit(fastmath=_ELEMENTWISE)
@@ -2923,7 +2917,7 @@ def _stream_seamed_dx_row(arrays, dx, wt, C, B, r, c, mean, rstd, c1, c2, i, bef
             i += DX_LANES
         end = window_below(dx, s + B, 64 // dx.itemsize) if last else s + B
         if narrow_rows and B * dx.itemsize >= LONG_ROW:     # see stream_seamed_dx_row
-            i = stream_dx_piece_l2(dx, arrays, wt, i, end, p + i, *here, B)
+            i = _dx_windows_l2(dx, i, end, arrays, p + i, (wt,), here, arrays, B)
         else:
             i = stream_dx_piece(dx, arrays, wt, i, end, p + i, *here, B)
         if last:
