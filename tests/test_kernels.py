@@ -368,6 +368,8 @@ def _aligned_empty(like):
     ("batch", (128, 173, 14, 14), 1),     # flat, runs of 196: windows across two runs
     ("layer", (4099, 1025), -1),          # weight per element
     ("layer", (262144, 32), -1),          # short rows in blocks, each whole 64-byte lines
+    ("layer", (1027, 4096), -1),          # rows of PAIR_ROW bytes, in pairs: whole windows
+    ("layer", (1023, 4103), -1),          # and windows across each row's ends
     ("batch", (16, 37, 113, 64), -1),     # columns, channels-last
     ("batch", (4099, 1025), 1),           # columns, 2-D: rows of an odd length
     ("group", (64, 32, 33, 64), -1),      # columns fused per sample
@@ -450,8 +452,8 @@ def test_streamed_outputs_just_past_x_equal_plain_ones(norm, shape, axis, dtype,
     dy = _at_page_offset(x, 256)
     dy[...] = np.random.default_rng(7).standard_normal(shape).astype(dtype)
     assert x.nbytes >= _cpu.STREAM_MIN
-    if shape == (1031, 4101):   # the long rows' own loop (prefetch_l2)
-        assert shape[-1] * x.itemsize >= cpu.LONG_ROW
+    if shape == (1031, 4101):   # the long rows' own loop (prefetch_l2), in pairs
+        assert shape[-1] * x.itemsize >= max(cpu.LONG_ROW, cpu.PAIR_ROW)
     C = x.shape[axis]
     w = np.linspace(0.5, 2, C, dtype=dtype)
     fwd, bwd = {
