@@ -130,11 +130,11 @@ LONG_ROW = 1 << 12
 # normalized two at a time in strips of PAIR_STRIP values (_seamed_pair): a row, its weight
 # and its bias outgrow the 32 KiB L1 together (48 KiB for rows of 4096), so that each window
 # loads three lines from the L2 while the next row's prefetches from memory are in flight. A
-# probe of that loop alone on the 2-core AMD EPYC Zen 4, 64 MiB: rows of 4096 took
-# 1.19-1.61x as long as rows of 1024 (eight runs), 0.88-1.17x with the weight and bias cut
-# to 1024 values. Same-process A/B against a row at a time, LayerNorm forward: (4096, 4096)
-# 1.02-1.11x into out= (seven runs; 1.09x into fresh outputs, 1.15x with caches swept),
-# (2048, 8192) 1.06-1.11x, (1031, 4101) 1.06x; strips of 256 / 1024 / 2048 no better. Rows
+# probe of that loop alone (bench/probe_rows.py) on the 2-core AMD EPYC Zen 4, 64 MiB: rows
+# of 4096 took 1.19-1.61x as long as rows of 1024 (twelve runs), 0.88-1.17x with the weight
+# and bias cut to 1024 values. Same-process A/B against a row at a time, LayerNorm forward:
+# (4096, 4096) 1.02-1.11x into out= (seven runs; 1.09x into fresh outputs, 1.15x with caches
+# swept), (2048, 8192) 1.06-1.11x, (1031, 4101) 1.06x; strips of 256 / 1024 / 2048 no better. Rows
 # of 2048 lost (0.95-0.96x; 3072: 1.01-1.03x), and so did float64 rows of 2048 (0.95x; 4096:
 # 1.00-1.02x). The backward's rows paired the same way (their sums a BLOCK at a time, dx in
 # strips): (4096, 4096) 0.99-1.13x, (2048, 8192) 0.98-1.10x, not kept.
