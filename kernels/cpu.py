@@ -126,18 +126,20 @@ FROM_MEMORY = 1 << 23
 # element take the fused rows (FUSED_ROW), but for float32 rows of 513-1023 values behind a
 # ReLU or a residual, which come here and prefetch into every level.
 LONG_ROW = 1 << 12
-# Streamed float32 LayerNorm rows (a weight per element) of PAIR_ROW bytes or more are
-# normalized two at a time in strips of PAIR_STRIP values (_seamed_pair): a row, its weight
-# and its bias outgrow the 32 KiB L1 together (48 KiB for rows of 4096), so that each window
-# loads three lines from the L2 while the next row's prefetches from memory are in flight. A
-# probe of that loop alone (bench/probe_rows.py) on the 2-core AMD EPYC Zen 4, 64 MiB: rows
-# of 4096 took 1.19-1.61x as long as rows of 1024 (twelve runs), 0.88-1.17x with the weight
-# and bias cut to 1024 values. Same-process A/B against a row at a time, LayerNorm forward:
-# (4096, 4096) 1.02-1.11x into out= (seven runs; 1.09x into fresh outputs, 1.15x with caches
-# swept), (2048, 8192) 1.06-1.11x, (1031, 4101) 1.06x; strips of 256 / 1024 / 2048 no better. Rows
-# of 2048 lost (0.95-0.96x; 3072: 1.01-1.03x), and so did float64 rows of 2048 (0.95x; 4096:
-# 1.00-1.02x). The backward's rows paired the same way (their sums a BLOCK at a time, dx in
-# strips): (4096, 4096) 0.99-1.13x, (2048, 8192) 0.98-1.10x, not kept.
+# Streamed float32 LayerNorm / RMSNorm rows (a weight per element; with or without ReLU and a
+# residual) of PAIR_ROW bytes or more are normalized two at a time in strips of PAIR_STRIP values
+# (_seamed_pair): a row, its weight and its bias outgrow the 32 KiB L1 together (48 KiB for rows
+# of 4096), so that each window loads three lines from the L2 while the next row's prefetches from
+# memory are in flight. A probe of that loop alone (bench/probe_rows.py) on the 2-core AMD EPYC
+# Zen 4, 64 MiB: rows of 4096 took 1.19-1.61x as long as rows of 1024 (twelve runs), 0.88-1.17x
+# with the weight and bias cut to 1024 values. Same-process A/B against a row at a time, LayerNorm
+# forward: (4096, 4096) 1.02-1.11x into out= (seven runs; 1.09x into fresh outputs, 1.15x with
+# caches swept), (2048, 8192) 1.06-1.11x, (1031, 4101) 1.06x; strips of 256 / 1024 / 2048 no
+# better. Rows of 2048 lost (0.95-0.96x; 3072: 1.01-1.03x), and so did float64 rows of 2048
+# (0.95x; 4096: 1.00-1.02x). With ReLU / a residual (stream_seamed_pair): (4096, 4096) 1.03-1.09x
+# / 1.01-1.02x, (2048, 8192) 1.05-1.07x / 1.06-1.08x (control (16384, 1024) 0.96-1.03x). The
+# backward's rows paired the same way (their sums a BLOCK at a time, dx in strips): (4096, 4096)
+# 0.99-1.13x, (2048, 8192) 0.98-1.10x, not kept.
 PAIR_ROW = 1 << 14
 PAIR_STRIP = 512
 # Runs of parameter cells (InstanceNorm / GroupNorm rows, BatchNorm's runs in the row
@@ -2374,52 +2376,51 @@ def _cell_value(x, z, j, here, residual, relu):
 _seamed_plain, _seamed_relu = _seamed_row(False, False), _seamed_row(False, True)
 
 
-def _seamed_pair():
-    """A jit-only helper (x, y, wt, bt, B, s, here0, here1, i, before) -> (i, before): two
+def _seamed_pair(residual, relu):
+    """A jit-only helper (x, z, y, wt, bt, B, s, here0, here1, i, before) -> (i, before): two
     rows of B values with a weight per element, LayerNorm's (C == 1), starting at s and s + B,
     both statistics known, neither the first nor the last of their block (_seamed_row's
-    `first` / `last`): _seamed_plain on each, but the windows in strips of PAIR_STRIP values,
-    the first row's strip and then the second's, so that each strip of wt and bt is read from
-    the L1 twice; the window across the two rows' seam last. The next pair's rows are
-    prefetched into the L2 as the windows stream. The same values as _seamed_plain's, bit for
-    bit."""
-    row_window, row_seam = _row_windows(False, False)
+    `first` / `last`), plus the residual z (`residual`) and ReLU (`relu`): _seamed_row's
+    helper on each, but the windows in strips of PAIR_STRIP values, the first row's strip and
+    then the second's, so that each strip of wt and bt is read from the L1 twice; the window
+    across the two rows' seam last. The next pair's rows are prefetched into the L2 as the
+    windows stream. The same values as _seamed_row's, bit for bit."""
+    row_window, row_seam = _row_windows(residual, relu)
     row_windows_l2 = _window_loop(row_window, prefetch_l2, (SEAMED_GROUPS[0], 1))
 
-    def helper(x, y, wt, bt, B, s, here0, here1, i, before):
+    def helper(x, z, y, wt, bt, B, s, here0, here1, i, before):
         raise NotImplementedError
 
     @overload(helper, jit_options={"fastmath": _ELEMENTWISE})
-    def _helper(x, y, wt, bt, B, s, here0, here1, i, before):
-        if not _streamable(y, (x, wt, bt)):     # float16 bits: the caller never comes here
-            def unstreamable(x, y, wt, bt, B, s, here0, here1, i, before):
+    def _helper(x, z, y, wt, bt, B, s, here0, here1, i, before):
+        if not _streamable(y, (x, z, wt, bt)):  # float16 bits: the caller never comes here
+            def unstreamable(x, z, y, wt, bt, B, s, here0, here1, i, before):
                 if s >= 0:
                     raise TypeError("_seamed_pair: float32 or float64 arrays of one dtype")
                 return i, before
 
             return unstreamable
 
-        def impl(x, y, wt, bt, B, s, here0, here1, i, before):
-            xs = (x,)
+        def impl(x, z, y, wt, bt, B, s, here0, here1, i, before):
+            xz = (x, z) if residual else (x,)
             cols = (wt, bt)
             if i < s:       # the window across the last row's end and the first row's start
-                row_seam(y, i, xs, B - (s - i), cols, s - i, before, here0)
+                row_seam(y, i, xz, B - (s - i), cols, s - i, before, here0)
                 i += LANES
             s1 = s + B
             e0 = i + (s1 - i) // LANES * LANES          # the first row's whole windows end
             a1 = e0 + LANES if e0 < s1 else e0          # and the second row's start
             e1 = a1 + (s1 + B - a1) // LANES * LANES
-            n0, n1 = e0 - i, e1 - a1
-            for t in range(0, max(n0, n1), PAIR_STRIP):
+            for t in range(0, max(e0 - i, e1 - a1), PAIR_STRIP):
                 # one call site for both rows: a second inlined copy of the window loop in one
                 # function failed Numba's IR checks (NumbaIRAssumptionWarning)
                 for k in range(2):
                     j, end, here = (i + t, e0, here0) if k == 0 else (a1 + t, e1, here1)
                     if j < end:
-                        row_windows_l2(y, j, min(j + PAIR_STRIP, end), xs, j - s - k * B, cols,
-                                       here, xs, 2 * B)
+                        row_windows_l2(y, j, min(j + PAIR_STRIP, end), xz, j - s - k * B, cols,
+                                       here, xz, 2 * B)
             if e0 < s1:
-                row_seam(y, e0, xs, B - (s1 - e0), cols, s1 - e0, here0, here1)
+                row_seam(y, e0, xz, B - (s1 - e0), cols, s1 - e0, here0, here1)
             return e1, here1
 
         return impl
@@ -2427,7 +2428,20 @@ def _seamed_pair():
     return helper
 
 
-_seamed_pair_plain = _seamed_pair()
+_pair_plain, _pair_relu = _seamed_pair(False, False), _seamed_pair(False, True)
+_pair_residual, _pair_both = _seamed_pair(True, False), _seamed_pair(True, True)
+
+
+@_jit(inline="always")
+def stream_seamed_pair(x, z, relu, y, wt, bt, B, s, here0, here1, i, before):
+    """_seamed_pair's helper for the residual z (empty: none) and ReLU asked (jit only)."""
+    if z.size:
+        if relu:
+            return _pair_both(x, z, y, wt, bt, B, s, here0, here1, i, before)
+        return _pair_residual(x, z, y, wt, bt, B, s, here0, here1, i, before)
+    if relu:
+        return _pair_relu(x, z, y, wt, bt, B, s, here0, here1, i, before)
+    return _pair_plain(x, z, y, wt, bt, B, s, here0, here1, i, before)
 _seamed_residual, _seamed_both = _seamed_row(True, False), _seamed_row(True, True)
 
 
@@ -2653,8 +2667,7 @@ def _rows_forward_rows(epilogue):
         i = window_above(y, r0 * B, LANES)
         h0, l0 = split(0.0, x)
         before = (h0, l0, narrow(0.0, x))
-        pairs = (not epilogue and seamed and C == 1 and P == 1 and x.itemsize == 4
-                 and B * 4 >= PAIR_ROW)
+        pairs = seamed and C == 1 and P == 1 and x.itemsize == 4 and B * 4 >= PAIR_ROW
         r = r0
         while r < r1:
             if pairs and r > r0 and r + 2 < r1:     # (C == 1: statistic r is o = r's)
@@ -2667,8 +2680,13 @@ def _rows_forward_rows(epilogue):
                 mean, rstd = save_stats(n, mean, m2, centered, eps, r + 1, mean_out, rstd_out,
                                         var_out)
                 h, low = split(mean, x)
-                i, before = _seamed_pair_plain(x, y, wt, bt, B, r * B, here0,
-                                               (h, low, narrow(rstd, x)), i, before)
+                here1 = (h, low, narrow(rstd, x))
+                if epilogue:
+                    i, before = stream_seamed_pair(x, z, relu, y, wt, bt, B, r * B, here0,
+                                                   here1, i, before)
+                else:
+                    i, before = _pair_plain(x, z, y, wt, bt, B, r * B, here0, here1, i,
+                                            before)
                 o += 2
                 r += 2
                 continue

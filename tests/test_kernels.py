@@ -539,6 +539,7 @@ def test_streamed_backward_behind_a_relu_equals_the_plain_one(norm, shape, axis,
     ("batch", (2, 3, 349527), 1, np.float64),      # float64 runs: ReLU alone streams
     ("group", (32, 32, 33, 64), -1, np.float64),
     ("layer", (65536, 64), -1, np.float32),        # short rows, fused (streamed_fused_rows)
+    ("layer", (1023, 4103), -1, np.float32),       # long rows in pairs (_seamed_pair)
     ("layer", (16384, 257), -1, np.float64),
 ])
 def test_streamed_forward_epilogue_equals_the_plain_one(norm, shape, axis, dtype, monkeypatch):
