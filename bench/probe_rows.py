@@ -99,7 +99,8 @@ def _window_loop(stats, wmod=0):
 
 
 row_stats = _window_loop(True)
-NORMALIZE = {"row": _window_loop(False), "pairs": _window_loop(False),
+_normalize = _window_loop(False)
+NORMALIZE = {"row": _normalize, "pairs": _normalize,
              "w1024": _window_loop(False, 1024), "w16": _window_loop(False, LANES)}
 
 

@@ -1968,6 +1968,16 @@ def save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out):
 
 
 @_jit(inline="always")
+def row_coefficients(x, o, A, C, B, centered, eps, r, mean_out, rstd_out, var_out):
+    """Statistic r = (o, 0)'s moments (stat_moments) saved (save_stats), returned as a seamed
+    row's window coefficients (hi, lo, rstd) in x's compute precision (_seamed_pair)."""
+    n, mean, m2 = stat_moments(x, o, 0, A, C, B)
+    mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out, var_out)
+    hi, lo = split(mean, x)
+    return hi, lo, narrow(rstd, x)
+
+
+@_jit(inline="always")
 def rows_ahead(x, B):
     """How far ahead (in values, whole rows of B) the short-row loops prefetch x's rows:
     PREFETCH_BYTES or more, float32 rows of PREFETCH_ROW bytes or more only (0: none).
@@ -2374,6 +2384,7 @@ def _cell_value(x, z, j, here, residual, relu):
 
 
 _seamed_plain, _seamed_relu = _seamed_row(False, False), _seamed_row(False, True)
+_seamed_residual, _seamed_both = _seamed_row(True, False), _seamed_row(True, True)
 
 
 def _seamed_pair(residual, relu):
@@ -2442,7 +2453,6 @@ def stream_seamed_pair(x, z, relu, y, wt, bt, B, s, here0, here1, i, before):
     if relu:
         return _pair_relu(x, z, y, wt, bt, B, s, here0, here1, i, before)
     return _pair_plain(x, z, y, wt, bt, B, s, here0, here1, i, before)
-_seamed_residual, _seamed_both = _seamed_row(True, False), _seamed_row(True, True)
 
 
 @_jit(inline="always")
@@ -2671,16 +2681,10 @@ def _rows_forward_rows(epilogue):
         r = r0
         while r < r1:
             if pairs and r > r0 and r + 2 < r1:     # (C == 1: statistic r is o = r's)
-                n, mean, m2 = stat_moments(x, o, 0, A, C, B)
-                mean, rstd = save_stats(n, mean, m2, centered, eps, r, mean_out, rstd_out,
-                                        var_out)
-                h, low = split(mean, x)
-                here0 = (h, low, narrow(rstd, x))
-                n, mean, m2 = stat_moments(x, o + 1, 0, A, C, B)
-                mean, rstd = save_stats(n, mean, m2, centered, eps, r + 1, mean_out, rstd_out,
-                                        var_out)
-                h, low = split(mean, x)
-                here1 = (h, low, narrow(rstd, x))
+                here0 = row_coefficients(x, o, A, C, B, centered, eps, r, mean_out, rstd_out,
+                                         var_out)
+                here1 = row_coefficients(x, o + 1, A, C, B, centered, eps, r + 1, mean_out,
+                                         rstd_out, var_out)
                 if epilogue:
                     i, before = stream_seamed_pair(x, z, relu, y, wt, bt, B, r * B, here0,
                                                    here1, i, before)
