@@ -92,9 +92,10 @@ def _none_like(a):
 def moments(plan, x, narrow=False):
     """Biased moments per statistic: (mean, var), float64 arrays of O * C values. `narrow`:
     only as accurate as float32 statistics need (the column kernels then sum blocks of rows of
-    float16 / float32 data in float32; the row kernels keep float64 sums: a float32 two-pass
-    per block measured 0.21 ns per value against 0.12 on rows of 1024, 0.105 against 0.138
-    on long runs)."""
+    float16 / float32 data in float32, the flat kernel float16 runs (kernels/cpu.py:
+    HALF_RUN); the row kernels keep float64 sums for float32 data: a float32 two-pass per
+    block measured 0.21 ns per value against 0.12 on rows of 1024, 0.105 against 0.138 on
+    long runs)."""
     O, A, C, B = plan.O, plan.A, plan.C, plan.B
     x = _bits(x)
     if plan.path == "rows" and A == 1:
@@ -111,7 +112,7 @@ def moments(plan, x, narrow=False):
         # 1.42x float32 / 1.46x float64 from memory, 1.02-1.03x from cache
         shape = (O, plan.K, C)
         count, pmean, pm2 = np.empty(shape), np.empty(shape), np.empty(shape)
-        _run(plan, K.flat_moments, x, O, A, C, B, plan.K, count, pmean, pm2)
+        _run(plan, K.flat_moments, x, O, A, C, B, plan.K, narrow, count, pmean, pm2)
         K.merge_moments(count, pmean, pm2, 1, mean, var)
     else:
         shape = (O, plan.K, C * B)
