@@ -174,6 +174,8 @@ SHORT_OFFSET_CASES = [
     ("layer", (64, 1000), {}),                                  # a row per normalize_run
     ("instance", (32, 64, 7, 7), {"axis": 1}),                  # short cells, C per sample
     ("group", (32, 64, 7, 7), {"axis": 1, "num_groups": 8}),
+    ("batch", (64, 256, 7, 7), {"axis": 1}),                    # flat: a channel's short runs
+    ("batch", (31, 11, 15, 20), {"axis": 1}),                   # ... in chunks from mid-run
 ]
 
 
