@@ -532,15 +532,16 @@ prefetch_l2 = _prefetcher(2)
 
 
 def _lanes_of(context, builder, arrty, arr, index, vec):
-    """The LANES values at arr[index:index + LANES] in the float lanes `vec` (LLVM IR): float16
-    bits widened, float32 / float64 widened or rounded to vec's."""
+    """The values at arr[index:index + lanes] in the float vector `vec` of `lanes` lanes (LLVM
+    IR): float16 bits widened, float32 / float64 widened or rounded to vec's."""
     kind = {types.uint16: ir.IntType(16), types.float32: ir.FloatType(),
             types.float64: ir.DoubleType()}[arrty.dtype]
-    v = builder.load(_vector_at(context, builder, arrty, arr, index, ir.VectorType(kind, LANES)),
+    v = builder.load(_vector_at(context, builder, arrty, arr, index,
+                                ir.VectorType(kind, vec.count)),
                      align=arrty.dtype.bitwidth // 8)
     if arrty.dtype == types.uint16:
-        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
-                          ir.VectorType(ir.FloatType(), LANES))
+        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), vec.count)),
+                          ir.VectorType(ir.FloatType(), vec.count))
     if _bytes(v.type) < _bytes(vec):
         return builder.fpext(v, vec)
     if _bytes(v.type) > _bytes(vec):
@@ -686,6 +687,248 @@ def _window_gradient_sums(windows):
 
 window_gradient_sums1, window_gradient_sums2, window_gradient_sums3, window_gradient_sums4 = (
     _window_gradient_sums(w) for w in (1, 2, 3, 4))
+
+
+def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=4):
+    """LLVM IR: sums over the values i of [0, n) of the runs arrs (tuple types at; n the
+    first's size) of terms(get, splat), a list of `nsums` values in vec's element type, each
+    sum in an order written out, every operation flagged 'contract' alone (Numba's fast-math
+    pass leaves flagged instructions as they are): `ways` (2 or 4) windows of vec.count
+    values at a time into as many accumulators per sum, then the last whole windows (fewer
+    than `ways`) into the first accumulators, a last partial window into the last one (the
+    window that ends the run, lanes it shares with the one before masked off), the
+    accumulators added as a pairwise tree, ((a0 + a1) + (a2 + a3)), and so its lanes
+    (_tree_sum); a run shorter than a window value by value.
+    get(j): the values of arrs[j] (float16 bits, float32 or float64) at the window or value,
+    in vec's element type; splat(s): a scalar as those values. terms also returns [(j, v)]:
+    arrs[j] += v there, in arrs[j]'s dtype (element-wise partials). Returns the sums (LLVM
+    values).
+
+    A loop that LLVM vectorizes under 'reassoc' may add otherwise each time it is optimized,
+    and Numba optimizes a helper's code again inside each kernel that calls it: a kernel
+    compiled in this process and the same kernel loaded from the cache gave dx that differed
+    in the last bits (README: Semantics)."""
+    f = ("contract",)
+    n = context.make_array(at[0])(context, builder, arrs[0]).nitems
+    lanes = ir.Constant(n.type, vec.count)
+    zero = ir.Constant(vec, None)
+    acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(ways)]
+           for _ in range(nsums)]
+
+    def window(index, k, keep=None):
+        # keep: the lanes to count (a bool vector), the others' terms and partials taken as 0
+        def get(j):
+            return _lanes_of(context, builder, at[j], arrs[j], index, vec)
+
+        def masked(v):
+            return v if keep is None else builder.select(keep, v, ir.Constant(v.type, None))
+
+        values, partials = terms(get, lambda s: _splat(builder, s, vec))
+        for a, t in zip(acc, values):
+            builder.store(builder.fadd(builder.load(a[k]), masked(t), flags=f), a[k])
+        for j, p in partials:
+            kind = _window_type(at[j].dtype, vec.count)
+            ptr = _vector_at(context, builder, at[j], arrs[j], index, kind)
+            builder.store(builder.fadd(builder.load(ptr, align=_bytes(kind)),
+                                       masked(_convert(builder, p, kind)), flags=f), ptr,
+                          align=_bytes(kind))
+
+    step = ir.Constant(n.type, ways * vec.count)
+    blocks = builder.sdiv(n, step)
+    with cgutils.for_range(builder, blocks) as loop:
+        start = builder.mul(loop.index, step)
+        for k in range(ways):
+            window(builder.add(start, ir.Constant(n.type, k * vec.count)), k)
+    done = builder.mul(blocks, step)
+    # the last (at most three) whole windows into accumulators of their own, and the last
+    # values of a run of a window or more as the window that ends the run, its lanes counted
+    # before masked off: chains apart, no values one at a time (runs of 49 and such)
+    rest = builder.sdiv(builder.sub(n, done), lanes)
+    for k in range(ways - 1):
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(n.type, k))):
+            window(builder.add(done, ir.Constant(n.type, k * vec.count)), k)
+    tail = builder.add(done, builder.mul(rest, lanes))
+    left = builder.sub(n, tail)
+    overlap = builder.and_(builder.icmp_signed(">", left, ir.Constant(n.type, 0)),
+                           builder.icmp_signed(">=", n, lanes))
+    with builder.if_then(overlap):
+        index = ir.VectorType(n.type, vec.count)
+        first = _splat(builder, builder.sub(lanes, left), index)
+        keep = builder.icmp_signed(">=", ir.Constant(index, list(range(vec.count))), first)
+        window(builder.sub(n, lanes), ways - 1, keep)
+    tail = builder.select(overlap, n, tail)
+    sums = []
+    for a in acc:
+        v = [builder.load(p) for p in a]
+        while len(v) > 1:
+            v = [builder.fadd(v[k], v[k + 1], flags=f) for k in range(0, len(v), 2)]
+        sums.append(cgutils.alloca_once_value(builder, _tree_sum(builder, v[0])))
+    with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
+        i = builder.add(tail, loop.index)
+
+        def at_i(j):
+            return builder.gep(context.make_array(at[j])(context, builder, arrs[j]).data, [i],
+                               inbounds=True)
+
+        def get(j):
+            v = builder.load(at_i(j))
+            if at[j].dtype == types.uint16:
+                v = builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+            return _convert(builder, v, vec.element)
+
+        values, partials = terms(get, lambda s: s)
+        for p, t in zip(sums, values):
+            builder.store(builder.fadd(builder.load(p), t, flags=f), p)
+        for j, p in partials:
+            v = builder.load(at_i(j))
+            builder.store(builder.fadd(v, _convert(builder, p, v.type), flags=f), at_i(j))
+    return [builder.load(p) for p in sums]
+
+
+def _convert(builder, v, kind):
+    """The float32 / float64 value or vector v as the float (vector) type `kind`."""
+    def wide(t):
+        return isinstance(getattr(t, "element", t), ir.DoubleType)
+
+    if wide(kind) and not wide(v.type):
+        return builder.fpext(v, kind)
+    if wide(v.type) and not wide(kind):
+        return builder.fptrunc(v, kind)
+    return v
+
+
+def _sums_window(compute, width=64):
+    """The vector type of _ordered_sums' windows of `width` bytes for the compute dtype."""
+    return _window_type(compute, width // (4 if compute == types.float32 else 8))
+
+
+def _data_runs(arrays):
+    """Whether the types `arrays` are all contiguous 1-d runs of float16 bits, float32 or
+    float64 (typing time)."""
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+               and a.dtype in (types.uint16, types.float32, types.float64) for a in arrays)
+
+
+def _tuple_args(context, builder, tuple_type, value):
+    """The elements of a tuple argument (LLVM values) and their types."""
+    types_ = tuple(tuple_type)
+    return [builder.extract_value(value, k) for k in range(len(types_))], types_
+
+
+def _to_float64(builder, values):
+    return [builder.fpext(v, ir.DoubleType()) if isinstance(v.type, ir.FloatType) else v
+            for v in values]
+
+
+def _run_gradient_sums(runs, relu, cells, width=64, ways=4):
+    """An intrinsic (arrays, scalars) -> (s1, s2) per run, in float64: over `runs` runs of one
+    length, s1 = sum(dy) and s2 = sum(dy * xhat), xhat = (x - hi) * rs - lo * rs ((x - hi) *
+    rs for float64, see center), added up in the scalars' dtype, the compute precision (float32 for
+    float16 / float32 data), in _ordered_sums' order. arrays: (dy, x) per run, (dy, x, y) with
+    `relu` (dy where y > 0, else 0); with `cells` (one run), then (w, dbias, dweight), runs of
+    the compute dtype (w) and float32 / float64 (the partials dbias, dweight): s1 = sum(dy * w),
+    s2 = sum(dy * w * xhat), and dbias += dy, dweight += dy * xhat element by element.
+    scalars: (hi, lo, rs) per run. width: the bytes of a window; ways: see _ordered_sums."""
+    per_run = 3 if relu else 2
+    data = runs * per_run
+    f = ("contract",)
+
+    @intrinsic
+    def gradient_sums(typingctx, arrays, scalars):
+        if not (isinstance(arrays, types.BaseTuple) and isinstance(scalars, types.BaseTuple)
+                and len(arrays) == data + (3 if cells else 0) and len(scalars) == 3 * runs):
+            return None
+        arrays_t, scalars_t = tuple(arrays), tuple(scalars)
+        compute = scalars_t[0]
+        if not (compute in (types.float32, types.float64)
+                and all(s == compute for s in scalars_t) and _data_runs(arrays_t[:data])):
+            return None
+        if cells and not (_float_run(arrays_t[data], compute)
+                          and all(_float_run(a, a.dtype) and a.mutable
+                                  and a.dtype in (types.float32, types.float64)
+                                  for a in arrays_t[data + 1:])):
+            return None
+        vec = _sums_window(compute, width)
+
+        def codegen(context, builder, signature, args):
+            arrs, at = _tuple_args(context, builder, signature.args[0], args[0])
+            sc, _ = _tuple_args(context, builder, signature.args[1], args[1])
+            # xhat = (x - hi) * rs - lo * rs, one rounding where contracted to a fused
+            # multiply-add, rather than ((x - hi) - lo) * rs
+            coefficients = [(hi, rs, builder.fneg(builder.fmul(lo, rs, flags=f), flags=f))
+                            for hi, lo, rs in zip(sc[::3], sc[1::3], sc[2::3])]
+
+            def terms(get, splat):
+                values, partials = [], []
+                zero = splat(ir.Constant(vec.element, 0.0))
+                for r in range(runs):
+                    dy, x = get(r * per_run), get(r * per_run + 1)
+                    if relu:
+                        y = get(r * per_run + 2)
+                        dy = builder.select(builder.fcmp_ordered(">", y, zero), dy, zero)
+                    hi, rs, shift = (splat(s) for s in coefficients[r])
+                    xhat = builder.fmul(builder.fsub(x, hi, flags=f), rs, flags=f)
+                    if compute == types.float32:
+                        xhat = builder.fadd(xhat, shift, flags=f)
+                    if cells:
+                        dw = builder.fmul(dy, get(data), flags=f)
+                        values += [dw, builder.fmul(dw, xhat, flags=f)]
+                        partials += [(data + 1, dy),
+                                     (data + 2, builder.fmul(dy, xhat, flags=f))]
+                    else:
+                        values += [dy, builder.fmul(dy, xhat, flags=f)]
+                return values, partials
+
+            sums = _ordered_sums(context, builder, at, arrs, vec, 2 * runs, terms, ways)
+            return context.make_tuple(builder, signature.return_type,
+                                      _to_float64(builder, sums))
+
+        return types.UniTuple(types.float64, 2 * runs)(arrays, scalars), codegen
+
+    return gradient_sums
+
+
+gradient_sums, gradient_sums_relu, gradient_sums_pair = (
+    _run_gradient_sums(1, False, False), _run_gradient_sums(1, True, False),
+    _run_gradient_sums(2, False, False, 32, 2))
+gradient_cell_sums, gradient_cell_sums_relu = (_run_gradient_sums(1, False, True),
+                                               _run_gradient_sums(1, True, True))
+
+
+def _ordered_moments(linear, square):
+    """An intrinsic (x, shifts) -> (sum(d),) with `linear`, then (sum(d * d),) with `square`,
+    d = (x - shifts[0]) - shifts[1] ... (shifts a tuple of float64), in float64 lanes (x a run
+    of float16 bits, float32 or float64), in _ordered_sums' order."""
+
+    @intrinsic
+    def moment_sums(typingctx, x, shifts):
+        if not (_data_runs((x,)) and isinstance(shifts, types.BaseTuple)
+                and all(s == types.float64 for s in tuple(shifts))):
+            return None
+        vec = _sums_window(types.float64)
+        k = int(linear) + int(square)
+
+        def codegen(context, builder, signature, args):
+            subtract, _ = _tuple_args(context, builder, signature.args[1], args[1])
+
+            def terms(get, splat):
+                d = get(0)
+                for s in subtract:
+                    d = builder.fsub(d, splat(s), flags=("contract",))
+                return ([d] if linear else []) + (
+                    [builder.fmul(d, d, flags=("contract",))] if square else []), []
+
+            sums = _ordered_sums(context, builder, (signature.args[0],), (args[0],), vec, k,
+                                 terms)
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return types.UniTuple(types.float64, k)(x, shifts), codegen
+
+    return moment_sums
+
+
+shifted_sum, shifted_square_sum, ordered_shifted_sums = (
+    _ordered_moments(True, False), _ordered_moments(False, True), _ordered_moments(True, True))
 
 
 @intrinsic
@@ -934,7 +1177,7 @@ def _tree_sum(builder, vec):
                                                            list(range(half))))
         high = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, half),
                                                             list(range(half, 2 * half))))
-        vec = builder.fadd(low, high)
+        vec = builder.fadd(low, high, flags=("contract",))
     return builder.extract_element(vec, ir.Constant(i32, 0))
 
 
@@ -964,16 +1207,18 @@ def half_sums(typingctx, x, shift):
         flags = ("contract",)
 
         def add_window(index, k):
-            d = builder.fsub(_lanes_of(context, builder, xt, arr, index, v32), sh)
-            builder.store(builder.fadd(builder.load(h[k]), d), h[k])
+            d = builder.fsub(_lanes_of(context, builder, xt, arr, index, v32), sh, flags=flags)
+            builder.store(builder.fadd(builder.load(h[k]), d, flags=flags), h[k])
             builder.store(builder.fadd(builder.load(h[4 + k]), builder.fmul(d, d, flags=flags),
                                        flags=flags), h[4 + k])
 
         def widen():
             for j in range(2):
                 a, b, c, d = (builder.load(h[4 * j + k]) for k in range(4))
-                part = builder.fadd(builder.fadd(a, b), builder.fadd(c, d))
-                builder.store(builder.fadd(builder.load(wide[j]), builder.fpext(part, v64)),
+                part = builder.fadd(builder.fadd(a, b, flags=flags),
+                                    builder.fadd(c, d, flags=flags), flags=flags)
+                builder.store(builder.fadd(builder.load(wide[j]), builder.fpext(part, v64),
+                                           flags=flags),
                               wide[j])
                 for k in range(4):
                     builder.store(ir.Constant(v32, None), h[4 * j + k])
@@ -1011,10 +1256,12 @@ def half_sums(typingctx, x, shift):
                 v = builder.fpext(builder.bitcast(v, ir.HalfType()), f32)
             elif xt.dtype == types.float64:
                 v = builder.fptrunc(v, f32)
-            d = builder.fsub(v, shift)
-            builder.store(builder.fadd(builder.load(s_acc), builder.fpext(d, f64)), s_acc)
+            d = builder.fsub(v, shift, flags=flags)
+            builder.store(builder.fadd(builder.load(s_acc), builder.fpext(d, f64), flags=flags),
+                          s_acc)
             builder.store(builder.fadd(builder.load(q_acc),
-                                       builder.fpext(builder.fmul(d, d), f64)), q_acc)
+                                       builder.fpext(builder.fmul(d, d, flags=flags), f64),
+                                       flags=flags), q_acc)
         return context.make_tuple(builder, signature.return_type,
                                   [builder.load(s_acc), builder.load(q_acc)])
 
@@ -1041,14 +1288,8 @@ def half_block_moments(xb):
 
 @_jit(inline="always")
 def shifted_sums(xb, shift):
-    """(sum(d), sum(d * d)) in float64 with d = x - shift."""
-    s = 0.0
-    q = 0.0
-    for i in range(xb.size):
-        d = load(xb[i]) - shift
-        s += d
-        q += d * d
-    return s, q
+    """(sum(d), sum(d * d)) in float64 with d = x - shift (ordered_shifted_sums)."""
+    return ordered_shifted_sums(xb, (np.float64(shift),))
 
 
 @_jit(inline="always")
@@ -1071,16 +1312,9 @@ def block_moments(xb, narrow):
     if narrow and half_bits(xb) and xb.size >= HALF_RUN:
         return half_block_moments(xb)
     shift = load(xb[0])
-    s = 0.0
     if exact_two_pass(xb):
-        for i in range(xb.size):
-            s += load(xb[i]) - shift
-        dmean = s / xb.size
-        q = 0.0
-        for i in range(xb.size):
-            d = (load(xb[i]) - shift) - dmean
-            q += d * d
-        return shift + dmean, q
+        dmean = shifted_sum(xb, (shift,))[0] / xb.size
+        return shift + dmean, shifted_square_sum(xb, (shift, dmean))[0]
     s, q = shifted_sums(xb, shift)
     return shifted_moments(shift, s, q, xb.size)
 
@@ -1695,48 +1929,23 @@ normalize_run, normalize_run_plain = _variants(_normalize_run, fastmath=_ELEMENT
 
 @_jit(inline="always")
 def cell_sums(dys, ys, relu, xs, hi, lo, rs, wv, dbv, dwv):
-    """backward_sums_run's per-element-cell loop on a block, in the compute precision."""
-    h1 = zero(rs)
-    h2 = zero(rs)
+    """backward_sums_run's per-element-cell loop on a block, in the compute precision: (sum(dy
+    * w), sum(dy * w * xhat)) in float64, dbv += dy and dwv += dy * xhat (gradient_cell_sums,
+    in an order that every compile keeps)."""
     if relu:
-        for i in range(xs.size):
-            d = relu_dy(dys, ys, i)
-            xhat = center(loadc(xs[i]), hi, lo) * rs
-            dw = d * wv[i]
-            h1 += dw
-            h2 += dw * xhat
-            dbv[i] += d
-            dwv[i] += d * xhat
-    else:
-        for i in range(xs.size):
-            d = loadc(dys[i])
-            xhat = center(loadc(xs[i]), hi, lo) * rs
-            dw = d * wv[i]
-            h1 += dw
-            h2 += dw * xhat
-            dbv[i] += d
-            dwv[i] += d * xhat
-    return np.float64(h1), np.float64(h2)
+        return gradient_cell_sums_relu((dys, xs, ys, wv, dbv, dwv), (hi, lo, rs))
+    return gradient_cell_sums((dys, xs, wv, dbv, dwv), (hi, lo, rs))
 
 
 @_jit(inline="always")
 def run_sums(dys, ys, relu, xs, hi, lo, rs):
     """(sum(dy), sum(dy * xhat)) of a block of one parameter cell, added up in the compute
     precision (xhat = (x - mean) * rstd with mean = hi + lo and rstd = rs in it, as in
-    cell_sums: xhat is O(1), so the products keep dy's range), returned in float64."""
-    h1 = zero(rs)
-    h2 = zero(rs)
+    cell_sums: xhat is O(1), so the products keep dy's range), returned in float64
+    (gradient_sums)."""
     if relu:
-        for i in range(xs.size):
-            d = relu_dy(dys, ys, i)
-            h1 += d
-            h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
-    else:
-        for i in range(xs.size):
-            d = loadc(dys[i])
-            h1 += d
-            h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
-    return np.float64(h1), np.float64(h2)
+        return gradient_sums_relu((dys, xs, ys), (hi, lo, rs))
+    return gradient_sums((dys, xs), (hi, lo, rs))
 
 
 @_jit(inline="always")
@@ -1744,19 +1953,8 @@ def run_sums_pair(dys, xs, hi, lo, rs, dyt, xt, hj, lj, rt):
     """run_sums (without ReLU) of two blocks of one length in one loop: two short rows
     (InstanceNorm) or two cells of a row (GroupNorm), each with its own mean and rstd. Their
     four independent chains give the loop twice the work per iteration and per trip through
-    its vector epilogue."""
-    h1 = zero(rs)
-    h2 = zero(rs)
-    k1 = zero(rs)
-    k2 = zero(rs)
-    for i in range(xs.size):
-        d = loadc(dys[i])
-        e = loadc(dyt[i])
-        h1 += d
-        h2 += d * (center(loadc(xs[i]), hi, lo) * rs)
-        k1 += e
-        k2 += e * (center(loadc(xt[i]), hj, lj) * rt)
-    return np.float64(h1), np.float64(h2), np.float64(k1), np.float64(k2)
+    its last window and values."""
+    return gradient_sums_pair((dys, xs, dyt, xt), (hi, lo, rs, hj, lj, rt))
 
 
 @_jit()
@@ -1811,16 +2009,8 @@ def backward_sums_run(dys, ys, relu, xs, mean, rstd, w, dbias, dweight, c, b0, B
                 sdy += h1
                 sdyx += h2
         else:
-            if relu:
-                for i in range(xq.size):
-                    d = np.float64(relu_dy(dq, yq, i))
-                    sdy += d
-                    sdyx += d * (load(xq[i]) - mean)
-            else:
-                for i in range(xq.size):
-                    d = np.float64(loadc(dq[i]))
-                    sdy += d
-                    sdyx += d * (load(xq[i]) - mean)
+            # float64 lanes: xhat = (x - mean) * 1.0, then the rstd
+            sdy, sdyx = run_sums(dq, yq, relu, xq, mean, 0.0, 1.0)
             sdyx *= rstd
         cell = c * Q + q
         dbias[cell] += sdy
@@ -1842,12 +2032,7 @@ def scalar_sums_runs(dys, xs, B, b, c, C, mean, sdy, sdyx):
         e = min(n - pos, B - b)
         m = mean[c]
         xr, gr = xs[pos:pos + e], dys[pos:pos + e]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(e):
-            d = np.float64(loadc(gr[i]))
-            s1 += d
-            s2 += d * (load(xr[i]) - m)
+        s1, s2 = gradient_sums((gr, xr), (m, 0.0, 1.0))     # float64 lanes
         sdy[c] += s1
         sdyx[c] += s2
         pos += e
