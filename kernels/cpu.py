@@ -542,11 +542,7 @@ def _lanes_of(context, builder, arrty, arr, index, vec):
     if arrty.dtype == types.uint16:
         v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), vec.count)),
                           ir.VectorType(ir.FloatType(), vec.count))
-    if _bytes(v.type) < _bytes(vec):
-        return builder.fpext(v, vec)
-    if _bytes(v.type) > _bytes(vec):
-        return builder.fptrunc(v, vec)
-    return v
+    return _convert(builder, v, vec)
 
 
 def _sum_rows_in_registers(builder, n, step, windows, vec, terms, store):
@@ -740,7 +736,7 @@ def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=4):
         for k in range(ways):
             window(builder.add(start, ir.Constant(n.type, k * vec.count)), k)
     done = builder.mul(blocks, step)
-    # the last (at most three) whole windows into accumulators of their own, and the last
+    # the last whole windows (fewer than `ways`) into accumulators of their own, and the last
     # values of a run of a window or more as the window that ends the run, its lanes counted
     # before masked off: chains apart, no values one at a time (runs of 49 and such)
     rest = builder.sdiv(builder.sub(n, done), lanes)
@@ -771,10 +767,7 @@ def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=4):
                                inbounds=True)
 
         def get(j):
-            v = builder.load(at_i(j))
-            if at[j].dtype == types.uint16:
-                v = builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
-            return _convert(builder, v, vec.element)
+            return _value_as(builder, builder.load(at_i(j)), at[j].dtype, vec.element)
 
         values, partials = terms(get, lambda s: s)
         for p, t in zip(sums, values):
@@ -783,6 +776,14 @@ def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=4):
             v = builder.load(at_i(j))
             builder.store(builder.fadd(v, _convert(builder, p, v.type), flags=f), at_i(j))
     return [builder.load(p) for p in sums]
+
+
+def _value_as(builder, v, dtype, kind):
+    """An element v of an array of `dtype` (float16 bits, float32, float64) as the float type
+    `kind` (LLVM IR)."""
+    if dtype == types.uint16:
+        v = builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+    return _convert(builder, v, kind)
 
 
 def _convert(builder, v, kind):
@@ -813,11 +814,6 @@ def _tuple_args(context, builder, tuple_type, value):
     """The elements of a tuple argument (LLVM values) and their types."""
     types_ = tuple(tuple_type)
     return [builder.extract_value(value, k) for k in range(len(types_))], types_
-
-
-def _to_float64(builder, values):
-    return [builder.fpext(v, ir.DoubleType()) if isinstance(v.type, ir.FloatType) else v
-            for v in values]
 
 
 def _run_gradient_sums(runs, relu, cells, width=64, ways=4):
@@ -881,7 +877,7 @@ def _run_gradient_sums(runs, relu, cells, width=64, ways=4):
 
             sums = _ordered_sums(context, builder, at, arrs, vec, 2 * runs, terms, ways)
             return context.make_tuple(builder, signature.return_type,
-                                      _to_float64(builder, sums))
+                                      [_convert(builder, v, ir.DoubleType()) for v in sums])
 
         return types.UniTuple(types.float64, 2 * runs)(arrays, scalars), codegen
 
@@ -1264,12 +1260,8 @@ def half_sums(typingctx, x, shift):
         tail = builder.add(done, builder.mul(rest, lanes))
         with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
             ptr = builder.gep(a.data, [builder.add(tail, loop.index)], inbounds=True)
-            v = builder.load(ptr)
-            if xt.dtype == types.uint16:
-                v = builder.fpext(builder.bitcast(v, ir.HalfType()), f32)
-            elif xt.dtype == types.float64:
-                v = builder.fptrunc(v, f32)
-            d = builder.fsub(v, shift, flags=flags)
+            d = builder.fsub(_value_as(builder, builder.load(ptr), xt.dtype, f32), shift,
+                             flags=flags)
             builder.store(builder.fadd(builder.load(s_acc), builder.fpext(d, f64), flags=flags),
                           s_acc)
             builder.store(builder.fadd(builder.load(q_acc),
