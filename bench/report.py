@@ -23,6 +23,8 @@ import cases as cs  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NOISY = 0.1  # rows measured while other processes used more of the CPU than this
+# cases moving fewer bytes than this (ln_tiny) are about per-call cost, not bandwidth
+PER_CALL = 1 << 20
 OP_NAMES = {"fwd": "forward", "fwd_eval": "forward (eval)", "bwd": "backward"}
 
 
@@ -97,6 +99,32 @@ def summary(results, label):
             if peer != "numpy"]
 
 
+def shortfalls(results, label, peer="torch", dtype="float32", target=1.5):
+    """The named cases of `dtype` where normcore (fresh outputs) is below `target` x `peer`,
+    each with the share of the copy bandwidth that `target` x the peer's speed takes (target x
+    the peer's own % copy: above 100%, out of reach for any code that moves the minimum bytes
+    at the copy bandwidth) and normcore's share (its faster variant, as in the table)."""
+    out = []
+    for (case, op, dt), rows in _groups(results).items():
+        mine = [r for n, r in rows.items() if "speedup" in r]
+        if dt != dtype or case not in cs.NAMED or peer not in rows or not mine:
+            continue
+        ratio = mine[0]["speedup"].get(peer)
+        if ratio is None or ratio >= target:
+            continue
+        if rows[peer].get("bytes", PER_CALL) < PER_CALL:
+            out.append(f"{case} {OP_NAMES[op]} {ratio:.2f}× (per-call cost)")
+            continue
+        need = target * rows[peer]["frac_copy"]
+        best = min(mine, key=lambda r: r["median_s"])
+        out.append(f"{case} {OP_NAMES[op]} {ratio:.2f}× (needs {need:.0%}, at "
+                   f"{best['frac_copy']:.0%})")
+    if not out:
+        return []
+    return [f"{label} below {target}×{peer} ({dtype}; the share of the copy bandwidth "
+            f"{target}× {peer}'s speed needs, and normcore's): " + ", ".join(out)]
+
+
 def copy_range(data):
     """How the run's per-case copy bandwidth varied (runs before per-case copies: nothing)."""
     spans = data.get("copy_gbps_range", {})
@@ -140,7 +168,8 @@ def cold_section(cold):
         f"of a case's arrays fits in this machine's caches stays in them between calls, for "
         f"every peer alike.", ""]
     lines += device_table(cold["results"])
-    lines += [""] + [line + "." for line in summary(cold["results"], "Caches swept:")]
+    lines += [""] + [line + "." for line in summary(cold["results"], "Caches swept:")
+                     + shortfalls(cold["results"], "Caches swept:")]
     return lines
 
 
@@ -174,9 +203,11 @@ def markdown(data, keep=None, cold=None):
             lines += ["", f"**{device.upper()}**" if len(data["copy_gbps"]) > 1 else ""]
             kept = [r for r in keep["results"] if r["device"] == device] if keep else []
             lines += device_table(results, kept)
-    lines += [""] + [line + "." for line in summary(data["results"], "With glibc's defaults:")]
+    lines += [""] + [line + "." for line in summary(data["results"], "With glibc's defaults:")
+                     + shortfalls(data["results"], "With glibc's defaults:")]
     if keep:
-        lines += [line + "." for line in summary(keep["results"], "Keeping freed memory:")]
+        lines += [line + "." for line in summary(keep["results"], "Keeping freed memory:")
+                  + shortfalls(keep["results"], "Keeping freed memory:")]
     first = [f["first_call_s"] for f in data.get("first_calls", []) if f["impl"] == "normcore"]
     if first:
         lines += ["", f"First normcore call per case, op and dtype on a small array (JIT "

@@ -120,6 +120,37 @@ def test_report_puts_the_cold_run_in_a_table_of_its_own_with_its_geomean():
     assert "Memory-bound" not in report.markdown(warm)
 
 
+def test_shortfalls_name_the_cases_below_the_target_with_the_bandwidth_it_needs():
+    def pair(case, op, ratio, torch_frac, ours_frac):
+        ours = {**_row(case, op, "normcore", 1e-3, {"torch": ratio}), "frac_copy": ours_frac}
+        return [ours, {**_row(case, op, "torch", ratio * 1e-3), "frac_copy": torch_frac}]
+    results = (pair("bn_2d_large", "fwd", 0.9, 0.6, 0.5) + pair("ln_bert", "bwd", 1.6, 0.2, 0.4)
+               + pair("bn_nchw_7x7", "fwd", 1.1, 0.5, 0.6))     # not a named case
+    results[0]["dtype"] = results[1]["dtype"] = "float64"
+    assert report.shortfalls(results, "Run:") == []
+    results[0]["dtype"] = results[1]["dtype"] = "float32"
+    (line,) = report.shortfalls(results, "Run:")
+    assert line.startswith("Run: below 1.5×torch (float32;")
+    assert line.endswith(": bn_2d_large forward 0.90× (needs 90%, at 50%)")
+    text = report.markdown(_run_record([], results))
+    assert "With glibc's defaults: below 1.5×torch" in text
+    tiny = [{**r, "case": "ln_tiny", "bytes": 2048} for r in pair("ln_tiny", "fwd", 1.2, 0, 0)]
+    assert report.shortfalls(tiny, "Run:")[0].endswith(": ln_tiny forward 1.20× (per-call cost)")
+
+
+def test_roofline_cuts_the_leading_axis_until_x_fits_in_cache():
+    import roofline
+    case = cs.Case("ln", "layer", (8192, 1024), axis=-1)
+    assert roofline.in_cache(case, 4).shape == (1024, 1024)
+    assert roofline.in_cache(case, 8).shape == (512, 1024)
+    small = cs.Case("ln", "layer", (64, 1024), axis=-1)
+    assert roofline.in_cache(small, 4).shape == (64, 1024)
+    nhwc = cs.Case("bn", "batch", (32, 56, 56, 64), axis=-1)
+    cut = roofline.in_cache(nhwc, 4)
+    assert cut.shape[1:] == (56, 56, 64) and cut.axis == -1
+    assert 4 * 56 * 56 * 64 * cut.shape[0] <= roofline.IN_CACHE
+
+
 def test_first_call_table_has_a_row_per_case_and_names_the_machine_and_commit():
     times = {"import_s": 0.5, "forward_s": 12.34, "backward_s": 5.0}
     loaded = {"import_s": 0.5, "forward_s": 0.012, "backward_s": 0.3}
