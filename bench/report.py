@@ -106,7 +106,7 @@ def shortfalls(results, label, peer="torch", dtype="float32", target=1.5):
     at the copy bandwidth) and normcore's share (its faster variant, as in the table)."""
     out = []
     for (case, op, dt), rows in _groups(results).items():
-        mine = [r for n, r in rows.items() if "speedup" in r]
+        mine = [r for r in rows.values() if "speedup" in r]
         if dt != dtype or case not in cs.NAMED or peer not in rows or not mine:
             continue
         ratio = mine[0]["speedup"].get(peer)

@@ -76,6 +76,10 @@ BLOCK_ROWS = 32
 # 1.05-1.09x; InstanceNorm (32, 64, 56, 56) 1.16-1.27x; GroupNorm 1.08-1.23x; BatchNorm (32,
 # 64, 56, 56) 1.09-1.35x. Rows of 128 lost (0.86-0.88x), and keep the float64 sums.
 HALF_CHUNK = 512
+# half_sums' windows at a time (as _ordered_sums' ways): float16 rows in the L1 / L2 of one
+# Zen 4 core, 128 / 256 / 1024 / 4096 values, 0.19 / 0.14 / 0.086 / 0.076 ns per value four
+# at a time, 0.13 / 0.094 / 0.074 / 0.068 two.
+HALF_WAYS = 2
 HALF_RESHIFT = 16.0
 HALF_RUN = 256
 # Rows of at most SHORT_ROW values go through the short-row forward, SHORT_BLOCK at a time.
@@ -764,10 +768,8 @@ def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=2):
     tail = builder.select(overlap, n, tail)
     sums = []
     for a in acc:
-        v = [builder.load(p) for p in a]
-        while len(v) > 1:
-            v = [builder.fadd(v[k], v[k + 1], flags=f) for k in range(0, len(v), 2)]
-        sums.append(cgutils.alloca_once_value(builder, _tree_sum(builder, v[0])))
+        v = _pairwise_sum(builder, [builder.load(p) for p in a])
+        sums.append(cgutils.alloca_once_value(builder, _tree_sum(builder, v)))
     with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
         i = builder.add(tail, loop.index)
 
@@ -785,6 +787,15 @@ def _ordered_sums(context, builder, at, arrs, vec, nsums, terms, ways=2):
             v = builder.load(at_i(j))
             builder.store(builder.fadd(v, _convert(builder, p, v.type), flags=f), at_i(j))
     return [builder.load(p) for p in sums]
+
+
+def _pairwise_sum(builder, values):
+    """values (a power of two of them) added as a pairwise tree, ((v0 + v1) + (v2 + v3)),
+    flagged 'contract' alone (LLVM IR)."""
+    while len(values) > 1:
+        values = [builder.fadd(values[k], values[k + 1], flags=("contract",))
+                  for k in range(0, len(values), 2)]
+    return values[0]
 
 
 def _value_as(builder, v, dtype, kind):
@@ -900,7 +911,7 @@ gradient_cell_sums, gradient_cell_sums_relu = (_run_gradient_sums(1, False, True
                                                _run_gradient_sums(1, True, True))
 
 
-def _ordered_moments(linear, square, ways=2):
+def _ordered_moments(linear, square):
     """An intrinsic (x, shifts) -> (sum(d),) with `linear`, then (sum(d * d),) with `square`,
     d = (x - shifts[0]) - shifts[1] ... (shifts a tuple of float64), in float64 lanes (x a run
     of float16 bits, float32 or float64), in _ordered_sums' order."""
@@ -924,7 +935,7 @@ def _ordered_moments(linear, square, ways=2):
                     [builder.fmul(d, d, flags=("contract",))] if square else []), []
 
             sums = _ordered_sums(context, builder, (signature.args[0],), (args[0],), vec, k,
-                                 terms, ways)
+                                 terms)
             return context.make_tuple(builder, signature.return_type, sums)
 
         return types.UniTuple(types.float64, k)(x, shifts), codegen
@@ -1199,101 +1210,88 @@ def _tree_sum(builder, vec):
     return builder.extract_element(vec, ir.Constant(i32, 0))
 
 
-def _half_sums(ways):
-    """half_sums taking `ways` windows (2 or 4) at a time. Two: float16 rows in the L1 / L2
-    of one Zen 4 core, 128 / 256 / 1024 / 4096 values, 0.19 / 0.14 / 0.086 / 0.076 ns per
-    value four ways, 0.13 / 0.094 / 0.074 / 0.068 two (as _ordered_sums)."""
-    @intrinsic
-    def half_sums(typingctx, x, shift):
-        """(sum(d), sum(d * d)) in float64 with d = x - shift in float32, over the float16 bits
-        of the contiguous run x: `ways` windows of LANES lanes at a time into float32 lanes, which
-        are widened into float64 lanes every HALF_CHUNK values; the last values one at a time in
-        float64. The order is written out (no reassociation), so that every compile of it adds
-        the same way, and a lane's float32 sum never holds more than HALF_CHUNK / LANES terms.
-        float32 / float64 runs type as well (block_moments' dead branch for them)."""
-        if not (isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C"
-                and x.dtype in (types.uint16, types.float32, types.float64)
-                and shift == types.float32):
-            return None
+@intrinsic
+def half_sums(typingctx, x, shift):
+    """(sum(d), sum(d * d)) in float64 with d = x - shift in float32, over the float16 bits
+    of the contiguous run x: HALF_WAYS windows of LANES lanes at a time into float32 lanes, which
+    are widened into float64 lanes every HALF_CHUNK values; the last values one at a time in
+    float64. The order is written out (no reassociation), so that every compile of it adds
+    the same way, and a lane's float32 sum never holds more than HALF_CHUNK / LANES terms.
+    float32 / float64 runs type as well (block_moments' dead branch for them)."""
+    if not (_data_runs((x,)) and shift == types.float32):
+        return None
+    ways = HALF_WAYS
 
-        def codegen(context, builder, signature, args):
-            xt = signature.args[0]
-            arr, shift = args
-            a = context.make_array(xt)(context, builder, arr)
-            n = a.nitems
-            f32, f64 = ir.FloatType(), ir.DoubleType()
-            v32, v64 = ir.VectorType(f32, LANES), ir.VectorType(f64, LANES)
-            sh = _splat(builder, shift, v32)
-            h = [cgutils.alloca_once_value(builder, ir.Constant(v32, None))
-                 for _ in range(2 * ways)]
-            wide = [cgutils.alloca_once_value(builder, ir.Constant(v64, None)) for _ in range(2)]
-            flags = ("contract",)
+    def codegen(context, builder, signature, args):
+        xt = signature.args[0]
+        arr, shift = args
+        a = context.make_array(xt)(context, builder, arr)
+        n = a.nitems
+        f32, f64 = ir.FloatType(), ir.DoubleType()
+        v32, v64 = ir.VectorType(f32, LANES), ir.VectorType(f64, LANES)
+        sh = _splat(builder, shift, v32)
+        h = [cgutils.alloca_once_value(builder, ir.Constant(v32, None))
+             for _ in range(2 * ways)]
+        wide = [cgutils.alloca_once_value(builder, ir.Constant(v64, None)) for _ in range(2)]
+        flags = ("contract",)
 
-            def add_window(index, k):
-                d = builder.fsub(_lanes_of(context, builder, xt, arr, index, v32), sh,
-                                 flags=flags)
-                builder.store(builder.fadd(builder.load(h[k]), d, flags=flags), h[k])
-                square = builder.fmul(d, d, flags=flags)
-                builder.store(builder.fadd(builder.load(h[ways + k]), square, flags=flags),
-                              h[ways + k])
+        def add_window(index, k):
+            d = builder.fsub(_lanes_of(context, builder, xt, arr, index, v32), sh,
+                             flags=flags)
+            builder.store(builder.fadd(builder.load(h[k]), d, flags=flags), h[k])
+            square = builder.fmul(d, d, flags=flags)
+            builder.store(builder.fadd(builder.load(h[ways + k]), square, flags=flags),
+                          h[ways + k])
 
-            def widen():
-                for j in range(2):
-                    part = [builder.load(h[ways * j + k]) for k in range(ways)]
-                    while len(part) > 1:
-                        part = [builder.fadd(part[k], part[k + 1], flags=flags)
-                                for k in range(0, len(part), 2)]
-                    part = part[0]
-                    builder.store(builder.fadd(builder.load(wide[j]), builder.fpext(part, v64),
-                                               flags=flags),
-                                  wide[j])
-                    for k in range(ways):
-                        builder.store(ir.Constant(v32, None), h[ways * j + k])
-
-            def add_block(start):
+        def widen():
+            for j in range(2):
+                part = _pairwise_sum(builder, [builder.load(h[ways * j + k])
+                                               for k in range(ways)])
+                builder.store(builder.fadd(builder.load(wide[j]), builder.fpext(part, v64),
+                                           flags=flags),
+                              wide[j])
                 for k in range(ways):
-                    add_window(builder.add(start, ir.Constant(n.type, k * LANES)), k)
+                    builder.store(ir.Constant(v32, None), h[ways * j + k])
 
-            step = ir.Constant(n.type, ways * LANES)
-            chunk = ir.Constant(n.type, HALF_CHUNK)
-            chunks = builder.sdiv(n, chunk)
-            per_chunk = ir.Constant(n.type, HALF_CHUNK // (ways * LANES))
-            with cgutils.for_range(builder, chunks) as outer:
-                base = builder.mul(outer.index, chunk)
-                with cgutils.for_range(builder, per_chunk) as loop:
-                    add_block(builder.add(base, builder.mul(loop.index, step)))
-                widen()
-            chunked = builder.mul(chunks, chunk)
-            blocks = builder.sdiv(builder.sub(n, chunked), step)
-            with cgutils.for_range(builder, blocks) as loop:
-                add_block(builder.add(chunked, builder.mul(loop.index, step)))
-            done = builder.add(chunked, builder.mul(blocks, step))
-            lanes = ir.Constant(n.type, LANES)
-            rest = builder.sdiv(builder.sub(n, done), lanes)
-            with cgutils.for_range(builder, rest) as loop:
-                add_window(builder.add(done, builder.mul(loop.index, lanes)), 0)
+        def add_block(start):
+            for k in range(ways):
+                add_window(builder.add(start, ir.Constant(n.type, k * LANES)), k)
+
+        step = ir.Constant(n.type, ways * LANES)
+        chunk = ir.Constant(n.type, HALF_CHUNK)
+        chunks = builder.sdiv(n, chunk)
+        per_chunk = ir.Constant(n.type, HALF_CHUNK // (ways * LANES))
+        with cgutils.for_range(builder, chunks) as outer:
+            base = builder.mul(outer.index, chunk)
+            with cgutils.for_range(builder, per_chunk) as loop:
+                add_block(builder.add(base, builder.mul(loop.index, step)))
             widen()
-            s, q = (_tree_sum(builder, builder.load(w)) for w in wide)
-            s_acc, q_acc = (cgutils.alloca_once_value(builder, v) for v in (s, q))
-            tail = builder.add(done, builder.mul(rest, lanes))
-            with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
-                ptr = builder.gep(a.data, [builder.add(tail, loop.index)], inbounds=True)
-                d = builder.fsub(_value_as(builder, builder.load(ptr), xt.dtype, f32), shift,
-                                 flags=flags)
-                builder.store(builder.fadd(builder.load(s_acc), builder.fpext(d, f64), flags=flags),
-                              s_acc)
-                builder.store(builder.fadd(builder.load(q_acc),
-                                           builder.fpext(builder.fmul(d, d, flags=flags), f64),
-                                           flags=flags), q_acc)
-            return context.make_tuple(builder, signature.return_type,
-                                      [builder.load(s_acc), builder.load(q_acc)])
+        chunked = builder.mul(chunks, chunk)
+        blocks = builder.sdiv(builder.sub(n, chunked), step)
+        with cgutils.for_range(builder, blocks) as loop:
+            add_block(builder.add(chunked, builder.mul(loop.index, step)))
+        done = builder.add(chunked, builder.mul(blocks, step))
+        lanes = ir.Constant(n.type, LANES)
+        rest = builder.sdiv(builder.sub(n, done), lanes)
+        with cgutils.for_range(builder, rest) as loop:
+            add_window(builder.add(done, builder.mul(loop.index, lanes)), 0)
+        widen()
+        s, q = (_tree_sum(builder, builder.load(w)) for w in wide)
+        s_acc, q_acc = (cgutils.alloca_once_value(builder, v) for v in (s, q))
+        tail = builder.add(done, builder.mul(rest, lanes))
+        with cgutils.for_range(builder, builder.sub(n, tail)) as loop:
+            ptr = builder.gep(a.data, [builder.add(tail, loop.index)], inbounds=True)
+            d = builder.fsub(_value_as(builder, builder.load(ptr), xt.dtype, f32), shift,
+                             flags=flags)
+            builder.store(builder.fadd(builder.load(s_acc), builder.fpext(d, f64), flags=flags),
+                          s_acc)
+            builder.store(builder.fadd(builder.load(q_acc),
+                                       builder.fpext(builder.fmul(d, d, flags=flags), f64),
+                                       flags=flags), q_acc)
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.load(s_acc), builder.load(q_acc)])
 
-        return types.UniTuple(types.float64, 2)(x, shift), codegen
-
-    return half_sums
-
-
-half_sums = _half_sums(2)
+    return types.UniTuple(types.float64, 2)(x, shift), codegen
 
 
 @_jit(inline="always")
