@@ -4325,67 +4325,6 @@ def last_first(item, O, K, x):
     return i // K, i % K
 
 
-def _column_forward_chunks(epilogue):
-    """column_forward_chunks, or without `epilogue` column_forward_chunks_plain
-    (normalize_rows_plain)."""
-
-    def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
-                              mean_out, rstd_out, var_out, stream):
-        """Statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B) in two
-        parallel loops over chunks of whole rows in one call: each chunk's partial moments, their
-        merge on the calling thread, then each chunk's normalize (x read twice). For views whose
-        samples are too few to go round the threads (BatchNorm 2-D / channels-last): splitting a
-        sample's channels instead (column_forward's slices) had both cores work on parts of the
-        same rows, and on a 2-core Xeon that was slower than one core (BatchNorm (256, 1024)
-        forward: slices 94-109 us, chunks of rows through three kernel calls and NumPy glue 60).
-
-        w, bias: (C * B // P,) parameter cells in the compute dtype; narrow: see
-        rows_column_moments; mean_out, rstd_out (O * C,) saved statistics; var_out (O * C,)
-        float64 variance, or empty. stream: see affine_run.
-        """
-        x, z, y = borrow(x), borrow(z), borrow(y)
-        J = C * B
-        count = np.empty((O, K, J))
-        pmean = np.empty((O, K, J))
-        pm2 = np.empty((O, K, J))
-        for item in prange(O * K):
-            chunk_moments(x, A, J, K, narrow, item, count, pmean, pm2)
-        mean = np.empty((O, C))
-        var = np.empty((O, C))
-        merge_moments(count, pmean, pm2, B, mean, var)
-        folded = np.empty((O, 3, J), w.dtype)
-        rstd = np.empty(C)
-        for o in range(O):
-            mu = mean[o]
-            for c in range(C):
-                v = var[o, c]
-                if not centered:
-                    v += mu[c] * mu[c]
-                    mu[c] = 0.0
-                rstd[c] = 1.0 / np.sqrt(v + eps)
-                mean_out[o * C + c] = mu[c]
-                rstd_out[o * C + c] = rstd[c]
-                if var_out.size:
-                    var_out[o * C + c] = v
-            fold_columns(mu, rstd, w, bias, 0, C, B, P, folded[o, 0], folded[o, 1], folded[o, 2],
-                         x)
-        for item in prange(O * K):
-            o, k = last_first(item, O, K, x)
-            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
-            if epilogue:
-                normalize_rows(x, z, relu, y, J, 0, J, r0, r1, folded[o, 0], folded[o, 1],
-                               folded[o, 2], stream)
-            else:
-                normalize_rows_plain(x, z, False, y, J, 0, J, r0, r1, folded[o, 0], folded[o, 1],
-                                     folded[o, 2], stream)
-            if stream:
-                sfence()
-
-    return column_forward_chunks
-
-
-column_forward_chunks, column_forward_chunks_plain = _variants(
-    _column_forward_chunks, parallel=True, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -4421,12 +4360,12 @@ def _column_normalize(epilogue):
         float64 statistics mean, rstd (O * C,) and parameter cells w, bias (C * B // P,) in the
         compute dtype; z may be empty. Each work item folds its sample's J columns itself (see
         fold): in NumPy that took ~10 calls of 1-2 us each, as long as the kernel on (256, 1024).
+        Chunks from memory go last first (last_first: column_forward_chunks' second pass).
         stream: see affine_run."""
         x, z, y = borrow(x), borrow(z), borrow(y)
         J = C * B
         for item in prange(O * K):
-            o = item // K
-            k = item % K
+            o, k = last_first(item, O, K, x)
             folded = np.empty((3, J), w.dtype)     # one allocation: see short_rows_forward
             hi, scale, shift = folded[0], folded[1], folded[2]
             fold_columns(mean[o * C:(o + 1) * C], rstd[o * C:(o + 1) * C], w, bias, 0, C, B, P, hi,
@@ -4444,6 +4383,77 @@ def _column_normalize(epilogue):
 
 column_normalize, column_normalize_plain = _variants(
     _column_normalize, parallel=True, fastmath=_ELEMENTWISE)
+
+
+def _column_forward_chunks(epilogue, serial=False):
+    """column_forward_chunks, or without `epilogue` column_forward_chunks_plain
+    (column_normalize_plain); `serial`: the twin that calls the kernels' serial twins."""
+    moments = column_moments.serial if serial else column_moments
+    normalize = column_normalize if epilogue else column_normalize_plain
+    normalize = normalize.serial if serial else normalize
+
+    def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
+                              mean_out, rstd_out, var_out, stream):
+        """Statistics + normalize (+ residual, ReLU) of the column view (O, A, J = C * B) over
+        chunks of whole rows in one call: each chunk's partial moments (column_moments), their
+        merge on the calling thread, then each chunk's normalize (column_normalize; x read
+        twice). For views whose samples are too few to go round the threads (BatchNorm 2-D /
+        channels-last): splitting a sample's channels instead (column_forward's slices) had
+        both cores work on parts of the same rows, and on a 2-core Xeon that was slower than
+        one core (BatchNorm (256, 1024) forward: slices 94-109 us, chunks of rows through three
+        kernel calls and NumPy glue 60).
+
+        Not itself parallel: its two parallel loops are those kernels'. Written as two prange
+        loops in this function, the second loop ran slower on two threads (the same on one;
+        the cause not found) while this shared 2-core Zen 4 was in its fast state (GroupNorm
+        (32, 64, 56, 56) forward 1.0 ms, 1.8 ms in its slow one): BatchNorm forward into out=,
+        back-to-back calls, (100352, 64) 1.28-1.64x, (8192, 1024) 1.14-1.23x, (4096, 1024)
+        1.43x, (256, 1024) 0.97-1.02x; rounds interleaved with the old kernel (bench/ab.py)
+        0.94-1.26x. In the slow state, 0.96-1.06x either way.
+
+        w, bias: (C * B // P,) parameter cells in the compute dtype; narrow: see
+        rows_column_moments; mean_out, rstd_out (O * C,) saved statistics; var_out (O * C,)
+        float64 variance, or empty. stream: see affine_run.
+        """
+        J = C * B
+        count = np.empty((O, K, J))
+        pmean = np.empty((O, K, J))
+        pm2 = np.empty((O, K, J))
+        moments(x, O, A, J, K, narrow, count, pmean, pm2)
+        mean = np.empty((O, C))
+        var = np.empty((O, C))
+        merge_moments(count, pmean, pm2, B, mean, var)
+        mean = mean.reshape(O * C)
+        var = var.reshape(O * C)
+        rstd = np.empty(O * C)
+        for i in range(O * C):
+            v = var[i]
+            if not centered:
+                v += mean[i] * mean[i]
+                mean[i] = 0.0
+            rstd[i] = 1.0 / np.sqrt(v + eps)
+            mean_out[i] = mean[i]
+            rstd_out[i] = rstd[i]
+            if var_out.size:
+                var_out[i] = v
+        normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
+
+    return column_forward_chunks
+
+
+def _chunks_variants(factory, **options):
+    """_variants(factory) whose kernels are not parallel themselves but call parallel
+    kernels: each gets `.serial`, factory(epilogue, serial=True), which calls their twins."""
+    kernels = _variants(factory, **options)
+    for kernel, epilogue in zip(kernels, (True, False)):
+        twin = factory(epilogue, serial=True)
+        twin.__name__ = twin.__qualname__ = kernel.py_func.__name__ + "_serial"
+        kernel.serial = _jit(**options)(twin)
+    return kernels
+
+
+column_forward_chunks, column_forward_chunks_plain = _chunks_variants(
+    _column_forward_chunks, fastmath=_ELEMENTWISE)
 
 
 @_jit()
@@ -4685,50 +4695,25 @@ def _column_backward(epilogue):
 column_backward, column_backward_plain = _variants(_column_backward, parallel=True)
 
 
-def _column_backward_chunks(epilogue):
-    """column_backward_chunks, or without `epilogue` column_backward_chunks_plain
-    (dx_columns_plain)."""
+@_jit(parallel=True)
+def column_gradient_sums(dy, y, relu, x, O, A, J, K, hi, lo, s1, s2):
+    """s1, s2 (O, K, J) float64: backward_column_sums of each chunk k of sample o's rows (as
+    column_moments' chunks); hi, lo (O, J): each column's mean split in the compute dtype."""
+    dy, y, x = borrow(dy), borrow(y), borrow(x)
+    for item in prange(O * K):
+        o = item // K
+        k = item % K
+        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
+                             o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
 
-    def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
-                               dbias_out, dweight_out, dx, dz, stream):
-        """Backward of the column view in two parallel loops over chunks of whole rows in one
-        call (as column_forward_chunks): each chunk's partial sums, their reduction and the dx
-        coefficients on the calling thread, then each chunk's dx (and dz).
 
-        mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
-        compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
-        caller sums over o). y: the saved output (read with relu only); dz: the residual's
-        gradient, or empty. stream: see affine_run.
-        """
+def _column_dx_chunks(epilogue):
+    """column_dx_chunks, or without `epilogue` column_dx_chunks_plain (dx_columns_plain)."""
+
+    def column_dx_chunks(dy, y, relu, x, dx, dz, O, A, J, K, hi, coefs, stream):
+        """dx (and dz) of each chunk of sample o's rows (dx_columns) with the coefficients
+        coefs[o] (3, J) of cell_coefficients; chunks from memory last first (last_first)."""
         dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
-        J = C * B
-        n = A * B
-        hi = np.empty((O, J), w.dtype)
-        lo = np.empty((O, J), w.dtype)
-        for o in range(O):
-            for c in range(C):
-                h, low = split(mean[o * C + c], x)
-                for b in range(B):
-                    hi[o, c * B + b] = h
-                    lo[o, c * B + b] = low
-        s1 = np.zeros((O, K, J))
-        s2 = np.zeros((O, K, J))
-        for item in prange(O * K):
-            o = item // K
-            k = item % K
-            backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
-                                 o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
-        coefs = np.empty((O, 3, J), w.dtype)
-        for o in range(O):
-            # the chunks' partials, added in chunk order (deterministic for a given plan)
-            t1 = s1[o, 0]
-            t2 = s2[o, 0]
-            for k in range(1, K):
-                for j in range(J):
-                    t1[j] += s1[o, k, j]
-                    t2[j] += s2[o, k, j]
-            cell_coefficients(t1, t2, rstd, w, lo[o], o, C, 0, C, B, P, n, frozen, centered,
-                              dbias_out, dweight_out, coefs[o, 0], coefs[o, 1], coefs[o, 2])
         for item in prange(O * K):
             o, k = last_first(item, O, K, x)
             r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
@@ -4741,11 +4726,62 @@ def _column_backward_chunks(epilogue):
             if stream:
                 sfence()
 
+    return column_dx_chunks
+
+
+column_dx_chunks, column_dx_chunks_plain = _variants(
+    _column_dx_chunks, parallel=True, fastmath=_ELEMENTWISE)
+
+
+def _column_backward_chunks(epilogue, serial=False):
+    """column_backward_chunks, or without `epilogue` column_backward_chunks_plain
+    (column_dx_chunks_plain); `serial`: the twin that calls the kernels' serial twins."""
+    sums = column_gradient_sums.serial if serial else column_gradient_sums
+    dx_chunks = column_dx_chunks if epilogue else column_dx_chunks_plain
+    dx_chunks = dx_chunks.serial if serial else dx_chunks
+
+    def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
+                               dbias_out, dweight_out, dx, dz, stream):
+        """Backward of the column view over chunks of whole rows in one call, as
+        column_forward_chunks (and not parallel itself, for the same reason): each chunk's
+        partial sums (column_gradient_sums), their reduction and the dx coefficients on the
+        calling thread, then each chunk's dx and dz (column_dx_chunks).
+
+        mean, rstd: (O * C,) saved statistics (float64); w: (C * B // P,) parameter cells in the
+        compute dtype; dbias_out, dweight_out: (O, C * B // P) float64, every cell written (the
+        caller sums over o). y: the saved output (read with relu only); dz: the residual's
+        gradient, or empty. stream: see affine_run.
+        """
+        J = C * B
+        n = A * B
+        hi = np.empty((O, J), w.dtype)
+        lo = np.empty((O, J), w.dtype)
+        for o in range(O):
+            for c in range(C):
+                h, low = split(mean[o * C + c], x)
+                for b in range(B):
+                    hi[o, c * B + b] = h
+                    lo[o, c * B + b] = low
+        s1 = np.zeros((O, K, J))
+        s2 = np.zeros((O, K, J))
+        sums(dy, y, relu, x, O, A, J, K, hi, lo, s1, s2)
+        coefs = np.empty((O, 3, J), w.dtype)
+        for o in range(O):
+            # the chunks' partials, added in chunk order (deterministic for a given plan)
+            t1 = s1[o, 0]
+            t2 = s2[o, 0]
+            for k in range(1, K):
+                for j in range(J):
+                    t1[j] += s1[o, k, j]
+                    t2[j] += s2[o, k, j]
+            cell_coefficients(t1, t2, rstd, w, lo[o], o, C, 0, C, B, P, n, frozen, centered,
+                              dbias_out, dweight_out, coefs[o, 0], coefs[o, 1], coefs[o, 2])
+        dx_chunks(dy, y, relu, x, dx, dz, O, A, J, K, hi, coefs, stream)
+
     return column_backward_chunks
 
 
-column_backward_chunks, column_backward_chunks_plain = _variants(
-    _column_backward_chunks, parallel=True)
+column_backward_chunks, column_backward_chunks_plain = _chunks_variants(_column_backward_chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4911,6 +4947,9 @@ KERNELS = {
     "column_forward_chunks_plain": column_forward_chunks_plain,
     "column_backward_chunks": column_backward_chunks,
     "column_backward_chunks_plain": column_backward_chunks_plain,
+    "column_gradient_sums": column_gradient_sums,
+    "column_dx_chunks": column_dx_chunks,
+    "column_dx_chunks_plain": column_dx_chunks_plain,
     "merge_moments": merge_moments,
     "update_running": update_running,
     "frozen_stats": frozen_stats,

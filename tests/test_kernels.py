@@ -323,9 +323,11 @@ def test_every_registered_kernel_runs(dtype, variant, rows):
     name = "uint16" if dtype == np.float16 else np.dtype(dtype).name   # float16 travels as bits
     for kernel_name, kernel in cpu.KERNELS.items():
         # serial-only kernels (the merge) have no twin; small column views are always fused,
-        # so the row-chunk kernels' twins never run
+        # so the row-chunk kernels' twins (and those of the kernels they call) never run
         if variant == "serial" and kernel_name.startswith(("column_forward_chunks",
-                                                          "column_backward_chunks")):
+                                                          "column_backward_chunks",
+                                                          "column_gradient_sums",
+                                                          "column_dx_chunks")):
             continue
         # the small-call path's eval on the calling thread (serial plans) only, and there
         # the plain column normalize only inside it (compiled with it, not when it comes
