@@ -4385,12 +4385,27 @@ column_normalize, column_normalize_plain = _variants(
     _column_normalize, parallel=True, fastmath=_ELEMENTWISE)
 
 
+def _twin(kernel, serial):
+    """The parallel `kernel`, or with `serial` its twin on the calling thread."""
+    return kernel.serial if serial else kernel
+
+
+def _chunks_variants(factory, **options):
+    """_variants(factory) whose kernels are not parallel themselves but call parallel
+    kernels: each gets `.serial`, factory(epilogue, serial=True), which calls their twins."""
+    kernels = _variants(factory, **options)
+    for kernel, epilogue in zip(kernels, (True, False)):
+        twin = factory(epilogue, serial=True)
+        twin.__name__ = twin.__qualname__ = kernel.py_func.__name__ + "_serial"
+        kernel.serial = _jit(**options)(twin)
+    return kernels
+
+
 def _column_forward_chunks(epilogue, serial=False):
     """column_forward_chunks, or without `epilogue` column_forward_chunks_plain
     (column_normalize_plain); `serial`: the twin that calls the kernels' serial twins."""
-    moments = column_moments.serial if serial else column_moments
-    normalize = column_normalize if epilogue else column_normalize_plain
-    normalize = normalize.serial if serial else normalize
+    moments = _twin(column_moments, serial)
+    normalize = _twin(column_normalize if epilogue else column_normalize_plain, serial)
 
     def column_forward_chunks(x, z, relu, centered, O, A, C, B, P, K, narrow, w, bias, eps, y,
                               mean_out, rstd_out, var_out, stream):
@@ -4439,17 +4454,6 @@ def _column_forward_chunks(epilogue, serial=False):
         normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
 
     return column_forward_chunks
-
-
-def _chunks_variants(factory, **options):
-    """_variants(factory) whose kernels are not parallel themselves but call parallel
-    kernels: each gets `.serial`, factory(epilogue, serial=True), which calls their twins."""
-    kernels = _variants(factory, **options)
-    for kernel, epilogue in zip(kernels, (True, False)):
-        twin = factory(epilogue, serial=True)
-        twin.__name__ = twin.__qualname__ = kernel.py_func.__name__ + "_serial"
-        kernel.serial = _jit(**options)(twin)
-    return kernels
 
 
 column_forward_chunks, column_forward_chunks_plain = _chunks_variants(
@@ -4736,9 +4740,8 @@ column_dx_chunks, column_dx_chunks_plain = _variants(
 def _column_backward_chunks(epilogue, serial=False):
     """column_backward_chunks, or without `epilogue` column_backward_chunks_plain
     (column_dx_chunks_plain); `serial`: the twin that calls the kernels' serial twins."""
-    sums = column_gradient_sums.serial if serial else column_gradient_sums
-    dx_chunks = column_dx_chunks if epilogue else column_dx_chunks_plain
-    dx_chunks = dx_chunks.serial if serial else dx_chunks
+    sums = _twin(column_gradient_sums, serial)
+    dx_chunks = _twin(column_dx_chunks if epilogue else column_dx_chunks_plain, serial)
 
     def column_backward_chunks(dy, y, relu, x, O, A, C, B, P, K, mean, rstd, w, frozen, centered,
                                dbias_out, dweight_out, dx, dz, stream):

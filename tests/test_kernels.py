@@ -1272,3 +1272,35 @@ def test_chunks_from_memory_taken_last_first_are_each_normalized(dtype):
     rg = oracle.batch_norm_backward(dy, x, f.mean, f.rstd, w, axis=3)
     assert_close(dx, rg[0], dtype=dtype, n=n, cond=3, what="dx")
     assert_close(g.dweight, rg[1], dtype=dtype, n=n, cond=3, what="dweight")
+
+
+def test_chunk_kernels_serial_twins_match_the_parallel_kernels():
+    """column_forward_chunks / column_backward_chunks call parallel kernels; their `.serial`
+    twins call those kernels' twins instead (the front end never takes them: serial plans are
+    fused), in the same chunks, so they give the same bits."""
+    A, C, K = 600, 48, 3
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(A * C) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(A * C).astype(np.float32)
+    w = np.linspace(0.5, 2, C).astype(np.float32)
+    bias = (w - 1).astype(np.float32)
+    none = x[:0]
+    results = []
+    for pick in (lambda k: k, lambda k: k.serial):
+        y = np.full_like(x, np.nan)
+        mean, rstd, var = (np.full(C, np.nan, t) for t in (np.float32, np.float32, np.float64))
+        pick(cpu.column_forward_chunks_plain)(x, none, False, True, 1, A, C, 1, 1, K, True, w,
+                                              bias, 1e-5, y, mean, rstd, var, False)
+        dx = np.full_like(x, np.nan)
+        dbias, dweight = np.full((1, C), np.nan), np.full((1, C), np.nan)
+        pick(cpu.column_backward_chunks_plain)(dy, none, False, x, 1, A, C, 1, 1, K,
+                                               mean.astype(np.float64), rstd.astype(np.float64),
+                                               w, False, True, dbias, dweight, dx, none, False)
+        results.append((y, mean, rstd, var, dx, dbias, dweight))
+    for parallel, serial in zip(*results):
+        assert not np.isnan(parallel).any()
+        np.testing.assert_array_equal(serial, parallel)
+    # the backward twin's sums and dx went through their kernels' twins (nothing else calls
+    # these; the forward's, column_moments and column_normalize_plain, have other callers)
+    assert cpu.column_gradient_sums.serial.signatures
+    assert cpu.column_dx_chunks_plain.serial.signatures
