@@ -9,7 +9,8 @@ Both versions get the same inputs and are timed interleaved by bench/run.py's `m
 (rounds rotate the order; rounds during which other processes held the CPU are dropped), with
 `out=` / `dx_out=` buffers unless --fresh. Prints each version's median and old / new (> 1:
 the working tree is faster). Timings on a shared machine swing between runs; a ratio measured
-this way, side by side, is the figure to quote.
+this way, side by side, is the figure to quote. The copy bandwidth measured before and after
+(bench/run.py's reference) says which state of the machine the rounds met.
 
 The old version is `git archive REV normcore kernels`, unpacked under ~/.cache/normcore-ab as
 the package `normcore_<commit>`; its Numba cache stays there, so only the first run for a
@@ -109,6 +110,9 @@ def main(argv=None):
           f"{'fresh outputs' if args.fresh else 'out= buffers'}; "
           f"{'caches swept before every call; ' if sweep else ''}medians of up to "
           f"{args.repeats} interleaved rounds")
+    # the shared machine has run in two states, copies at ~40 and ~80 GB/s, and which one an
+    # A/B met changes its ratios (memory-bound ops gain nothing from code in the slow one)
+    print(f"# copy bandwidth before: {run.copy_bandwidth():.1f} GB/s", flush=True)
     for case in chosen_cases(args):
         for dtype in args.dtype.split(","):
             inputs = cs.make_inputs(case, dtype)
@@ -122,6 +126,7 @@ def main(argv=None):
                 print(f"{case.name:<15} {'x'.join(map(str, case.shape)):<16} {op:<8} {dtype:<8}"
                       f" old {run.fmt_time(t_old)}  new {run.fmt_time(t_new)}"
                       f"  x{t_old / t_new:5.2f}", flush=True)
+    print(f"# copy bandwidth after: {run.copy_bandwidth():.1f} GB/s")
     return 0
 
 
