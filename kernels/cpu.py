@@ -4279,15 +4279,8 @@ def _column_forward(epilogue):
                 for b in range(B):
                     j = (c - c0) * B + b
                     n, mean, m2 = chan_merge(n, mean, m2, cnt, mu[j], acc[j])
-                var = m2 / n
-                if not centered:
-                    var += mean * mean
-                    mean = 0.0
-                rstd = 1.0 / np.sqrt(var + eps)
-                mean_out[o * C + c] = mean
-                rstd_out[o * C + c] = rstd
-                if var_out.size:
-                    var_out[o * C + c] = var
+                mean, rstd = save_stats(n, mean, m2, centered, eps, o * C + c, mean_out,
+                                        rstd_out, var_out)
                 mean_s[c - c0] = mean
                 rstd_s[c - c0] = rstd
             hi = np.empty(W, w.dtype)
@@ -4442,15 +4435,9 @@ def _column_forward_chunks(epilogue, serial=False):
         var = var.reshape(O * C)
         rstd = np.empty(O * C)
         for i in range(O * C):
-            v = var[i]
-            if not centered:
-                v += mean[i] * mean[i]
-                mean[i] = 0.0
-            rstd[i] = 1.0 / np.sqrt(v + eps)
-            mean_out[i] = mean[i]
-            rstd_out[i] = rstd[i]
-            if var_out.size:
-                var_out[i] = v
+            # the merge's biased variance: the moments of one value with m2 = var
+            mean[i], rstd[i] = save_stats(1.0, mean[i], var[i], centered, eps, i, mean_out,
+                                          rstd_out, var_out)
         normalize(x, z, relu, O, A, C, B, P, K, mean, rstd, w, bias, y, stream)
 
     return column_forward_chunks
