@@ -167,3 +167,33 @@ def test_first_call_table_has_a_row_per_case_and_names_the_machine_and_commit():
     assert "Some CPU, 2 cores" in lines[-1] and "at abc1234" in lines[-1]
     assert set(first_call.CASES) >= {"layer", "layer_tiny", "batch_nchw", "batch_nhwc", "group",
                                      "instance"}
+
+
+def test_validate_passes_normcore_and_numpy_and_fails_a_peer_with_wrong_outputs(capsys):
+    """--validate (and every timed case's first call) checks each peer against the NumPy
+    peer in float64: normcore and NumPy in float32 pass on ln_tiny (kernels the other tests
+    compile too), and a peer whose y and dx are off by 1e-3 of their scale (10x the float32
+    tolerance) fails."""
+    import peers as pr
+    todo = [(c, "float32", op) for c in cs.CASES if c.name == "ln_tiny" for op in ("fwd", "bwd")]
+    good = [p for p in (pr.NUMPY, *pr.PEERS[:2]) if p.unavailable() is None]
+    assert [p.name for p in good] == ["numpy", "normcore", "normcore[out]"]
+    assert run.validate_only(good, todo) == 0
+    assert capsys.readouterr().out.count(" ok ") == 3 * len(todo)
+
+    class Off(pr.ApiPeer):
+        def prepare(self, case, op, inputs):
+            call, outputs = super().prepare(case, op, inputs)
+
+            def off(result):
+                got = outputs(result)
+                for k in {"y", "dx"} & set(got):
+                    got[k] = got[k] + 1e-3 * max(1.0, float(abs(got[k]).max()))
+                return got
+            return call, off
+
+    off = Off("off", pr._numpy_peer)
+    assert off.unavailable() is None
+    assert run.validate_only([off], todo) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL") == len(todo) and "> 1e-04" in out, out
