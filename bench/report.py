@@ -145,6 +145,17 @@ def keep_note(keep):
             "the kernels' and the calls' own speed.")
 
 
+def cpu_text(m):
+    """What tells the run's CPU from others of its model name (family / model, vector
+    extension, per-core L1d / L2), where the run recorded them, ending in "; "; else ""."""
+    d = m.get("cpu_details") or {}
+    parts = [f"family {d['family']} model {d['model']}"] if d.get("family") else []
+    parts += [d["vector"]] if d.get("vector") else []
+    caches = [f"{name} {d[key]}" for key, name in (("l1d", "L1d"), ("l2", "L2")) if d.get(key)]
+    parts += [" and ".join(caches) + " per core"] if caches else []
+    return ", ".join(parts) + "; " if parts else ""
+
+
 def cache_text(m):
     """The L3 where the run recorded it, else /proc/cpuinfo's "cache size" (L3 on Intel, the
     L2 of a core on AMD): the bench's 64 MiB cases fit in some machines' L3."""
@@ -181,7 +192,7 @@ def markdown(data, keep=None, cold=None):
         if "openmp_runtimes" in m else "not recorded"
     lines = [
         f"Measured with `{' '.join(['python bench/run.py'] + data['argv'])}` "
-        f"on {m['cpu']} ({m['usable_cpus']} cores; {cache_text(m)}; "
+        f"on {m['cpu']} ({cpu_text(m)}{m['usable_cpus']} cores; {cache_text(m)}; "
         f"threads: {threads}; OpenMP wait policy {m.get('omp_wait_policy', 'not recorded')}; "
         f"OpenMP runtimes: {runtimes}), "
         f"NumPy {v['numpy']}, Numba {v['numba']}, "

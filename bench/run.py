@@ -121,15 +121,33 @@ def source_commit(where):
     return commit + "-dirty" if commit and changed else commit
 
 
-def machine_info(threads):
+def cpuinfo(text):
+    """The first processor's fields of /proc/cpuinfo's text."""
     cpu = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break
+        cpu.setdefault(key.strip(), value.strip())
+    return cpu
+
+
+def cpu_details(cpu):
+    """What tells this machine's CPU from others of the same model name ("AMD EPYC" has named
+    Zen 1, Zen 3 and Zen 4 VMs here, whose tables differ): family and model, the widest
+    vector extension, and the per-core L1d and L2 (sysfs)."""
+    flags = cpu.get("flags", "").split()
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                           ("avx", "AVX")) if flag in flags), None)
+    return {"family": cpu.get("cpu family"), "model": cpu.get("model"), "vector": vector,
+            "l1d": cache_size(1, "Data"), "l2": cache_size(2)}
+
+
+def machine_info(threads):
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cache size") and key.strip() not in cpu:
-                cpu[key.strip()] = value.strip()
+        cpu = cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = {}
     import numba
     versions = {"python": platform.python_version(), "numpy": np.__version__,
                 "numba": numba.__version__}
@@ -139,7 +157,7 @@ def machine_info(threads):
             versions[name] = getattr(mod, "__version__", "?")
     commit = source_commit(Path(__file__).parent)
     return {"cpu": cpu.get("model name", platform.processor()), "cache": cpu.get("cache size"),
-            "l3": l3_size(),
+            "cpu_details": cpu_details(cpu), "l3": l3_size(),
             "openmp_runtimes": openmp_runtimes(),
             "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
@@ -149,16 +167,23 @@ def machine_info(threads):
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def l3_size():
-    """The L3's size as sysfs gives it ("491520K"), or None: the 64 MiB cases stream from
-    memory on a 32 MiB L3 and partly from cache on a 480 MiB one."""
+def cache_size(level, kind="Unified"):
+    """The size of cpu0's cache of this level and type (Data, Instruction, Unified) as sysfs
+    gives it ("491520K"), or None."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
-            if (index / "level").read_text().strip() == "3":
+            if ((index / "level").read_text().strip() == str(level)
+                    and (index / "type").read_text().strip() == kind):
                 return (index / "size").read_text().strip()
         except OSError:
             pass
     return None
+
+
+def l3_size():
+    """The L3's size ("491520K"), or None: the 64 MiB cases stream from memory on a 32 MiB L3
+    and partly from cache on a 480 MiB one."""
+    return cache_size(3)
 
 
 def l3_bytes():

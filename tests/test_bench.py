@@ -197,3 +197,21 @@ def test_validate_passes_normcore_and_numpy_and_fails_a_peer_with_wrong_outputs(
     assert run.validate_only([off], todo) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == len(todo) and "> 1e-04" in out, out
+
+
+def test_the_machine_line_tells_cpus_of_one_model_name_apart():
+    """"AMD EPYC" named Zen 1, 3 and 4 VMs: the run records family / model, the widest vector
+    extension and the per-core caches, and the README's header prints what was recorded."""
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512bw\n\n"
+            "processor\t: 1\ncpu family\t: 99\n")
+    cpu = run.cpuinfo(text)
+    assert cpu["cpu family"] == "25" and cpu["model name"] == "AMD EPYC"
+    details = run.cpu_details(cpu)
+    assert (details["family"], details["model"], details["vector"]) == ("25", "17", "AVX-512")
+    assert run.cpu_details(run.cpuinfo("flags\t: sse avx avx2\n"))["vector"] == "AVX2"
+    m = {"cpu": "AMD EPYC", "cpu_details": {**details, "l1d": "32K", "l2": "1024K"}}
+    assert report.cpu_text(m) == "family 25 model 17, AVX-512, L1d 32K and L2 1024K per core; "
+    assert report.cpu_text({**m, "cpu_details": {**details, "l1d": None, "l2": None}}) == \
+        "family 25 model 17, AVX-512; "
+    assert report.cpu_text({"cpu": "AMD EPYC"}) == ""      # results of older runs
