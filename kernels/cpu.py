@@ -4216,14 +4216,21 @@ def _normalize_rows(epilogue):
 normalize_rows, normalize_rows_plain = _variants(_normalize_rows, fastmath=_ELEMENTWISE)
 
 
+@_jit(inline="always")
+def chunk_rows(o, k, A, K):
+    """The rows [r0, r1) of chunk k of sample o's A rows, of K chunks (the row-chunk kernels'
+    work items)."""
+    return o * A + k * A // K, o * A + (k + 1) * A // K
+
+
 @_jit()
 def chunk_moments(x, A, J, K, narrow, item, count, mean, m2):
     """Partial moments of work item o * K + k: sample o's J columns over the rows of its chunk
     k, into count / mean / m2 [o, k] (see column_moments)."""
     o = item // K
     k = item % K
-    cnt = rows_column_moments(x, J, 0, J, o * A + k * A // K, o * A + (k + 1) * A // K,
-                              mean[o, k], m2[o, k], narrow)
+    r0, r1 = chunk_rows(o, k, A, K)
+    cnt = rows_column_moments(x, J, 0, J, r0, r1, mean[o, k], m2[o, k], narrow)
     count[o, k, :] = cnt
 
 
@@ -4318,8 +4325,6 @@ def last_first(item, O, K, x):
     return i // K, i % K
 
 
-
-
 @_jit()
 def fold_columns(mean, rstd, w, bias, c0, c1, B, P, hi, scale, shift, arr):
     """hi, scale, shift (see fold) of the columns [c0 * B, c1 * B) of the column view, for
@@ -4363,7 +4368,7 @@ def _column_normalize(epilogue):
             hi, scale, shift = folded[0], folded[1], folded[2]
             fold_columns(mean[o * C:(o + 1) * C], rstd[o * C:(o + 1) * C], w, bias, 0, C, B, P, hi,
                          scale, shift, x)
-            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
+            r0, r1 = chunk_rows(o, k, A, K)
             if epilogue:
                 normalize_rows(x, z, relu, y, J, 0, J, r0, r1, hi, scale, shift, stream)
             else:
@@ -4694,8 +4699,8 @@ def column_gradient_sums(dy, y, relu, x, O, A, J, K, hi, lo, s1, s2):
     for item in prange(O * K):
         o = item // K
         k = item % K
-        backward_column_sums(dy, y, relu, x, J, 0, J, o * A + k * A // K,
-                             o * A + (k + 1) * A // K, hi[o], lo[o], s1[o, k], s2[o, k])
+        r0, r1 = chunk_rows(o, k, A, K)
+        backward_column_sums(dy, y, relu, x, J, 0, J, r0, r1, hi[o], lo[o], s1[o, k], s2[o, k])
 
 
 def _column_dx_chunks(epilogue):
@@ -4707,7 +4712,7 @@ def _column_dx_chunks(epilogue):
         dy, y, x, dx, dz = borrow(dy), borrow(y), borrow(x), borrow(dx), borrow(dz)
         for item in prange(O * K):
             o, k = last_first(item, O, K, x)
-            r0, r1 = o * A + k * A // K, o * A + (k + 1) * A // K
+            r0, r1 = chunk_rows(o, k, A, K)
             if epilogue:
                 dx_columns(dy, y, relu, x, dx, dz, J, 0, J, r0, r1, hi[o], coefs[o, 0],
                            coefs[o, 1], coefs[o, 2], stream)
